@@ -1,0 +1,24 @@
+# Two commands for a newcomer:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[all,test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m aoe.cli demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_layers.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
