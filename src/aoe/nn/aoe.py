@@ -1,0 +1,134 @@
+"""Autonomy-of-Experts: router-free experts that choose themselves (Lv et al., ICML 2025).
+
+Per token x:
+1. every expert's low-rank activation in ONE matmul over the fused [D, E*L] view of w_down:
+   ``c_e = x @ w_down[e]`` (kept as the cache);
+2. scores ``s_e = ||c_e||`` in fp32 (L2 by default; "l1" and "linf" as options);
+3. ``p = softmax(s)`` over ALL E experts; top-k; gate weights = the chosen p (divided by their sum
+   when ``renormalize=True``; the paper's default is not to);
+4. each chosen expert finishes from its cached activation, never recomputing ``x @ w_down``:
+   ``y = sum_chosen w_e * (SiLU(c_e @ w_up[e]) * (x @ w_in[e])) @ w_out[e]``.
+
+Parameters (input dimension first): w_down [E, D, L], w_up [E, L, W], w_in [E, D, W],
+w_out [E, W, D]; no router. L = d_low, W = d_wide.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aoe.nn.dispatch import Dispatch
+from aoe.nn.experts import swiglu_experts
+from aoe.nn.selection import activation_norms, check_norm
+from aoe.nn.sparse import SparseFFN, check_positive
+
+
+def aoe_expert_params(d_model: int, d_low: int, d_wide: int) -> int:
+    """Parameters of one AoE expert: w_down + w_up + w_in + w_out."""
+    return d_model * d_low + d_low * d_wide + 2 * d_model * d_wide
+
+
+def match_d_wide(d_model: int, d_ffn: int, d_low: int, multiple: int = 16) -> int:
+    """The paper's parameter-matching rule: the d_wide that gives an AoE expert the parameters of
+    a SwiGLU expert of width d_ffn.
+
+    Exact solution of ``d_model*d_low + d_low*d_wide + 2*d_model*d_wide = 3*d_model*d_ffn``:
+    ``d_wide = (3*d_model*d_ffn - d_low*d_model) / (d_low + 2*d_model)``, rounded to the nearest
+    multiple of ``multiple`` (16 by default, for aligned kernels). If that rounding would put the
+    expert's parameters more than 1% away from the target, the multiple is halved until it does not
+    (down to 1), so the result is always within 1% where an integer solution is.
+    """
+    for name, v in (("d_model", d_model), ("d_ffn", d_ffn), ("d_low", d_low), ("multiple", multiple)):
+        check_positive(name, v)
+    target = 3 * d_model * d_ffn
+    exact = (target - d_low * d_model) / (d_low + 2 * d_model)
+    if exact < 1:
+        raise ValueError(f"d_low={d_low} is too large to match d_ffn={d_ffn} at d_model={d_model} (d_wide would be {exact:.2f})")
+    m = multiple
+    while True:
+        d_wide = max(m, int(round(exact / m)) * m)
+        if m == 1 or abs(aoe_expert_params(d_model, d_low, d_wide) - target) <= 0.01 * target:
+            return d_wide
+        m //= 2
+
+
+class AoE(SparseFFN):
+    """Autonomy-of-Experts layer on the dropless expert engine.
+
+    Args:
+        d_model: model width D.
+        d_low: rank L of the factorized gate projection (w_down [D, L], w_up [L, W]).
+        n_experts: E; top_k: experts per token.
+        d_wide: expert width W; or give ``d_ffn`` (exactly one of the two) to get the
+            parameter-matched ``W = match_d_wide(d_model, d_ffn, d_low)``.
+        renormalize: divide the chosen softmax values by their sum (default False, as the paper).
+        norm: "l2" (default), "l1" or "linf": the norm that scores each expert's activation.
+        aux_loss_coef: weight of the load-balancing loss ``E * sum_i f_i P_i`` (0 = off).
+        bias_update_rate: aux-loss-free balancing step size (0 = off).
+        recompute_scores: do not keep the [T, E, L] activation cache for backward; recompute
+            ``x @ w_down`` there instead (training memory for one extra small matmul).
+        recompute_gate: recompute the chosen experts' ``c @ w_up`` in backward instead of keeping
+            it (default True: an [S, L] x [L, W] matmul, cheap because L is small).
+        grouped_mm: "auto" | "torch" | "loop" (see ``aoe.nn.grouped_mm``).
+        init_std: std of the normal init of every weight.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_low: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        d_wide: int | None = None,
+        d_ffn: int | None = None,
+        renormalize: bool = False,
+        norm: str = "l2",
+        aux_loss_coef: float = 0.0,
+        bias_update_rate: float = 0.0,
+        recompute_scores: bool = False,
+        recompute_gate: bool = True,
+        grouped_mm: str = "auto",
+        init_std: float = 0.02,
+    ):
+        super().__init__(
+            d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
+            bias_update_rate=bias_update_rate, grouped_mm=grouped_mm,
+        )
+        self.d_low = check_positive("d_low", d_low)
+        if (d_wide is None) == (d_ffn is None):
+            raise ValueError(f"give exactly one of d_wide={d_wide!r} and d_ffn={d_ffn!r}")
+        self.d_wide = check_positive("d_wide", d_wide) if d_wide is not None else match_d_wide(d_model, d_ffn, d_low)
+        self.norm = check_norm(norm)
+        self.recompute_scores = bool(recompute_scores)
+        self.recompute_gate = bool(recompute_gate)
+        self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_low))
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_low, self.d_wide))
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, self.d_wide))
+        self.w_out = nn.Parameter(torch.empty(n_experts, self.d_wide, d_model))
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        for w in (self.w_down, self.w_up, self.w_in):
+            nn.init.normal_(w, std=std)
+        nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
+
+    def expert_scores(self, x_TD, dtype):
+        n_tokens, E, L = x_TD.shape[0], self.n_experts, self.d_low
+        w_down_DX = self.w_down.to(dtype).transpose(0, 1).reshape(self.d_model, E * L)  # X = E*L, expert-major
+        act_TEL = (x_TD @ w_down_DX).view(n_tokens, E, L)
+        recompute_from = (x_TD, w_down_DX) if self.recompute_scores else None
+        return activation_norms(act_TEL, self.norm, recompute_from=recompute_from), act_TEL
+
+    def expert_outputs(self, x_TD, act_TEL, gate_weight_S, dispatch: Dispatch, dtype):
+        x_SD = dispatch.gather_tokens(x_TD)
+        E, L = self.n_experts, self.d_low
+        act_SL = act_TEL.reshape(-1, L).index_select(0, dispatch.token_S * E + dispatch.expert_S)
+        return swiglu_experts(
+            x_SD, act_SL, self.w_up.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
+            dispatch.offsets_E, recompute_gate=self.recompute_gate, backend=self.grouped_mm,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, d_low={self.d_low}, d_wide={self.d_wide}, norm={self.norm!r}"

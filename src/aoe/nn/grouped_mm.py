@@ -1,0 +1,123 @@
+"""Grouped matrix multiplies: the one seam between the expert engine and the hardware.
+
+Rows of the activation matrix are sorted by expert; ``offsets_E`` holds the cumulative end row of
+each expert's group (int32, ``offsets_E[-1] == rows``). Two primitives cover every matmul the
+engine needs, forward and backward:
+
+- ``grouped_mm(x_TD, w_EDF, offsets_E) -> [T, F]``: row group e times ``w_EDF[e]``.
+- ``grouped_weight_grad(x_TD, dy_TF, offsets_E) -> [E, D, F]``: ``x_e^T @ dy_e`` per group
+  (exactly zero for a group with no rows).
+
+Backends:
+- ``"torch"``: ``torch._grouped_mm`` (one kernel for all groups), used where the installed torch
+  supports the device and dtype (probed once per device type and dtype, e.g. fp32/bf16 on CPU,
+  bf16 on Hopper GPUs) and the operands meet its layout rule (16-byte aligned strides, so widths
+  that are multiples of 8 for bf16 and of 4 for fp32); a call that does not, or that the kernel
+  refuses, runs on the loop.
+- ``"loop"``: one ``torch.mm`` per expert over its contiguous slice of rows. Correct for every
+  device and dtype (fp64 included); a Python loop over experts, never over tokens.
+- ``"auto"`` (default): ``"torch"`` where supported, else ``"loop"``. Under ``torch.compile``
+  the torch kernel is only used for bf16 (the compiled kernel accepts bf16 only).
+
+Shape legend: T rows (token slots), D input dim, F output dim, E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BACKENDS = ("auto", "torch", "loop")
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"grouped_mm={name!r} is not a backend; choose one of {BACKENDS}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_kernel_supports(device_type: str, dtype: torch.dtype) -> bool:
+    """Probe torch._grouped_mm once for this device type and dtype (all three call forms)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        device = torch.device(device_type)
+        x = torch.ones(32, 16, device=device, dtype=dtype)
+        w = torch.ones(2, 16, 16, device=device, dtype=dtype)
+        offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+        torch._grouped_mm(x, w, offs)
+        torch._grouped_mm(x, w.transpose(-2, -1), offs)
+        torch._grouped_mm(x.t(), x, offs)
+        return True
+    except Exception:  # any refusal means: not supported here
+        return False
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """The kernel's layout rule: 16-byte aligned starts and non-unit strides."""
+    for t in tensors:
+        size = t.element_size()
+        if (t.storage_offset() * size) % 16:
+            return False
+        if any((st * size) % 16 for st, n in zip(t.stride(), t.shape) if st != 1 and n > 1):
+            return False
+    return True
+
+
+def _use_torch_kernel(backend: str, x: torch.Tensor, w: torch.Tensor) -> bool:
+    if backend == "loop" or not _aligned(x, w):
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False
+    if backend == "torch":
+        return True
+    return _torch_kernel_supports(x.device.type, x.dtype)
+
+
+def _group_bounds(offsets_E: torch.Tensor) -> list[int]:
+    return [0] + offsets_E.tolist()
+
+
+def _loop_mm(x_TD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    out_TF = x_TD.new_empty(x_TD.shape[0], w_EDF.shape[-1])
+    bounds = _group_bounds(offsets_E)
+    for e in range(w_EDF.shape[0]):
+        start, end = bounds[e], bounds[e + 1]
+        if end > start:
+            torch.mm(x_TD[start:end], w_EDF[e], out=out_TF[start:end])
+    return out_TF
+
+
+def _loop_weight_grad(x_TD: torch.Tensor, dy_TF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    n_experts = offsets_E.shape[0]
+    out_EDF = x_TD.new_zeros(n_experts, x_TD.shape[1], dy_TF.shape[1])
+    bounds = _group_bounds(offsets_E)
+    for e in range(n_experts):
+        start, end = bounds[e], bounds[e + 1]
+        if end > start:
+            torch.mm(x_TD[start:end].t(), dy_TF[start:end], out=out_EDF[e])
+    return out_EDF
+
+
+def grouped_mm(x_TD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``out[rows of group e] = x[rows of group e] @ w_EDF[e]``; returns [T, F]."""
+    if x_TD.shape[0] > 0 and _use_torch_kernel(backend, x_TD, w_EDF):
+        try:
+            return torch._grouped_mm(x_TD, w_EDF, offsets_E)
+        except RuntimeError:
+            if backend == "torch":
+                raise
+    return _loop_mm(x_TD, w_EDF, offsets_E)
+
+
+def grouped_weight_grad(x_TD: torch.Tensor, dy_TF: torch.Tensor, offsets_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``out[e] = x[rows of group e]^T @ dy[rows of group e]``; returns [E, D, F] (zero for empty groups)."""
+    if x_TD.shape[0] > 0 and _use_torch_kernel(backend, x_TD, dy_TF):
+        try:
+            return torch._grouped_mm(x_TD.t(), dy_TF, offsets_E)
+        except RuntimeError:
+            if backend == "torch":
+                raise
+    return _loop_weight_grad(x_TD, dy_TF, offsets_E)

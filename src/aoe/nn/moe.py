@@ -1,0 +1,85 @@
+"""The router Mixture-of-Experts baseline (Mixtral style).
+
+Per token: ``logits = x @ router`` -> fp32 softmax over all E experts -> top-k -> gate weights,
+renormalized over the chosen k by default. Expert e: ``(SiLU(x @ w_gate[e]) * (x @ w_in[e])) @ w_out[e]``.
+
+Parameters (input dimension first): router [D, E], w_gate [E, D, F], w_in [E, D, F], w_out [E, F, D].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aoe.nn.balance import router_z_loss
+from aoe.nn.dispatch import Dispatch
+from aoe.nn.experts import swiglu_experts
+from aoe.nn.selection import at_least_fp32
+from aoe.nn.sparse import SparseFFN, check_non_negative, check_positive
+
+
+class MoE(SparseFFN):
+    """Router MoE layer on the dropless expert engine.
+
+    Args:
+        d_model: model width D.
+        d_ffn: expert width F.
+        n_experts: E; top_k: experts per token.
+        renormalize: divide the chosen softmax values by their sum (default True, Mixtral).
+        aux_loss_coef: weight of the load-balancing loss ``E * sum_i f_i P_i`` (0 = off).
+        z_loss_coef: weight of the router z-loss (0 = off).
+        bias_update_rate: aux-loss-free balancing step size (0 = off); see ``update_selection_bias``.
+        recompute_gate: recompute ``x @ w_gate`` in backward instead of keeping it (saves an
+            [S, F] activation at the cost of one expert matmul; off by default).
+        grouped_mm: "auto" | "torch" | "loop" (see ``aoe.nn.grouped_mm``).
+        init_std: std of the normal init of every weight.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ffn: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        renormalize: bool = True,
+        aux_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        bias_update_rate: float = 0.0,
+        recompute_gate: bool = False,
+        grouped_mm: str = "auto",
+        init_std: float = 0.02,
+    ):
+        super().__init__(
+            d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
+            bias_update_rate=bias_update_rate, grouped_mm=grouped_mm,
+        )
+        self.d_ffn = check_positive("d_ffn", d_ffn)
+        self.z_loss_coef = check_non_negative("z_loss_coef", z_loss_coef)
+        self.recompute_gate = bool(recompute_gate)
+        self.router = nn.Parameter(torch.empty(d_model, n_experts))
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
+        self.w_out = nn.Parameter(torch.empty(n_experts, d_ffn, d_model))
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        for w in (self.router, self.w_gate, self.w_in):
+            nn.init.normal_(w, std=std)
+        nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
+
+    def expert_scores(self, x_TD, dtype):
+        return at_least_fp32(x_TD @ self.router.to(dtype)), None
+
+    def extra_loss(self, scores_TE):
+        return self.z_loss_coef * router_z_loss(scores_TE) if self.z_loss_coef > 0 else None
+
+    def expert_outputs(self, x_TD, state, gate_weight_S, dispatch: Dispatch, dtype):
+        x_SD = dispatch.gather_tokens(x_TD)
+        return swiglu_experts(
+            x_SD, x_SD, self.w_gate.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
+            dispatch.offsets_E, recompute_gate=self.recompute_gate, backend=self.grouped_mm,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, d_ffn={self.d_ffn}"

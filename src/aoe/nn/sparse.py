@@ -1,0 +1,151 @@
+"""The forward pass both sparse layers share.
+
+    x [..., D] -> x_TD -> scores_TE (fp32) -> softmax over E, top-k -> dispatch (sort by expert)
+      -> SwiGLU experts on sorted rows (grouped matmuls) -> combine -> [..., D]
+
+A subclass says how experts are scored (``expert_scores``) and what feeds each expert's gate
+(``expert_outputs``). The last forward's auxiliary loss is ``layer.aux_loss`` (a scalar tensor in
+the graph, already multiplied by its coefficients; add it to your loss) and its decisions are
+``layer.last_routing`` (a detached ``RoutingInfo``). ``total_aux_loss(model)`` sums the former
+over a model; ``update_selection_biases(model)`` steps the aux-loss-free balancing of every layer.
+
+Shape legend: T tokens, D model dim, E experts, K chosen per token, S = T*K sorted slots.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aoe.nn.balance import RoutingInfo, load_balancing_loss, update_selection_bias
+from aoe.nn.dispatch import Dispatch
+from aoe.nn.grouped_mm import check_backend
+from aoe.nn.selection import Selection, select_top_k
+
+
+def check_positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+def check_non_negative(name: str, value: float) -> float:
+    if not value >= 0:
+        raise ValueError(f"{name}={value!r} must be >= 0")
+    return float(value)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: the autocast dtype when autocast is on, else x's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class SparseFFN(nn.Module):
+    """Base class of ``MoE`` and ``AoE``: top-k expert selection over a dropless expert engine."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        renormalize: bool,
+        aux_loss_coef: float,
+        bias_update_rate: float,
+        grouped_mm: str,
+    ):
+        super().__init__()
+        self.d_model = check_positive("d_model", d_model)
+        self.n_experts = check_positive("n_experts", n_experts)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k={top_k!r} must be an integer in [1, n_experts={n_experts}]")
+        self.top_k = top_k
+        self.renormalize = bool(renormalize)
+        self.aux_loss_coef = check_non_negative("aux_loss_coef", aux_loss_coef)
+        self.bias_update_rate = check_non_negative("bias_update_rate", bias_update_rate)
+        self.grouped_mm = check_backend(grouped_mm)
+        # Aux-loss-free balancing: added to the scores for selection only (all zeros when off).
+        self.register_buffer("selection_bias", torch.zeros(n_experts))
+        self.register_buffer("load_since_update", torch.zeros(n_experts), persistent=False)
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.last_routing: RoutingInfo | None = None
+
+    # -- what a subclass provides ------------------------------------------------------------
+    def expert_scores(self, x_TD: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, object]:
+        """Return the fp32 scores [T, E] and any state the experts reuse."""
+        raise NotImplementedError
+
+    def expert_outputs(
+        self, x_TD: torch.Tensor, state: object, gate_weight_S: torch.Tensor, dispatch: Dispatch, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Return the weighted outputs [S, D] of the sorted rows."""
+        raise NotImplementedError
+
+    def extra_loss(self, scores_TE: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    # -- the shared forward ------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"input's last dim is {x.shape[-1]}, expected d_model={self.d_model}")
+        dtype = compute_dtype(x)
+        x_TD = x.reshape(-1, self.d_model).to(dtype)
+        scores_TE, state = self.expert_scores(x_TD, dtype)
+        bias_E = self.selection_bias if self.bias_update_rate > 0 else None
+        selection = select_top_k(scores_TE, self.top_k, renormalize=self.renormalize, selection_bias_E=bias_E)
+        dispatch = Dispatch.build(selection.expert_indices_TK, self.n_experts)
+        gate_weight_S = dispatch.sort_slots(selection.gate_weights_TK)
+        y_SD = self.expert_outputs(x_TD, state, gate_weight_S, dispatch, dtype)
+        out_TD = dispatch.combine(y_SD)
+        self.aux_loss = self._aux_loss(scores_TE, selection, dispatch)
+        self._record(selection, dispatch)
+        return out_TD.view(*x.shape[:-1], self.d_model)
+
+    def _aux_loss(self, scores_TE: torch.Tensor, selection: Selection, dispatch: Dispatch) -> torch.Tensor:
+        loss = scores_TE.new_zeros(())
+        if self.aux_loss_coef > 0:
+            loss = loss + self.aux_loss_coef * load_balancing_loss(selection.probs_TE, dispatch.tokens_per_expert_E)
+        extra = self.extra_loss(scores_TE)
+        if extra is not None:
+            loss = loss + extra
+        return loss
+
+    @torch.no_grad()
+    def _record(self, selection: Selection, dispatch: Dispatch) -> None:
+        counts_E = dispatch.tokens_per_expert_E.detach()
+        self.last_routing = RoutingInfo(
+            expert_indices=selection.expert_indices_TK.detach(),
+            gate_weights=selection.gate_weights_TK.detach(),
+            probs=selection.probs_TE.detach(),
+            tokens_per_expert=counts_E,
+        )
+        if self.training and self.bias_update_rate > 0:
+            self.load_since_update += counts_E.to(self.load_since_update.dtype)
+
+    def update_selection_bias(self) -> None:
+        """Aux-loss-free balancing: move the selection bias toward equal load (call after optimizer.step())."""
+        if self.bias_update_rate > 0:
+            update_selection_bias(self.selection_bias, self.load_since_update, self.bias_update_rate)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}, renormalize={self.renormalize}"
+
+
+def sparse_layers(model: nn.Module) -> list[SparseFFN]:
+    return [m for m in model.modules() if isinstance(m, SparseFFN)]
+
+
+def total_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the last forward's ``aux_loss`` over every sparse layer of ``model`` (0 if none)."""
+    losses = [m.aux_loss for m in sparse_layers(model)]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([loss.float().to(losses[0].device) for loss in losses]).sum()
+
+
+def update_selection_biases(model: nn.Module) -> None:
+    """Step the aux-loss-free balancing of every sparse layer of ``model`` (after optimizer.step())."""
+    for layer in sparse_layers(model):
+        layer.update_selection_bias()
