@@ -88,7 +88,7 @@ def test_dense_ffn_is_one_expert():
 @pytest.mark.parametrize("kind, dtype", [("aoe", torch.float32), ("aoe", torch.bfloat16), ("moe", torch.bfloat16)])
 def test_layers_run_under_torch_compile(kind, dtype):
     torch._dynamo.reset()
-    layer = (MoE(32, 64, 4, 2) if kind == "moe" else AoE(32, 8, 4, 2, d_ffn=64)).to(dtype)
+    layer = (MoE(32, 64, 4, 2, backward_chunks=2) if kind == "moe" else AoE(32, 8, 4, 2, d_ffn=64)).to(dtype)
     compiled = torch.compile(layer)
     x = torch.randn(2, 16, 32, dtype=dtype)
     xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()

@@ -71,6 +71,8 @@ class AoE(SparseFFN):
         recompute_gate: recompute the chosen experts' ``c @ w_up`` in backward instead of keeping
             it (default True: an [S, L] x [L, W] matmul, cheap because L is small).
         grouped_mm: "auto" | "torch" | "loop" (see ``aoe.nn.grouped_mm``).
+        backward_chunks: blocks of sorted rows the expert backward runs over (bounds its
+            temporaries); None = ``clamp(S // (256 * E), 1, 4)`` (see ``aoe.nn.experts``).
         init_std: std of the normal init of every weight.
     """
 
@@ -90,11 +92,12 @@ class AoE(SparseFFN):
         recompute_scores: bool = False,
         recompute_gate: bool = True,
         grouped_mm: str = "auto",
+        backward_chunks: int | None = None,
         init_std: float = 0.02,
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
-            bias_update_rate=bias_update_rate, grouped_mm=grouped_mm,
+            bias_update_rate=bias_update_rate, grouped_mm=grouped_mm, backward_chunks=backward_chunks,
         )
         self.d_low = check_positive("d_low", d_low)
         if (d_wide is None) == (d_ffn is None):
@@ -127,7 +130,8 @@ class AoE(SparseFFN):
         act_SL = act_TEL.reshape(-1, L).index_select(0, dispatch.token_S * E + dispatch.expert_S)
         return swiglu_experts(
             x_SD, act_SL, self.w_up.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
-            dispatch.offsets_E, recompute_gate=self.recompute_gate, backend=self.grouped_mm,
+            dispatch.offsets_E, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
+            backend=self.grouped_mm,
         )
 
     def extra_repr(self) -> str:

@@ -63,11 +63,10 @@ class Dispatch:
     def combine(self, y_SD: torch.Tensor) -> torch.Tensor:
         """[S, D] sorted expert outputs -> [T, D]: each token's K outputs summed, in slot order.
 
-        The unsort is a permutation (no index is hit twice, in forward or backward) and the sum
-        runs over a fixed axis, so the result is deterministic on every device.
+        The unsort is a permutation and the sum runs over a fixed axis; the backward is one gather.
+        No atomics anywhere, so the result is deterministic on every device.
         """
-        n_tokens = y_SD.shape[0] // self.top_k
-        return y_SD.index_select(0, self.inverse_S).view(n_tokens, self.top_k, y_SD.shape[-1]).sum(dim=1)
+        return _CombineSlots.apply(y_SD, self.token_S, self.inverse_S, self.top_k)
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -85,3 +84,18 @@ class _GatherTokens(torch.autograd.Function):
         n_tokens = inverse_S.numel() // ctx.top_k
         grad_TD = grad_SD.index_select(0, inverse_S).view(n_tokens, ctx.top_k, grad_SD.shape[-1]).sum(dim=1)
         return grad_TD, None, None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    """Sum each token's K sorted rows; backward copies each token's gradient to its K rows."""
+
+    @staticmethod
+    def forward(ctx, y_SD, token_S, inverse_S, top_k):
+        ctx.save_for_backward(token_S)
+        n_tokens = y_SD.shape[0] // top_k
+        return y_SD.index_select(0, inverse_S).view(n_tokens, top_k, y_SD.shape[-1]).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        (token_S,) = ctx.saved_tensors
+        return grad_TD.index_select(0, token_S), None, None, None

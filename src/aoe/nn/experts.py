@@ -7,12 +7,17 @@ For a sorted row s owned by expert e, with gate weight g_s (the selection's weig
                                                  w_gate = w_up [E, L, F]
     y_s    = g_s * (SiLU(gate_s) * (x_s @ w_in[e])) @ w_out[e]
 
-The gate weight is applied before the output projection (same value, by linearity), so the
-backward needs no copy of the [S, D] expert outputs. A hand-written backward keeps only what it
-needs: x, gate_in, ``up = x @ w_in`` and (unless ``recompute_gate``) the gate pre-activation.
-SiLU(gate) * up is recomputed in backward (elementwise, cheap). With ``recompute_gate=True`` the
-gate pre-activation is recomputed too: one [S, L] x [L, F] matmul for AoE, where L = d_low is
-small, which is how AoE's training memory stays at the MoE's despite its wider experts.
+A hand-written backward keeps only what it needs: x, gate_in, ``up = x @ w_in``, the unweighted
+output [S, D] (for the gate weight's gradient) and, unless ``recompute_gate``, the gate
+pre-activation. SiLU(gate) * up is recomputed in backward (elementwise). With
+``recompute_gate=True`` the gate pre-activation is recomputed too: one [S, L] x [L, F] matmul for
+AoE, where L = d_low is small, which keeps AoE's saved activations below the MoE's despite its
+wider experts.
+
+The backward runs over ``backward_chunks`` blocks of consecutive sorted rows (each block is still
+grouped by expert; weight gradients are summed over blocks), so its S x F temporaries are a
+fraction of the whole. ``backward_chunks=None`` chooses ``clamp(S // (256 * E), 1, 4)``: no
+chunking for small inputs, and at least 256 rows per expert on average in every block.
 
 Shape legend: S sorted rows, D model dim, G gate input dim (D or L), F expert width, E experts.
 """
@@ -35,61 +40,101 @@ def swiglu_experts(
     offsets_E: torch.Tensor,
     *,
     recompute_gate: bool = False,
+    backward_chunks: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Run every sorted row through its expert; returns the weighted outputs [S, D]."""
+    if backward_chunks is None:
+        backward_chunks = min(4, max(1, x_SD.shape[0] // (256 * w_in_EDF.shape[0])))
     return _SwiGLUExperts.apply(
-        x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, recompute_gate, backend
+        x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, recompute_gate, backward_chunks, backend
     )
 
 
-def _silu_and_grad(gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    sig = torch.sigmoid(gate)
-    return gate * sig, sig * (1 + gate * (1 - sig))
+def _rowwise_dot(a_SD: torch.Tensor, b_SD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_d a[s, d] * b[s, d] as one batched matmul (no [S, D] temporary), in ``dtype``."""
+    return torch.bmm(a_SD.unsqueeze(1), b_SD.unsqueeze(2)).view(-1).to(dtype)
+
+
+def _row_blocks(n_rows: int, offsets_E: torch.Tensor, n_blocks: int):
+    """Yield (row slice, group offsets within the slice) for ``n_blocks`` blocks of rows."""
+    size = -(-n_rows // max(1, n_blocks)) if n_rows else 0
+    if size == 0 or size >= n_rows:
+        yield slice(0, n_rows), offsets_E
+        return
+    for start in range(0, n_rows, size):
+        end = min(n_rows, start + size)
+        yield slice(start, end), (offsets_E.clamp(start, end) - start).to(torch.int32)
 
 
 class _SwiGLUExperts(torch.autograd.Function):
+    """Forward keeps x, gate_in, up, the unweighted output u (and gate unless recomputed).
+
+    Backward, per block of rows, with S x F buffers counted: act = SiLU(gate) and hidden =
+    act * up (for w_out's gradient, then freed); grad_hidden = (w * grad_y) @ w_out^T;
+    grad_up = act * grad_hidden (in act's buffer); grad_gate = SiLU'(gate) * grad_hidden * up
+    (in grad_hidden's buffer). The gate weight's gradient is <grad_y, u> per row.
+    """
+
     @staticmethod
-    def forward(ctx, x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, recompute_gate, backend):
+    def forward(ctx, x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, recompute_gate,
+                backward_chunks, backend):
         gate_SF = grouped_mm(gate_in_SG, w_gate_EGF, offsets_E, backend)
         up_SF = grouped_mm(x_SD, w_in_EDF, offsets_E, backend)
-        weight_S1 = gate_weight_S.to(x_SD.dtype).unsqueeze(-1)
-        hidden_SF = F.silu(gate_SF) * up_SF * weight_S1
-        y_SD = grouped_mm(hidden_SF, w_out_EFD, offsets_E, backend)
+        hidden_SF = F.silu(gate_SF).mul_(up_SF)
+        unweighted_SD = grouped_mm(hidden_SF, w_out_EFD, offsets_E, backend)
+        del hidden_SF
+        y_SD = unweighted_SD * gate_weight_S.to(x_SD.dtype).unsqueeze(-1)
         ctx.recompute_gate = recompute_gate
+        ctx.gate_in_is_x = gate_in_SG is x_SD  # MoE: the gate reads x itself
+        ctx.backward_chunks = backward_chunks
         ctx.backend = backend
         saved_gate = () if recompute_gate else (gate_SF,)
-        ctx.save_for_backward(x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, up_SF, *saved_gate)
+        ctx.save_for_backward(
+            x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, up_SF, unweighted_SD, *saved_gate
+        )
         return y_SD
 
     @staticmethod
     def backward(ctx, grad_y_SD):
-        x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, up_SF, *saved_gate = ctx.saved_tensors
+        (x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, up_SF, unweighted_SD,
+         *saved_gate) = ctx.saved_tensors
         backend = ctx.backend
         need = ctx.needs_input_grad
         grad_y_SD = grad_y_SD.contiguous()
-        if ctx.recompute_gate:
-            gate_SF = grouped_mm(gate_in_SG, w_gate_EGF, offsets_E, backend)
-        else:
-            (gate_SF,) = saved_gate
-        act_SF, dact_SF = _silu_and_grad(gate_SF)
-        del gate_SF
-        weight_S1 = gate_weight_S.to(x_SD.dtype).unsqueeze(-1)
-        hidden_SF = act_SF * up_SF  # before the gate weight
+        grad_weight_S = _rowwise_dot(grad_y_SD, unweighted_SD, gate_weight_S.dtype) if need[5] else None
+        grad_yw_SD = grad_y_SD * gate_weight_S.to(grad_y_SD.dtype).unsqueeze(-1)
+        grad_x_SD = torch.empty_like(x_SD) if need[0] else None
+        if ctx.gate_in_is_x:
+            gate_in_SG = x_SD
+        gate_in_is_x = ctx.gate_in_is_x and need[0]  # then both gradients go into one buffer
+        grad_gate_in_SG = grad_x_SD if gate_in_is_x else (torch.empty_like(gate_in_SG) if need[1] else None)
+        grad_w_gate = grad_w_in = grad_w_out = None
+        w_out_T, w_in_T, w_gate_T = (w.transpose(-2, -1) for w in (w_out_EFD, w_in_EDF, w_gate_EGF))
 
-        grad_w_out = grouped_weight_grad(hidden_SF * weight_S1, grad_y_SD, offsets_E, backend) if need[4] else None
-        grad_hw_SF = grouped_mm(grad_y_SD, w_out_EFD.transpose(-2, -1), offsets_E, backend)  # d loss / d (weighted hidden)
-        grad_weight_S = (grad_hw_SF * hidden_SF).sum(-1, dtype=gate_weight_S.dtype) if need[5] else None
-        del hidden_SF
-        grad_hidden_SF = grad_hw_SF * weight_S1
-        del grad_hw_SF
-        grad_up_SF = grad_hidden_SF * act_SF
-        grad_gate_SF = grad_hidden_SF * up_SF * dact_SF
-        del grad_hidden_SF, act_SF, dact_SF
-
-        grad_w_in = grouped_weight_grad(x_SD, grad_up_SF, offsets_E, backend) if need[3] else None
-        grad_x_SD = grouped_mm(grad_up_SF, w_in_EDF.transpose(-2, -1), offsets_E, backend) if need[0] else None
-        del grad_up_SF
-        grad_w_gate = grouped_weight_grad(gate_in_SG, grad_gate_SF, offsets_E, backend) if need[2] else None
-        grad_gate_in_SG = grouped_mm(grad_gate_SF, w_gate_EGF.transpose(-2, -1), offsets_E, backend) if need[1] else None
-        return grad_x_SD, grad_gate_in_SG, grad_w_gate, grad_w_in, grad_w_out, grad_weight_S, None, None, None
+        for rows, offs in _row_blocks(x_SD.shape[0], offsets_E, ctx.backward_chunks):
+            x, gate_in, up, grad_yw = x_SD[rows], gate_in_SG[rows], up_SF[rows], grad_yw_SD[rows]
+            gate = grouped_mm(gate_in, w_gate_EGF, offs, backend) if ctx.recompute_gate else saved_gate[0][rows]
+            act = F.silu(gate)
+            if need[4]:
+                grad_w_out = grouped_weight_grad(act * up, grad_yw, offs, backend, out=grad_w_out)
+            grad_hidden = grouped_mm(grad_yw, w_out_T, offs, backend)
+            grad_up = act.mul_(grad_hidden)
+            del act
+            if need[3]:
+                grad_w_in = grouped_weight_grad(x, grad_up, offs, backend, out=grad_w_in)
+            if need[0]:
+                grad_x_SD[rows] = grouped_mm(grad_up, w_in_T, offs, backend)
+            del grad_up
+            grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+            del grad_hidden, gate
+            if need[2]:
+                grad_w_gate = grouped_weight_grad(gate_in, grad_gate, offs, backend, out=grad_w_gate)
+            if gate_in_is_x:
+                grad_x_SD[rows] += grouped_mm(grad_gate, w_gate_T, offs, backend)
+            elif need[1]:
+                grad_gate_in_SG[rows] = grouped_mm(grad_gate, w_gate_T, offs, backend)
+            del grad_gate
+        if gate_in_is_x:
+            grad_gate_in_SG = None
+        return grad_x_SD, grad_gate_in_SG, grad_w_gate, grad_w_in, grad_w_out, grad_weight_S, None, None, None, None

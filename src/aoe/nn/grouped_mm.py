@@ -16,15 +16,15 @@ Backends:
   refuses, runs on the loop.
 - ``"loop"``: one ``torch.mm`` per expert over its contiguous slice of rows. Correct for every
   device and dtype (fp64 included); a Python loop over experts, never over tokens.
-- ``"auto"`` (default): ``"torch"`` where supported, else ``"loop"``. Under ``torch.compile``
-  the torch kernel is only used for bf16 (the compiled kernel accepts bf16 only).
+- ``"auto"`` (default): ``"torch"`` on accelerators where supported, else ``"loop"``. On the CPU
+  ``"auto"`` is the loop: there torch's kernel is itself a loop of matmuls that copies transposed
+  operands first, so the loop is as fast and uses less memory. Under ``torch.compile`` the torch
+  kernel is only used for bf16 (the compiled kernel accepts bf16 only).
 
 Shape legend: T rows (token slots), D input dim, F output dim, E experts.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -37,9 +37,19 @@ def check_backend(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+_KERNEL_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def _torch_kernel_supports(device_type: str, dtype: torch.dtype) -> bool:
-    """Probe torch._grouped_mm once for this device type and dtype (all three call forms)."""
+    key = (device_type, dtype)
+    if key not in _KERNEL_SUPPORT:
+        _KERNEL_SUPPORT[key] = _probe_torch_kernel(device_type, dtype)
+    return _KERNEL_SUPPORT[key]
+
+
+@torch.compiler.disable
+def _probe_torch_kernel(device_type: str, dtype: torch.dtype) -> bool:
+    """Try torch._grouped_mm once for this device type and dtype (all three call forms)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
@@ -73,7 +83,9 @@ def _use_torch_kernel(backend: str, x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if backend == "torch":
         return True
-    return _torch_kernel_supports(x.device.type, x.dtype)
+    # On the CPU the kernel is itself a loop of matmuls that first copies transposed operands,
+    # so the loop backend is as fast and leaner there (benchmarks/RESULTS.md).
+    return x.device.type != "cpu" and _torch_kernel_supports(x.device.type, x.dtype)
 
 
 def _group_bounds(offsets_E: torch.Tensor) -> list[int]:
@@ -90,14 +102,19 @@ def _loop_mm(x_TD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -
     return out_TF
 
 
-def _loop_weight_grad(x_TD: torch.Tensor, dy_TF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+def _loop_weight_grad(x_TD: torch.Tensor, dy_TF: torch.Tensor, offsets_E: torch.Tensor, out_EDF: torch.Tensor | None) -> torch.Tensor:
     n_experts = offsets_E.shape[0]
-    out_EDF = x_TD.new_zeros(n_experts, x_TD.shape[1], dy_TF.shape[1])
+    accumulate = out_EDF is not None
+    if out_EDF is None:
+        out_EDF = x_TD.new_zeros(n_experts, x_TD.shape[1], dy_TF.shape[1])
     bounds = _group_bounds(offsets_E)
     for e in range(n_experts):
         start, end = bounds[e], bounds[e + 1]
         if end > start:
-            torch.mm(x_TD[start:end].t(), dy_TF[start:end], out=out_EDF[e])
+            if accumulate:
+                out_EDF[e].addmm_(x_TD[start:end].t(), dy_TF[start:end])
+            else:
+                torch.mm(x_TD[start:end].t(), dy_TF[start:end], out=out_EDF[e])
     return out_EDF
 
 
@@ -112,12 +129,18 @@ def grouped_mm(x_TD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor,
     return _loop_mm(x_TD, w_EDF, offsets_E)
 
 
-def grouped_weight_grad(x_TD: torch.Tensor, dy_TF: torch.Tensor, offsets_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``out[e] = x[rows of group e]^T @ dy[rows of group e]``; returns [E, D, F] (zero for empty groups)."""
+def grouped_weight_grad(
+    x_TD: torch.Tensor, dy_TF: torch.Tensor, offsets_E: torch.Tensor, backend: str = "auto", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x[rows of group e]^T @ dy[rows of group e]`` per group: [E, D, F] (zero for empty groups).
+
+    With ``out`` given, the result is added into it in place (and ``out`` returned).
+    """
     if x_TD.shape[0] > 0 and _use_torch_kernel(backend, x_TD, dy_TF):
         try:
-            return torch._grouped_mm(x_TD.t(), dy_TF, offsets_E)
+            result = torch._grouped_mm(x_TD.t(), dy_TF, offsets_E)
+            return result if out is None else out.add_(result)
         except RuntimeError:
             if backend == "torch":
                 raise
-    return _loop_weight_grad(x_TD, dy_TF, offsets_E)
+    return _loop_weight_grad(x_TD, dy_TF, offsets_E, out)

@@ -32,6 +32,8 @@ class MoE(SparseFFN):
         recompute_gate: recompute ``x @ w_gate`` in backward instead of keeping it (saves an
             [S, F] activation at the cost of one expert matmul; off by default).
         grouped_mm: "auto" | "torch" | "loop" (see ``aoe.nn.grouped_mm``).
+        backward_chunks: blocks of sorted rows the expert backward runs over (bounds its
+            temporaries); None = ``clamp(S // (256 * E), 1, 4)`` (see ``aoe.nn.experts``).
         init_std: std of the normal init of every weight.
     """
 
@@ -48,11 +50,12 @@ class MoE(SparseFFN):
         bias_update_rate: float = 0.0,
         recompute_gate: bool = False,
         grouped_mm: str = "auto",
+        backward_chunks: int | None = None,
         init_std: float = 0.02,
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
-            bias_update_rate=bias_update_rate, grouped_mm=grouped_mm,
+            bias_update_rate=bias_update_rate, grouped_mm=grouped_mm, backward_chunks=backward_chunks,
         )
         self.d_ffn = check_positive("d_ffn", d_ffn)
         self.z_loss_coef = check_non_negative("z_loss_coef", z_loss_coef)
@@ -78,7 +81,8 @@ class MoE(SparseFFN):
         x_SD = dispatch.gather_tokens(x_TD)
         return swiglu_experts(
             x_SD, x_SD, self.w_gate.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
-            dispatch.offsets_E, recompute_gate=self.recompute_gate, backend=self.grouped_mm,
+            dispatch.offsets_E, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
+            backend=self.grouped_mm,
         )
 
     def extra_repr(self) -> str:

@@ -55,6 +55,7 @@ class SparseFFN(nn.Module):
         aux_loss_coef: float,
         bias_update_rate: float,
         grouped_mm: str,
+        backward_chunks: int | None = None,
     ):
         super().__init__()
         self.d_model = check_positive("d_model", d_model)
@@ -66,6 +67,7 @@ class SparseFFN(nn.Module):
         self.aux_loss_coef = check_non_negative("aux_loss_coef", aux_loss_coef)
         self.bias_update_rate = check_non_negative("bias_update_rate", bias_update_rate)
         self.grouped_mm = check_backend(grouped_mm)
+        self.backward_chunks = None if backward_chunks is None else check_positive("backward_chunks", backward_chunks)
         # Aux-loss-free balancing: added to the scores for selection only (all zeros when off).
         self.register_buffer("selection_bias", torch.zeros(n_experts))
         self.register_buffer("load_since_update", torch.zeros(n_experts), persistent=False)

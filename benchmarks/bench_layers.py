@@ -1,0 +1,229 @@
+"""Layer benchmark: forward+backward time and peak training memory of one sparse layer.
+
+Compared in one process, interleaved (every repetition runs every contender once, in turn):
+- ours-MoE: ``aoe.MoE`` (router, fused dispatch, grouped matmuls, custom backward);
+- ours-AoE: ``aoe.AoE`` parameter-matched to the MoE (d_wide from ``match_d_wide``), cache kept;
+- ours-AoE-recompute: the same with ``recompute_scores=True`` (the [T, E, d_low] cache is
+  recomputed in backward instead of kept);
+- naive-loop: the same MoE math as a per-expert Python loop with boolean masks and index_add_
+  (how MoE layers are commonly written);
+- hf-olmoe-<impl>: Hugging Face transformers' ``OlmoeSparseMoeBlock`` of the same shape, with each
+  experts implementation of the installed transformers that runs on the device (eager, grouped_mm).
+
+Also measured: the dense matmul rate of this device and dtype (an [T*k, D] x [D, F] matmul), and
+each layer's ideal time = its training FLOPs / that rate. Training FLOPs are 3x the forward matmul
+FLOPs (forward + two backward matmuls each) per token:
+    MoE: 3 * (2*D*E + k * 2*3*D*F)
+    AoE: 3 * (2*E*D*L + k * 2*(L*W + 2*D*W))      (L = d_low, W = d_wide)
+AoE's recomputations in backward are extra work, not counted in its FLOPs.
+
+Peak memory: on CUDA the allocator's peak; on CPU the peak of live tensor storages seen by
+``aoe.utils.memory.TensorMemoryTracker``; both include parameters, gradients and the input.
+
+Usage:
+    python benchmarks/bench_layers.py                        # CPU target shape, fp32
+    python benchmarks/bench_layers.py --preset gpu-e64       # bf16, T=16384, D=2048, F=1024, E=64, k=8
+    python benchmarks/bench_layers.py --preset gpu-e8        # bf16, T=16384, D=2048, F=4096, E=8, k=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from aoe import AoE, MoE
+from aoe.utils.memory import TensorMemoryTracker, tensor_bytes
+
+PRESETS = {
+    "cpu": dict(tokens=4096, d_model=512, d_ffn=1024, n_experts=8, top_k=2, d_low=128, dtype="float32", device="cpu"),
+    "gpu-e64": dict(tokens=16384, d_model=2048, d_ffn=1024, n_experts=64, top_k=8, d_low=512, dtype="bfloat16", device="cuda"),
+    "gpu-e8": dict(tokens=16384, d_model=2048, d_ffn=4096, n_experts=8, top_k=2, d_low=512, dtype="bfloat16", device="cuda"),
+}
+
+
+def naive_loop_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE math as a per-expert loop over boolean masks (the common hand-written layer)."""
+    x_TD = x.reshape(-1, layer.d_model)
+    probs = torch.softmax((x_TD @ layer.router).float(), dim=-1)
+    weights, chosen = torch.topk(probs, layer.top_k, dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+    out = torch.zeros_like(x_TD)
+    for e in range(layer.n_experts):
+        token, slot = torch.where(chosen == e)
+        if token.numel() == 0:
+            continue
+        xe = x_TD[token]
+        ye = (F.silu(xe @ layer.w_gate[e]) * (xe @ layer.w_in[e])) @ layer.w_out[e]
+        out.index_add_(0, token, ye * weights[token, slot, None])
+    return out.view_as(x)
+
+
+def hf_blocks(cfg, device, dtype):
+    """OLMoE sparse MoE blocks of the same shape, one per experts implementation available."""
+    try:
+        from transformers import OlmoeConfig
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+    except ImportError:
+        return {}
+    blocks = {}
+    for impl in ("eager", "grouped_mm"):  # batched_mm copies weights per token: for tiny decode batches only
+        hf_cfg = OlmoeConfig(hidden_size=cfg["d_model"], intermediate_size=cfg["d_ffn"], num_experts=cfg["n_experts"],
+                             num_experts_per_tok=cfg["top_k"], norm_topk_prob=True)
+        hf_cfg._experts_implementation = impl
+        block = OlmoeSparseMoeBlock(hf_cfg).to(device=device, dtype=dtype)
+        for p in block.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        try:  # keep only implementations that run here
+            probe = torch.randn(1, 64, cfg["d_model"], device=device, dtype=dtype, requires_grad=True)
+            block(probe).float().sum().backward()
+            block.zero_grad(set_to_none=True)
+        except Exception as err:  # noqa: BLE001 - an implementation this device lacks
+            print(f"  (hf-olmoe-{impl} skipped: {type(err).__name__}: {str(err)[:80]})", file=sys.stderr)
+            continue
+        blocks[f"hf-olmoe-{impl}"] = block
+    return blocks
+
+
+def train_flops_per_token(name, cfg, d_wide):
+    D, F_, E, k, L = cfg["d_model"], cfg["d_ffn"], cfg["n_experts"], cfg["top_k"], cfg["d_low"]
+    if name.startswith("ours-AoE"):
+        return 3 * (2 * E * D * L + k * 2 * (L * d_wide + 2 * D * d_wide))
+    return 3 * (2 * D * E + k * 2 * 3 * D * F_)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(fn, x, grad):
+    out = fn(x)
+    out.backward(grad)
+
+
+def measure_matmul_rate(cfg, device, dtype, reps):
+    rows = cfg["tokens"] * cfg["top_k"]
+    a = torch.randn(rows, cfg["d_model"], device=device, dtype=dtype)
+    b = torch.randn(cfg["d_model"], cfg["d_ffn"], device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * rows * cfg["d_model"] * cfg["d_ffn"] / statistics.median(times)
+
+
+def peak_memory(fn, params, x, grad, device):
+    for p in params:
+        p.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(fn, x, grad)
+        torch.cuda.synchronize()
+        # parameters + input + grad_output are allocated before; count them as the CPU path does
+        return torch.cuda.max_memory_allocated() - base + tensor_bytes([*params, x, grad])
+    with TensorMemoryTracker(baseline_bytes=tensor_bytes([*params, x, grad])) as tracker:
+        step(fn, x, grad)
+    return tracker.peak_bytes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions per contender (median reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers OLMoE block")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    for key in ("tokens", "d_model", "d_ffn", "n_experts", "top_k", "d_low"):
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    args = ap.parse_args(argv)
+    cfg = dict(PRESETS[args.preset])
+    for key in ("tokens", "d_model", "d_ffn", "n_experts", "top_k", "d_low"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(cfg["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("this preset needs a CUDA device")
+    dtype = getattr(torch, cfg["dtype"])
+    torch.manual_seed(0)
+    D, F_, E, k, L = cfg["d_model"], cfg["d_ffn"], cfg["n_experts"], cfg["top_k"], cfg["d_low"]
+
+    moe = MoE(D, F_, E, k).to(device=device, dtype=dtype)
+    aoe = AoE(D, L, E, k, d_ffn=F_).to(device=device, dtype=dtype)
+    aoe_rc = AoE(D, L, E, k, d_ffn=F_, recompute_scores=True).to(device=device, dtype=dtype)
+    contenders = {"ours-MoE": moe, "ours-AoE": aoe, "ours-AoE-recompute": aoe_rc}
+    contenders["naive-loop"] = lambda x: naive_loop_moe(moe, x)
+    if not args.no_hf:
+        contenders.update(hf_blocks(cfg, device, dtype))
+    params_of = {n: list((moe if n == "naive-loop" else m).parameters()) for n, m in contenders.items()}
+
+    x = torch.randn(1, cfg["tokens"], D, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    fns = {n: m for n, m in contenders.items()}
+
+    for _ in range(args.warmup):
+        for fn in fns.values():
+            step(fn, x, grad)
+    times = {n: [] for n in fns}
+    for _ in range(args.reps):
+        for n, fn in fns.items():  # interleaved: noise hits every contender alike
+            for p in params_of[n]:
+                p.grad = None
+            x.grad = None
+            sync(device)
+            t0 = time.perf_counter()
+            step(fn, x, grad)
+            sync(device)
+            times[n].append(time.perf_counter() - t0)
+    rate = measure_matmul_rate(cfg, device, dtype, max(args.reps, 5))
+    memory = {n: peak_memory(fn, params_of[n], x, grad, device) for n, fn in fns.items()}
+
+    med = {n: statistics.median(t) for n, t in times.items()}
+    flops = {n: train_flops_per_token(n, cfg, aoe.d_wide) * cfg["tokens"] for n in fns}
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads" if device.type == "cpu" \
+        else torch.cuda.get_device_name(device)
+    print(f"# bench_layers --preset {args.preset}: {json.dumps(cfg)}")
+    print(f"# torch {torch.__version__}, device {device.type} ({machine}); d_wide={aoe.d_wide}; "
+          f"params MoE {sum(p.numel() for p in moe.parameters()):,} AoE {sum(p.numel() for p in aoe.parameters()):,}")
+    print(f"# dense {cfg['dtype']} matmul rate: {rate / 1e9:.1f} GFLOP/s; reps={args.reps} (median)")
+    print()
+    print("| layer | fwd+bwd ms | vs ours-MoE | ideal ms | % of matmul rate | peak MiB | mem vs ours-MoE |")
+    print("|---|---|---|---|---|---|---|")
+    for n in fns:
+        ideal = flops[n] / rate
+        print(f"| {n} | {med[n] * 1e3:.1f} | {med[n] / med['ours-MoE']:.2f}x | {ideal * 1e3:.1f} | "
+              f"{100 * ideal / med[n]:.0f}% | {memory[n] / 2**20:.1f} | {memory[n] / memory['ours-MoE']:.3f}x |")
+    flop_ratio = flops["ours-AoE"] / flops["ours-MoE"]
+    print()
+    print(f"AoE/MoE FLOP ratio R = {flop_ratio:.3f}; time ratio AoE/MoE = {med['ours-AoE'] / med['ours-MoE']:.3f} "
+          f"= {med['ours-AoE'] / med['ours-MoE'] / flop_ratio:.3f} R (recompute: "
+          f"{med['ours-AoE-recompute'] / med['ours-MoE'] / flop_ratio:.3f} R)")
+    for n in fns:
+        if n.startswith("hf-"):
+            print(f"ours-MoE is {med[n] / med['ours-MoE']:.2f}x faster than {n}")
+    print(f"peak memory AoE/MoE = {memory['ours-AoE'] / memory['ours-MoE']:.3f} "
+          f"(recompute: {memory['ours-AoE-recompute'] / memory['ours-MoE']:.3f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(config=cfg, machine=machine, torch=torch.__version__, matmul_flops_per_s=rate,
+                           median_s=med, peak_bytes=memory, train_flops=flops), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
