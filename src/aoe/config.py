@@ -1,0 +1,589 @@
+"""The run configuration: one source of truth for the model, the data and the training.
+
+Three dataclasses, one per YAML section, and a ``RunConfig`` that holds them::
+
+    model:  ModelConfig   the transformer and its feed-forward layers (dense, MoE or AoE)
+    data:   DataConfig    the corpus and the tokenizer
+    train:  TrainConfig   optimizer, schedule, batch, logging, checkpoints, device
+
+Every field has a default and a docstring (the ``#:`` comment above it). Values are type-checked
+and validated when a config is built; an invalid value raises ``ConfigError`` (a ``ValueError``)
+naming the dotted key, e.g. ``model.n_heads=6 does not divide model.d_model=512``. The configs
+are mutable; after changing a field by hand, call ``validate()`` to re-check.
+
+YAML recipes live in ``aoe/configs/*.yaml`` (``list_configs()``); ``load_config`` reads one (a
+path or a packaged recipe's name), applies ``key.sub=value`` overrides (values parsed as YAML, so
+``3``, ``3e-4``, ``true``, ``null`` and ``[0, 1]`` work) and refuses unknown keys at every level.
+``config_to_dict`` / ``config_from_dict`` / ``save_config`` write and read the resolved config
+beside a checkpoint; the round trip through JSON or YAML is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+__all__ = [
+    "ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "load_config",
+    "config_to_dict", "config_from_dict", "save_config", "list_configs", "config_path", "apply_overrides",
+]
+
+FFN_KINDS = ("dense", "moe", "aoe")
+SCORE_NORMS = ("l2", "l1", "linf")
+GROUPED_MM_BACKENDS = ("auto", "torch", "loop")
+DTYPES = ("auto", "float32", "bfloat16")
+NAN_POLICIES = ("stop", "skip")
+DECODE_ERRORS = ("replace", "skip")
+
+
+class ConfigError(ValueError):
+    """An invalid, unknown or ill-typed configuration value (the message names the dotted key)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Type checking against the dataclass annotations
+# ---------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it normalized (int -> float for float
+    fields, tuple -> list). Strings such as ``3e-4`` (which YAML 1.1 reads as text) are accepted
+    for float fields."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        raise ConfigError(f"{key}: unsupported annotation {tp}")  # pragma: no cover
+    bad = ConfigError(f"{key}={value!r} must be {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp}")  # pragma: no cover
+
+
+class _Section:
+    """Shared machinery of the three sections: type coercion then ``_check`` on construction."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Type-check and validate every field (raises ``ConfigError`` naming the key)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(getattr(self, f.name), hints[f.name], self._key(f.name)))
+        self._check()
+
+    def _check(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    # -- helpers for _check ----------------------------------------------------------------------
+    def _key(self, name: str) -> str:
+        return f"{self.SECTION}.{name}"
+
+    def _fail(self, name: str, why: str) -> None:
+        raise ConfigError(f"{self._key(name)}={getattr(self, name)!r} {why}")
+
+    def _positive(self, *names: str) -> None:
+        for n in names:
+            v = getattr(self, n)
+            if v is not None and not v > 0:
+                self._fail(n, "must be > 0")
+
+    def _non_negative(self, *names: str) -> None:
+        for n in names:
+            v = getattr(self, n)
+            if v is not None and not v >= 0:
+                self._fail(n, "must be >= 0")
+
+    def _finite(self, *names: str) -> None:
+        for n in names:
+            v = getattr(self, n)
+            if v is not None and not math.isfinite(v):
+                self._fail(n, "must be finite")
+
+    def _choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            self._fail(name, f"is not one of {list(choices)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig(_Section):
+    """The decoder-only transformer: pre-norm blocks of attention and a feed-forward layer that is
+    dense (SwiGLU), a router MoE, or AoE. Defaults: the tiny CPU demo model."""
+
+    SECTION: typing.ClassVar[str] = "model"
+
+    #: Vocabulary size of the embedding and output layer. None = taken from the tokenizer by the
+    #: trainer (a model cannot be built while it is None).
+    vocab_size: int | None = None
+    #: Width of the residual stream.
+    d_model: int = 128
+    #: Number of transformer blocks.
+    n_layers: int = 4
+    #: Query heads; must divide d_model, and head_dim = d_model / n_heads must be even (RoPE).
+    n_heads: int = 4
+    #: Key/value heads (grouped-query attention); must divide n_heads. None = n_heads (plain MHA).
+    n_kv_heads: int | None = None
+    #: Longest sequence (prompt + generated tokens) the model accepts.
+    max_seq_len: int = 256
+    #: Base of the rotary position embedding frequencies.
+    rope_theta: float = 10000.0
+    #: Epsilon of every RMSNorm.
+    norm_eps: float = 1e-5
+    #: Share the output layer's weight with the token embedding.
+    tie_embeddings: bool = True
+    #: Std of the normal init of every matrix; output projections (attention o_proj and FFN
+    #: w_out) use init_std / sqrt(2 * n_layers).
+    init_std: float = 0.02
+    #: Feed-forward layer of every block: "dense" (SwiGLU), "moe" (router) or "aoe" (router-free).
+    ffn: str = "aoe"
+    #: Expert width of MoE (and the width AoE's d_wide is parameter-matched to).
+    d_ffn: int = 256
+    #: Number of experts E of a sparse layer.
+    n_experts: int = 8
+    #: Experts chosen per token k (1 <= top_k <= n_experts).
+    top_k: int = 2
+    #: AoE: rank of the factorized gate projection (w_down [d_model, d_low], w_up [d_low, d_wide]).
+    d_low: int = 32
+    #: AoE: expert width. None = parameter-matched to an MoE expert of width d_ffn
+    #: (``aoe.nn.match_d_wide``).
+    d_wide: int | None = None
+    #: Divide the chosen experts' softmax values by their sum. None = the layer's default
+    #: (MoE: True, Mixtral style; AoE: False, as the paper).
+    renormalize: bool | None = None
+    #: AoE: the norm that scores an expert's low-rank activation: "l2" (paper), "l1" or "linf".
+    norm: str = "l2"
+    #: Weight of the load-balancing loss E * sum_i f_i P_i per sparse layer (0 = off; paper: 0.01).
+    aux_loss_coef: float = 0.0
+    #: MoE only: weight of the router z-loss (0 = off). Refused with ffn="aoe" (AoE has no logits).
+    z_loss_coef: float = 0.0
+    #: Aux-loss-free balancing: step size of the per-expert selection bias (0 = off; not in the paper).
+    bias_update_rate: float = 0.0
+    #: AoE only: recompute x @ w_down in backward instead of keeping the [tokens, E, d_low] cache.
+    recompute_scores: bool = False
+    #: Width of every dense SwiGLU FFN (a dense model, or the layers in dense_layers).
+    #: None = d_ffn. For a dense baseline with MoE's active FFN parameters use top_k * d_ffn.
+    dense_d_ffn: int | None = None
+    #: Indices of the blocks that keep a dense FFN in a sparse model (e.g. [0]: first layer dense).
+    dense_layers: list[int] = field(default_factory=list)
+    #: Grouped-matmul backend of the expert engine: "auto", "torch" or "loop" (see aoe.nn.grouped_mm).
+    grouped_mm: str = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads resolved (n_heads when None)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_width_dense(self) -> int:
+        """dense_d_ffn resolved (d_ffn when None)."""
+        return self.d_ffn if self.dense_d_ffn is None else self.dense_d_ffn
+
+    @property
+    def resolved_d_wide(self) -> int:
+        """AoE expert width: d_wide, or the parameter-matched width for d_ffn and d_low."""
+        if self.d_wide is not None:
+            return self.d_wide
+        from aoe.nn.aoe import match_d_wide
+
+        return match_d_wide(self.d_model, self.d_ffn, self.d_low)
+
+    def ffn_kind(self, layer: int) -> str:
+        """The FFN kind of block ``layer``: "dense" for the indices in dense_layers, else ffn."""
+        return "dense" if layer in self.dense_layers else self.ffn
+
+    def _check(self) -> None:
+        self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
+                       "d_ffn", "n_experts", "top_k", "d_low", "d_wide", "dense_d_ffn")
+        self._positive("rope_theta", "norm_eps", "init_std")
+        self._non_negative("aux_loss_coef", "z_loss_coef", "bias_update_rate")
+        self._finite("rope_theta", "norm_eps", "init_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"model.d_model={self.d_model} / model.n_heads={self.n_heads} = head_dim {self.head_dim} "
+                "must be even (rotary embeddings rotate pairs)"
+            )
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+        self._choice("ffn", FFN_KINDS)
+        self._choice("norm", SCORE_NORMS)
+        self._choice("grouped_mm", GROUPED_MM_BACKENDS)
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}")
+        if self.ffn == "aoe" and self.z_loss_coef > 0:
+            self._fail("z_loss_coef", 'applies to ffn="moe" only (AoE has no router logits); set it to 0')
+        seen = set()
+        for i in self.dense_layers:
+            if not 0 <= i < self.n_layers:
+                raise ConfigError(f"model.dense_layers contains {i}, not a layer index in [0, model.n_layers={self.n_layers})")
+            if i in seen:
+                raise ConfigError(f"model.dense_layers contains {i} twice")
+            seen.add(i)
+        if self.ffn == "aoe" and self.d_wide is None:
+            try:
+                self.resolved_d_wide
+            except ValueError as e:
+                raise ConfigError(f"model.d_low={self.d_low}: {e}; lower model.d_low or set model.d_wide") from None
+
+
+@dataclass
+class DataConfig(_Section):
+    """The corpus and the tokenizer."""
+
+    SECTION: typing.ClassVar[str] = "data"
+
+    #: Where the text comes from: "stdlib" (the embedded default corpus, no download) or another
+    #: source understood by aoe.data.
+    source: str = "stdlib"
+    #: Field of a record that holds its text (for record-structured sources such as JSON lines).
+    text_field: str = "text"
+    #: Size of the BPE vocabulary to train (ignored when ``tokenizer`` names an existing one).
+    vocab_size: int = 4096
+    #: None = train a tokenizer on the corpus (cached); or the path of a saved tokenizer.
+    tokenizer: str | None = None
+    #: Share of the documents held out for validation, in [0, 1).
+    val_fraction: float = 0.05
+    #: Read at most this many bytes of the source (None = all).
+    max_bytes: int | None = None
+    #: Where tokenizers and token files are cached. None = $AOE_CACHE, else ~/.cache/aoe.
+    cache_dir: str | None = None
+    #: Bytes that are not valid UTF-8: "replace" them with U+FFFD, or "skip" the document.
+    on_decode_error: str = "replace"
+
+    def resolved_cache_dir(self) -> Path:
+        """cache_dir, else $AOE_CACHE, else ~/.cache/aoe (user-expanded)."""
+        path = self.cache_dir or os.environ.get("AOE_CACHE") or "~/.cache/aoe"
+        return Path(path).expanduser()
+
+    def _check(self) -> None:
+        for name in ("source", "text_field"):
+            if not getattr(self, name):
+                self._fail(name, "must not be empty")
+        self._positive("vocab_size", "max_bytes")
+        if not 0 <= self.val_fraction < 1:
+            self._fail("val_fraction", "must be in [0, 1)")
+        self._choice("on_decode_error", DECODE_ERRORS)
+
+
+@dataclass
+class TrainConfig(_Section):
+    """Optimization (AdamW, linear warm-up then cosine decay), batching, logging and checkpoints."""
+
+    SECTION: typing.ClassVar[str] = "train"
+
+    #: Seed of the model init and the data order.
+    seed: int = 0
+    #: Number of optimizer steps.
+    max_steps: int = 1000
+    #: Sequences per optimizer step, over all processes (the global batch).
+    batch_size: int = 16
+    #: Sequences per forward/backward on one process. None = batch_size. Gradient accumulation
+    #: steps = batch_size / (micro_batch_size * world_size) (must be a whole number).
+    micro_batch_size: int | None = None
+    #: Tokens per training sequence (<= model.max_seq_len).
+    seq_len: int = 128
+    #: Peak learning rate (after warm-up).
+    lr: float = 1e-3
+    #: Final learning rate of the cosine decay, as a fraction of lr, in [0, 1].
+    min_lr_ratio: float = 0.1
+    #: Steps of linear warm-up from 0 to lr.
+    warmup_steps: int = 100
+    #: AdamW decoupled weight decay (paper: 0.1).
+    weight_decay: float = 0.1
+    #: AdamW beta1 (paper: 0.9).
+    beta1: float = 0.9
+    #: AdamW beta2 (paper: 0.95).
+    beta2: float = 0.95
+    #: Clip the global gradient norm to this value (0 = off).
+    grad_clip: float = 1.0
+    #: Log training metrics every this many steps.
+    log_every: int = 10
+    #: Evaluate on the validation split every this many steps (0 = only at the end).
+    eval_every: int = 200
+    #: Batches (of micro_batch_size sequences) per evaluation.
+    eval_batches: int = 20
+    #: Save a checkpoint every this many steps (0 = only at the end).
+    checkpoint_every: int = 500
+    #: Keep the newest this many checkpoints (0 = keep all).
+    keep_checkpoints: int = 2
+    #: Compile the model with torch.compile.
+    compile: bool = False
+    #: Compute dtype: "auto" (bfloat16 autocast on a GPU that supports it, float32 on CPU),
+    #: "float32" or "bfloat16".
+    dtype: str = "auto"
+    #: "auto" (cuda if available, else cpu) or a torch device string such as "cpu" or "cuda:1".
+    device: str = "auto"
+    #: A non-finite loss: "stop" the run (with a message) or "skip" that step's update.
+    nan_policy: str = "stop"
+    #: torch intra-op threads on CPU (None = torch's default).
+    num_threads: int | None = None
+
+    @property
+    def micro_batch(self) -> int:
+        """micro_batch_size resolved (batch_size when None)."""
+        return self.batch_size if self.micro_batch_size is None else self.micro_batch_size
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """batch_size / (micro_batch_size * world_size), refusing a remainder."""
+        per_step = self.micro_batch * world_size
+        if world_size < 1 or self.batch_size % per_step:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not a multiple of train.micro_batch_size="
+                f"{self.micro_batch} x world_size={world_size}"
+            )
+        return self.batch_size // per_step
+
+    def _check(self) -> None:
+        self._positive("max_steps", "batch_size", "micro_batch_size", "seq_len", "lr", "log_every",
+                       "eval_batches", "num_threads")
+        self._non_negative("seed", "warmup_steps", "weight_decay", "grad_clip", "eval_every",
+                           "checkpoint_every", "keep_checkpoints")
+        self._finite("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip")
+        if not 0 <= self.min_lr_ratio <= 1:
+            self._fail("min_lr_ratio", "must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                self._fail(name, "must be in [0, 1)")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size={self.micro_batch_size} does not divide train.batch_size={self.batch_size}"
+            )
+        self._choice("dtype", DTYPES)
+        self._choice("nan_policy", NAN_POLICIES)
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                self._fail("device", 'is not "auto" or a torch device string (e.g. "cpu", "cuda", "cuda:1")')
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the three sections, plus the checks that span them."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+            getattr(self, name).validate()
+        m, d, t = self.model, self.data, self.train
+        if t.seq_len > m.max_seq_len:
+            raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if m.vocab_size is not None and d.tokenizer is None and m.vocab_size < d.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size} "
+                "(the tokenizer's ids would not fit); raise it or set it to null"
+            )
+
+
+SECTIONS: dict[str, type[_Section]] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dicts, YAML, overrides
+# ---------------------------------------------------------------------------------------------
+def _unknown_key(key: str, valid: Iterable[str], where: str) -> ConfigError:
+    valid = list(valid)
+    last = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(last, valid, n=1)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys of {where}: {', '.join(valid)}")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """``{"model": {...}, "data": {...}, "train": {...}}`` of plain JSON/YAML values."""
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+
+
+def config_from_dict(d: dict[str, Any] | None) -> RunConfig:
+    """Build a validated ``RunConfig`` from a (possibly partial) nested dict; missing keys keep their
+    defaults; unknown keys raise ``ConfigError`` naming the dotted key."""
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a mapping of sections {list(SECTIONS)}, got {type(d).__name__}")
+    sections = {}
+    for name, values in d.items():
+        if name not in SECTIONS:
+            raise _unknown_key(str(name), SECTIONS, "the top level")
+        values = {} if values is None else values
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {type(values).__name__}")
+        cls = SECTIONS[name]
+        valid = _field_names(cls)
+        for key in values:
+            if key not in valid:
+                raise _unknown_key(f"{name}.{key}", valid, name)
+        sections[name] = cls(**values)
+    return RunConfig(**sections)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {item!r}: the key must be section.key (e.g. model.d_model=256)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
+    return parts, value
+
+
+def apply_overrides(d: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of the nested dict ``d`` with ``section.key=value`` overrides applied
+    (unknown keys refused; values type-checked when the config is built)."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    out = {k: dict(v or {}) for k, v in d.items()}
+    for item in overrides:
+        parts, value = _parse_override(item)
+        section, rest = parts[0], parts[1:]
+        if section not in SECTIONS:
+            raise _unknown_key(".".join(parts), SECTIONS, "the top level")
+        valid = _field_names(SECTIONS[section])
+        if len(rest) != 1 or rest[0] not in valid:
+            raise _unknown_key(".".join(parts), valid, section)
+        out.setdefault(section, {})[rest[0]] = value
+    return out
+
+
+def config_path(name: str) -> Path:
+    """A packaged recipe's path from its name ("tiny" or "tiny.yaml")."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    path = Path(str(resources.files("aoe") / "configs" / f"{stem}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"no config file {name!r} and no packaged recipe of that name; packaged: {list_configs()}")
+    return path
+
+
+def list_configs() -> list[str]:
+    """Names of the packaged recipes (aoe/configs/*.yaml)."""
+    folder = resources.files("aoe") / "configs"
+    try:
+        return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    except (FileNotFoundError, NotADirectoryError):  # pragma: no cover
+        return []
+
+
+def _read_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        p = config_path(str(path))
+    text = p.read_text(encoding="utf-8")
+    try:
+        d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot parse config file {str(p)!r}: {e}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections {list(SECTIONS)}")
+    return d
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a config and apply overrides.
+
+    Args:
+        path: a YAML (or JSON) file with sections model/data/train, or the name of a packaged
+            recipe (``list_configs()``, e.g. "tiny"); None = the dataclass defaults.
+        overrides: ``"section.key=value"`` strings applied in order after the file; each value is
+            parsed as YAML (``3``, ``3e-4``, ``true``, ``null``, ``[0, 1]``) and type-checked.
+
+    Raises:
+        ConfigError: an unknown key (named in full, with the section's valid keys), a value of the
+            wrong type, or an invalid value.
+    """
+    d = _read_file(path) if path is not None else {}
+    if not isinstance(d, dict):  # pragma: no cover
+        raise ConfigError("a config must be a mapping")
+    for name in d:
+        if name not in SECTIONS:
+            raise _unknown_key(str(name), SECTIONS, "the top level")
+    return config_from_dict(apply_overrides(d, overrides))
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config: JSON if the path ends in .json, else YAML. Returns the path."""
+    p = Path(path)
+    d = config_to_dict(cfg)
+    if p.suffix == ".json":
+        text = json.dumps(d, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(d, sort_keys=False)
+    p.write_text(text, encoding="utf-8")
+    return p

@@ -1,0 +1,167 @@
+"""Causal self-attention with rotary position embeddings, grouped-query heads and a KV cache.
+
+Shape legend: B batch, T new tokens, S keys (cached + new), H query heads, G key/value heads
+(H % G == 0; query head h reads key/value head h // (H / G)), Dh head dim, D model dim.
+
+Rotary embeddings use the "rotate half" layout (the first and second halves of a head are the
+pairs that rotate, as in Llama / Hugging Face), with frequencies ``theta ** (-2i / Dh)``; the
+angles and the rotation are computed in fp32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin tables [max_seq_len, Dh/2] in fp32, kept outside the state dict and outside
+    ``module.to(dtype)`` (a bf16 table would lose the positions' precision); copied to a device
+    the first time it is asked for there."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, float(theta)
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        self._tables = {torch.device("cpu"): (angles.cos().float(), angles.sin().float())}
+
+    def forward(self, start_pos: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, Dh/2] (fp32) of positions start_pos .. start_pos + length - 1."""
+        tables = self._tables.get(device)
+        if tables is None:
+            cpu = self._tables[torch.device("cpu")]
+            tables = self._tables[device] = (cpu[0].to(device), cpu[1].to(device))
+        cos, sin = tables
+        return cos[start_pos : start_pos + length], sin[start_pos : start_pos + length]
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}"
+
+
+def apply_rotary(x_BHTK: torch.Tensor, cos_TK: torch.Tensor, sin_TK: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, Dh] by the angles of its T positions (cos/sin [T, Dh/2]); fp32 inside."""
+    x1, x2 = x_BHTK.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos_TK - x2 * sin_TK, x2 * cos_TK + x1 * sin_TK), dim=-1)
+    return out.to(x_BHTK.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    ``k[layer]`` and ``v[layer]``: [B, G, max_len, Dh]. A forward with ``kv_cache=cache,
+    start_pos=p`` on T new tokens writes positions p .. p+T-1 of every layer and attends to
+    positions 0 .. p+T-1; ``length`` is then p + T. Writing at p < length overwrites (rewinds).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        for name, v in (("n_layers", n_layers), ("batch_size", batch_size), ("n_kv_heads", n_kv_heads),
+                        ("head_dim", head_dim), ("max_len", max_len)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"KVCache: {name}={v!r} must be a positive integer")
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, batch_size: int, max_len: int | None = None, *,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    ) -> "KVCache":
+        """A cache shaped for a ``Transformer`` (max_len defaults to its max_seq_len; dtype and
+        device to its embedding's)."""
+        cfg = model.config
+        weight = model.embed_tokens.weight
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KVCache max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        return cls(
+            cfg.n_layers, batch_size, cfg.kv_heads, cfg.head_dim, max_len,
+            device=weight.device if device is None else device, dtype=weight.dtype if dtype is None else dtype,
+        )
+
+    def update(
+        self, layer: int, start_pos: int, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values at start_pos; return views of positions 0 .. start_pos+T-1."""
+        end = start_pos + k_BGTK.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache: positions up to {end} do not fit max_len={self.max_len}")
+        self.k[layer][:, :, start_pos:end] = k_BGTK
+        self.v[layer][:, :, start_pos:end] = v_BGTK
+        self.length = end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reset(self) -> None:
+        """Forget every position (the memory is kept and overwritten by the next writes)."""
+        self.length = 0
+
+    def __repr__(self) -> str:
+        B, G, S, Dh = self.k[0].shape
+        return f"KVCache(layers={len(self.k)}, batch={B}, kv_heads={G}, max_len={S}, head_dim={Dh}, length={self.length}, dtype={self.k[0].dtype})"
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE and grouped-query heads (no biases).
+
+    Weights: q_proj [H*Dh, D], k_proj / v_proj [G*Dh, D], o_proj [D, H*Dh] (``nn.Linear`` layout).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"n_heads={n_heads} does not divide d_model={d_model}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} does not divide n_heads={n_heads}")
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_TK: torch.Tensor,
+        sin_TK: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(B, T, G, Dh).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, G, Dh).transpose(1, 2)
+        q, k = apply_rotary(q, cos_TK, sin_TK), apply_rotary(k, cos_TK, sin_TK)
+
+        mask, is_causal = None, T > 1
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, start_pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            if start_pos > 0:  # T new queries at positions start_pos.. over S = start_pos + T keys
+                is_causal = False
+                if T > 1:
+                    S = start_pos + T
+                    mask = torch.arange(S, device=q.device)[None, :] <= (start_pos + torch.arange(T, device=q.device))[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G != H)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}"

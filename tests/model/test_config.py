@@ -1,0 +1,199 @@
+"""aoe.config: defaults, YAML, overrides, unknown keys, validation, round trips."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from aoe.config import (
+    ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict, config_to_dict,
+    list_configs, load_config, save_config,
+)
+from aoe.model import Transformer
+
+
+def test_defaults_are_valid():
+    cfg = RunConfig()
+    assert cfg.model.ffn == "aoe" and cfg.model.vocab_size is None
+    assert cfg.train.micro_batch == cfg.train.batch_size
+    assert cfg.model.kv_heads == cfg.model.n_heads
+    assert cfg.model.ffn_width_dense == cfg.model.d_ffn
+    assert load_config() == cfg
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "paper-732m"])
+def test_packaged_recipes_load_and_build(name):
+    assert name in list_configs()
+    for ffn in ("dense", "moe", "aoe"):
+        cfg = load_config(name, [f"model.ffn={ffn}"])
+        cfg.model.vocab_size = cfg.data.vocab_size
+        cfg.validate()
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        assert model.num_params() > 0
+
+
+def test_paper_recipe_sizes():
+    cfg = load_config("paper-732m", ["model.ffn=moe", "model.vocab_size=32000"])
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    assert abs(model.num_params() / 732e6 - 1) < 0.01
+    assert abs(model.num_params(active=True) / 247e6 - 1) < 0.02
+
+
+def test_yaml_file_partial_sections(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  d_model: 64\n  n_heads: 2\n  ffn: moe\ntrain:\n  lr: 3e-4\n  seq_len: 64\ndata:\n")
+    cfg = load_config(path)
+    assert cfg.model.d_model == 64 and cfg.model.ffn == "moe"
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 3e-4 as text
+    assert cfg.model.n_layers == ModelConfig().n_layers
+    assert cfg.data == DataConfig()
+
+
+def test_override_values_are_parsed_and_typed():
+    cfg = load_config("tiny", [
+        "train.max_steps=7", "train.lr=3e-4", "train.weight_decay=0", "train.compile=true",
+        "data.tokenizer=/tmp/tok.json", "data.max_bytes=null", "model.dense_layers=[0, 3]",
+        "model.renormalize=true", "model.n_kv_heads=2", "train.micro_batch_size=4",
+    ])
+    assert cfg.train.max_steps == 7
+    assert cfg.train.lr == 3e-4
+    assert cfg.train.weight_decay == 0.0 and isinstance(cfg.train.weight_decay, float)
+    assert cfg.train.compile is True
+    assert cfg.data.tokenizer == "/tmp/tok.json" and cfg.data.max_bytes is None
+    assert cfg.model.dense_layers == [0, 3]
+    assert cfg.model.renormalize is True and cfg.model.n_kv_heads == 2
+    assert cfg.train.grad_accum_steps() == 4 and cfg.train.grad_accum_steps(world_size=2) == 2
+    with pytest.raises(ConfigError, match="world_size=3"):
+        cfg.train.grad_accum_steps(world_size=3)
+    # later overrides win
+    assert load_config(None, ["train.seed=1", "train.seed=2"]).train.seed == 2
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_steps=abc", "train.max_steps"),
+    ("train.max_steps=1.5", "train.max_steps"),
+    ("train.lr=true", "train.lr"),
+    ("train.lr=fast", "train.lr"),
+    ("model.tie_embeddings=1", "model.tie_embeddings"),
+    ("model.ffn=3", "model.ffn"),
+    ("model.dense_layers=1", "model.dense_layers"),
+    ("model.dense_layers=[a]", "model.dense_layers[0]"),
+    ("data.vocab_size=null", "data.vocab_size"),
+])
+def test_override_type_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value)
+
+
+def test_unknown_keys_are_refused_with_their_dotted_name(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.d_modle=64"])
+    msg = str(e.value)
+    assert "model.d_modle" in msg and "model.d_model" in msg  # the name and a suggestion
+    assert "n_experts" in msg and "valid keys of model" in msg  # the section's valid keys
+    with pytest.raises(ConfigError, match="'optim.lr'"):
+        load_config(None, ["optim.lr=1"])
+    with pytest.raises(ConfigError, match="'model.d_model.x'"):
+        load_config(None, ["model.d_model.x=1"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="'train.learning_rate'.*valid keys of train: seed"):
+        load_config(path)
+    path.write_text("optimizer:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="'optimizer'.*model, data, train"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="data.tokeniser"):
+        config_from_dict({"data": {"tokeniser": "x"}})
+
+
+@pytest.mark.parametrize("bad", ["model.d_model", "d_model=3", "=3", "model.=3"])
+def test_malformed_overrides(bad):
+    with pytest.raises(ConfigError):
+        load_config(None, [bad])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_heads=6", "model.d_model=512"], "model.n_heads=6 does not divide model.d_model=512"),
+    (["model.d_model=120", "model.n_heads=8"], "head_dim 15 must be even"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3 does not divide model.n_heads=4"),
+    (["model.top_k=9"], "model.top_k=9 exceeds model.n_experts=8"),
+    (["model.ffn=mixture"], "model.ffn='mixture' is not one of"),
+    (["model.norm=l3"], "model.norm='l3'"),
+    (["model.d_low=0"], "model.d_low=0 must be > 0"),
+    (["model.d_low=4096"], "model.d_low=4096"),
+    (["model.n_experts=0"], "model.n_experts=0"),
+    (["model.vocab_size=-1"], "model.vocab_size=-1"),
+    (["model.init_std=0"], "model.init_std"),
+    (["model.aux_loss_coef=-0.1"], "model.aux_loss_coef"),
+    (["model.z_loss_coef=0.001"], "model.z_loss_coef"),  # AoE has no router logits
+    (["model.dense_layers=[4]"], "model.dense_layers contains 4"),
+    (["model.dense_layers=[1, 1]"], "model.dense_layers contains 1 twice"),
+    (["model.grouped_mm=fast"], "model.grouped_mm"),
+    (["model.vocab_size=100"], "model.vocab_size=100 is smaller than data.vocab_size=4096"),
+    (["train.lr=-1"], "train.lr=-1.0 must be > 0"),
+    (["train.lr=.nan"], "train.lr"),
+    (["train.max_steps=0"], "train.max_steps=0"),
+    (["train.warmup_steps=-1"], "train.warmup_steps"),
+    (["train.min_lr_ratio=2"], "train.min_lr_ratio"),
+    (["train.beta2=1"], "train.beta2"),
+    (["train.batch_size=10", "train.micro_batch_size=4"], "train.micro_batch_size=4 does not divide train.batch_size=10"),
+    (["train.dtype=float16"], "train.dtype"),
+    (["train.device=gpu7"], "train.device"),
+    (["train.nan_policy=ignore"], "train.nan_policy"),
+    (["train.seq_len=512"], "train.seq_len=512 exceeds model.max_seq_len=256"),
+    (["data.val_fraction=1"], "data.val_fraction"),
+    (["data.on_decode_error=strict"], "data.on_decode_error"),
+    (["data.source="], "data.source"),
+])
+def test_invalid_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert message in str(e.value)
+
+
+def test_direct_construction_is_validated():
+    with pytest.raises(ConfigError, match="model.top_k=3 exceeds model.n_experts=2"):
+        ModelConfig(n_experts=2, top_k=3)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        TrainConfig(batch_size="8")
+    cfg = RunConfig()
+    cfg.model.n_heads = 5
+    with pytest.raises(ConfigError, match="model.n_heads=5"):
+        cfg.validate()
+
+
+def test_dict_round_trip_is_exact(tmp_path):
+    cfg = load_config("tiny", [
+        "train.lr=3e-4", "model.norm_eps=1e-6", "model.rope_theta=500000", "model.dense_layers=[0]",
+        "data.val_fraction=0.1", "model.renormalize=false", "model.n_kv_heads=2", "model.vocab_size=5000",
+    ])
+    d = config_to_dict(cfg)
+    assert set(d) == {"model", "data", "train"}
+    assert config_from_dict(d) == cfg
+    assert config_from_dict(json.loads(json.dumps(d))) == cfg
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(d))) == cfg
+    for name in ("resolved.yaml", "resolved.json"):
+        path = save_config(cfg, tmp_path / name)
+        back = load_config(path)
+        assert back == cfg and config_to_dict(back) == d
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("AOE_CACHE", str(tmp_path / "env"))
+    assert DataConfig().resolved_cache_dir() == tmp_path / "env"
+    assert DataConfig(cache_dir=str(tmp_path / "x")).resolved_cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("AOE_CACHE")
+    assert DataConfig().resolved_cache_dir().parts[-2:] == (".cache", "aoe")
+
+
+def test_resolved_d_wide_matches_the_layer_rule():
+    from aoe.nn import match_d_wide
+
+    m = ModelConfig()
+    assert m.resolved_d_wide == match_d_wide(m.d_model, m.d_ffn, m.d_low)
+    assert ModelConfig(d_wide=100).resolved_d_wide == 100

@@ -1,0 +1,264 @@
+"""aoe.model.Transformer: shapes, loss, causality, GQA, tying, init, parameter and FLOP counts."""
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from aoe.config import ConfigError
+from aoe.model import KVCache, ModelOutput, Transformer
+from aoe.nn import AoE, DenseFFN, MoE
+
+from .helpers import FFNS, small_config, small_model
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_forward_shapes_loss_and_backward(ffn):
+    model = small_model(ffn, aux_loss_coef=0.0 if ffn == "dense" else 0.01)
+    idx, targets = torch.randint(0, 64, (2, 3, 20))
+    out = model(idx, targets=targets)
+    assert isinstance(out, ModelOutput)
+    assert out.logits.shape == (3, 20, 64) and out.logits.dtype == torch.float32
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    assert abs(out.loss.item() - math.log(64)) < 0.2  # near-uniform predictions at init
+    assert out.aux_loss.shape == ()
+    if ffn == "dense":
+        assert out.aux_loss.item() == 0
+    else:  # E * sum f_i P_i is about 1 per layer, times the coefficient, summed over 2 layers
+        assert 0.01 < out.aux_loss.item() < 0.1
+    (out.loss + out.aux_loss).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model(idx).loss is None
+
+
+def test_ignore_index_and_target_shape():
+    model = small_model("dense")
+    idx = torch.randint(0, 64, (2, 8))
+    targets = idx.clone()
+    targets[:, 4:] = -100
+    full = model(idx, targets=idx)
+    part = model(idx, targets=targets)
+    ref = torch.nn.functional.cross_entropy(full.logits[:, :4].reshape(-1, 64), idx[:, :4].reshape(-1))
+    torch.testing.assert_close(part.loss, ref)
+    with pytest.raises(ValueError, match="targets shape"):
+        model(idx, targets=idx[:, :4])
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_causal(ffn):
+    model = small_model(ffn).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 7) % 64
+    a, b = model(idx).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_grouped_query_attention_equals_mha_with_repeated_kv():
+    gqa = small_model("dense", n_kv_heads=2, init_std=0.2).eval()
+    assert gqa.layers[0].attn.k_proj.weight.shape == (2 * 8, 32)
+    mha = small_model("dense", init_std=0.2).eval()
+    state = gqa.state_dict()
+    for i in range(2):
+        for name in ("k_proj", "v_proj"):
+            w = state[f"layers.{i}.attn.{name}.weight"].view(2, 8, 32)  # [G, Dh, D]
+            state[f"layers.{i}.attn.{name}.weight"] = w.repeat_interleave(2, dim=0).reshape(32, 32)
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 64, (2, 12))
+    torch.testing.assert_close(gqa(idx).logits, mha(idx).logits)
+    with pytest.raises(ConfigError, match="n_kv_heads=3"):
+        small_config(n_kv_heads=3)
+
+
+def test_tied_and_untied_embeddings():
+    tied = small_model("dense")
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert tied.lm_head.weight.data_ptr() == tied.embed_tokens.weight.data_ptr()
+    untied = small_model("dense", tie_embeddings=False)
+    assert untied.lm_head.weight.data_ptr() != untied.embed_tokens.weight.data_ptr()
+    assert untied.num_params() - tied.num_params() == 64 * 32
+    # a state dict round trip keeps the tie and the outputs
+    copy = small_model("dense")
+    copy.load_state_dict(tied.state_dict())
+    assert copy.lm_head.weight is copy.embed_tokens.weight
+    idx = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(copy(idx).logits, tied(idx).logits)
+
+
+def _hand_counts(cfg):
+    """Per-layer attention, FFN (total, active) parameters and forward FFN FLOPs, by hand."""
+    D, V, F, E, k, L = cfg.d_model, cfg.vocab_size, cfg.d_ffn, cfg.n_experts, cfg.top_k, cfg.d_low
+    Dh = D // cfg.n_heads
+    attn = D * cfg.n_heads * Dh + 2 * D * cfg.kv_heads * Dh + cfg.n_heads * Dh * D
+    if cfg.ffn == "dense":
+        ffn_total = ffn_active = 3 * D * cfg.ffn_width_dense
+        ffn_flops = 2 * 3 * D * cfg.ffn_width_dense
+    elif cfg.ffn == "moe":
+        ffn_total = D * E + E * 3 * D * F
+        ffn_active = D * E + k * 3 * D * F
+        ffn_flops = 2 * D * E + k * 2 * 3 * D * F
+    else:
+        W = cfg.resolved_d_wide
+        ffn_total = E * (D * L + L * W + 2 * D * W)
+        ffn_active = E * D * L + k * (L * W + 2 * D * W)
+        ffn_flops = 2 * E * D * L + k * 2 * (L * W + 2 * D * W)
+    norms = 2 * D
+    return attn, ffn_total, ffn_active, ffn_flops, norms, V * D
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+@pytest.mark.parametrize("tie", [True, False])
+def test_num_params_against_hand_count(ffn, tie):
+    cfg = small_config(ffn, n_kv_heads=2, tie_embeddings=tie, dense_d_ffn=40)
+    model = Transformer(cfg)
+    attn, ffn_total, ffn_active, _, norms, vocab = _hand_counts(cfg)
+    n_vocab = vocab * (1 if tie else 2)
+    blocks_total = cfg.n_layers * (attn + ffn_total + norms) + cfg.d_model
+    blocks_active = cfg.n_layers * (attn + ffn_active + norms) + cfg.d_model
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) == blocks_total + n_vocab
+    assert model.num_params(include_embedding=False) == blocks_total
+    assert model.num_params(active=True) == blocks_active + n_vocab
+    assert model.num_params(active=True, include_embedding=False) == blocks_active
+    if ffn == "dense":
+        assert model.num_params(active=True) == model.num_params()
+    else:
+        assert model.num_params(active=True) < model.num_params()
+
+
+def test_aoe_active_params_count_every_w_down():
+    model = small_model("aoe", n_experts=8, top_k=1)
+    layer = model.layers[0].ffn
+    D, L, W = 32, 8, layer.d_wide
+    per_layer_inactive = 7 * (L * W + 2 * D * W)  # w_down of all 8 experts stays active
+    assert model.num_params() - model.num_params(active=True) == 2 * per_layer_inactive
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_flops_per_token_against_hand_count(ffn):
+    cfg = small_config(ffn, n_kv_heads=2)
+    model = Transformer(cfg)
+    attn, _, _, ffn_flops, _, vocab = _hand_counts(cfg)
+    T, Dh = 40, cfg.head_dim
+    scores = 2 * 2 * cfg.n_heads * Dh * T
+    forward = cfg.n_layers * (2 * attn + scores + ffn_flops) + 2 * vocab
+    assert model.flops_per_token(T, backward=False) == forward
+    assert model.flops_per_token(T) == 3 * forward
+    causal = forward - cfg.n_layers * (scores - 2 * cfg.n_heads * Dh * (T + 1))
+    assert model.flops_per_token(T, backward=False, causal=True) == causal
+    # without attention scores, forward matmuls = 2 x (active matrices outside the embedding + lm_head)
+    no_scores = model.flops_per_token(T, backward=False) - cfg.n_layers * scores
+    norm_params = cfg.n_layers * 2 * cfg.d_model + cfg.d_model
+    assert no_scores == 2 * (model.num_params(active=True, include_embedding=False) - norm_params + vocab)
+    assert model.flops_per_token() == model.flops_per_token(cfg.max_seq_len)
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_flops_per_token_against_flop_counter(ffn):
+    """FlopCounterMode counts the real matmuls (the loop expert backend issues one mm per expert;
+    the math attention backend issues bmm)."""
+    cfg = small_config(ffn, n_kv_heads=2, grouped_mm="loop")
+    model = Transformer(cfg)
+    B, T = 2, 24
+    idx = torch.randint(0, 64, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx)
+    assert counter.get_total_flops() == B * T * model.flops_per_token(T, backward=False)
+
+
+def test_training_flops_are_three_forwards_for_dense():
+    model = small_model("dense", n_kv_heads=2)
+    B, T = 2, 24
+    idx = torch.randint(0, 64, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx, targets=idx).loss.backward()
+    assert counter.get_total_flops() == B * T * model.flops_per_token(T)
+
+
+def test_ffn_layers_follow_the_config():
+    model = small_model("aoe", n_layers=3, dense_layers=[0], dense_d_ffn=40, d_wide=24)
+    kinds = [type(b.ffn) for b in model.layers]
+    assert kinds == [DenseFFN, AoE, AoE]
+    assert model.layers[0].ffn.d_ffn == 40 and model.layers[1].ffn.d_wide == 24
+    assert model.layers[1].ffn.renormalize is False
+    moe = small_model("moe", aux_loss_coef=0.01, z_loss_coef=0.001)
+    assert all(isinstance(b.ffn, MoE) and b.ffn.renormalize for b in moe.layers)
+    assert moe.layers[0].ffn.z_loss_coef == 0.001
+    assert small_model("moe", renormalize=False).layers[0].ffn.renormalize is False
+    assert small_model("aoe", renormalize=True, norm="linf").layers[0].ffn.norm == "linf"
+    assert small_model("dense", dense_d_ffn=80).layers[1].ffn.d_ffn == 80
+
+
+def test_init_std():
+    cfg = small_config("moe", d_model=128, n_heads=4, n_layers=8, d_ffn=128, vocab_size=512, init_std=0.02)
+    model = Transformer(cfg)
+    out_std = 0.02 / math.sqrt(2 * 8)
+
+    def close(t, target):  # the sample std of n normal draws is off by about 1/sqrt(2n)
+        return abs(t.detach().float().std().item() / target - 1) < 5 / math.sqrt(2 * t.numel())
+
+    assert close(model.embed_tokens.weight, 0.02)
+    for block in model.layers:
+        for w in (block.attn.q_proj.weight, block.attn.k_proj.weight, block.ffn.w_gate, block.ffn.w_in, block.ffn.router):
+            assert close(w, 0.02)
+        assert close(block.attn.o_proj.weight, out_std)
+        assert close(block.ffn.w_out, out_std)
+        assert torch.equal(block.attn_norm.weight, torch.ones(128))
+    assert torch.equal(model.norm.weight, torch.ones(128))
+    aoe = Transformer(small_config("aoe", d_model=128, n_layers=8, d_ffn=128, d_low=32, vocab_size=512))
+    assert close(aoe.layers[3].ffn.w_down, 0.02) and close(aoe.layers[3].ffn.w_out, out_std)
+
+
+def test_input_errors():
+    model = small_model("dense")
+    with pytest.raises(ValueError, match="token id 64 is out of range for vocab_size=64"):
+        model(torch.tensor([[1, 2, 64]]))
+    with pytest.raises(ValueError, match="token id -1 is out of range"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="input of 49 tokens.*max_seq_len=48"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="start_pos=40.*max_seq_len=48"):
+        model(torch.zeros(1, 9, dtype=torch.long), start_pos=40)
+    cache = KVCache.for_model(model, batch_size=1, max_len=8)
+    with pytest.raises(ValueError, match="kv_cache holds batch 1"):
+        model(torch.zeros(2, 4, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache max_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ConfigError, match="model.vocab_size=None"):
+        Transformer(small_config(vocab_size=None))
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_kv_cache_prefill_in_chunks_matches_full_forward(ffn):
+    model = small_model(ffn, n_kv_heads=2, init_std=0.1).eval()
+    idx = torch.randint(0, 64, (2, 20))
+    full = model(idx).logits
+    cache = KVCache.for_model(model, batch_size=2)
+    parts = []
+    for start, end in ((0, 7), (7, 8), (8, 15), (15, 20)):  # several tokens at an offset: the mask path
+        parts.append(model(idx[:, start:end], kv_cache=cache, start_pos=start).logits)
+        assert cache.length == end
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_bfloat16_weights_forward(ffn):
+    model = small_model(ffn).to(torch.bfloat16)
+    assert model.rotary(0, 4, torch.device("cpu"))[0].dtype == torch.float32  # tables stay fp32
+    idx = torch.randint(0, 64, (2, 8))
+    out = model(idx, targets=idx)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert torch.isfinite(out.loss)
+
+
+def test_state_dict_has_no_rotary_tables():
+    keys = small_model("aoe").state_dict().keys()
+    assert not any("rotary" in k for k in keys)
+    assert "layers.0.attn.q_proj.weight" in keys and "layers.1.ffn.w_down" in keys
