@@ -212,6 +212,11 @@ class ModelConfig(_Section):
     bias_update_rate: float = 0.0
     #: AoE only: recompute x @ w_down in backward instead of keeping the [tokens, E, d_low] cache.
     recompute_scores: bool = False
+    #: Recompute the expert gate pre-activation in backward instead of keeping it. None = layer
+    #: default: AoE true (a cheap [S, d_low] x [d_low, d_wide] matmul), MoE false (a full matmul).
+    recompute_gate: bool | None = None
+    #: Blocks of rows the expert backward runs over (bounds its temporaries); None = automatic.
+    backward_chunks: int | None = None
     #: Width of every dense SwiGLU FFN (a dense model, or the layers in dense_layers).
     #: None = d_ffn. For a dense baseline with MoE's active FFN parameters use top_k * d_ffn.
     dense_d_ffn: int | None = None
@@ -249,7 +254,7 @@ class ModelConfig(_Section):
 
     def _check(self) -> None:
         self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
-                       "d_ffn", "n_experts", "top_k", "d_low", "d_wide", "dense_d_ffn")
+                       "d_ffn", "n_experts", "top_k", "d_low", "d_wide", "dense_d_ffn", "backward_chunks")
         self._positive("rope_theta", "norm_eps", "init_std")
         self._non_negative("aux_loss_coef", "z_loss_coef", "bias_update_rate")
         self._finite("rope_theta", "norm_eps", "init_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate")

@@ -73,12 +73,16 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
             renormalize=True if cfg.renormalize is None else cfg.renormalize,
             aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef,
             bias_update_rate=cfg.bias_update_rate, grouped_mm=cfg.grouped_mm,
+            recompute_gate=False if cfg.recompute_gate is None else cfg.recompute_gate,
+            backward_chunks=cfg.backward_chunks,
         )
     return AoE(
         cfg.d_model, cfg.d_low, cfg.n_experts, cfg.top_k, d_wide=cfg.resolved_d_wide,
         renormalize=False if cfg.renormalize is None else cfg.renormalize, norm=cfg.norm,
         aux_loss_coef=cfg.aux_loss_coef, bias_update_rate=cfg.bias_update_rate,
         recompute_scores=cfg.recompute_scores, grouped_mm=cfg.grouped_mm,
+        recompute_gate=True if cfg.recompute_gate is None else cfg.recompute_gate,
+        backward_chunks=cfg.backward_chunks,
     )
 
 
