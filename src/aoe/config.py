@@ -382,16 +382,18 @@ class TrainConfig(_Section):
 
     @property
     def micro_batch(self) -> int:
-        """micro_batch_size resolved (batch_size when None)."""
+        """micro_batch_size resolved (batch_size when None; under data parallelism the per-rank batch)."""
         return self.batch_size if self.micro_batch_size is None else self.micro_batch_size
 
     def grad_accum_steps(self, world_size: int = 1) -> int:
-        """batch_size / (micro_batch_size * world_size), refusing a remainder."""
-        per_step = self.micro_batch * world_size
+        """Micro-batches per optimizer step on each rank: batch_size / (micro_batch_size * world_size),
+        refusing a remainder; 1 when micro_batch_size is None (each rank's share in one pass)."""
+        micro = self.batch_size // world_size if self.micro_batch_size is None else self.micro_batch_size
+        per_step = micro * world_size
         if world_size < 1 or self.batch_size % per_step:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not a multiple of train.micro_batch_size="
-                f"{self.micro_batch} x world_size={world_size}"
+                f"{micro} x world_size={world_size}"
             )
         return self.batch_size // per_step
 

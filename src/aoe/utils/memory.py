@@ -55,3 +55,32 @@ def tensor_bytes(tensors) -> int:
         s = t.untyped_storage()
         seen[s.data_ptr()] = s.nbytes()
     return sum(seen.values())
+
+
+def training_step_peak_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast=None) -> int:
+    """Peak memory of one forward + backward of ``model(x, y)`` (loss + aux loss): the parameters
+    plus the most bytes of activations, temporaries and gradients alive at once. Optimizer state is
+    not included. CUDA: the allocator's peak; CPU: ``TensorMemoryTracker``. Gradients are cleared after."""
+    import contextlib
+
+    params = [p for p in model.parameters()]
+    ctx = autocast or contextlib.nullcontext()
+    model.zero_grad(set_to_none=True)
+    device = params[0].device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with ctx:
+            out = model(x, y)
+        (out.loss + out.aux_loss).backward()
+        torch.cuda.synchronize(device)
+        peak = int(torch.cuda.max_memory_allocated(device))
+    else:
+        tracker = TensorMemoryTracker(baseline_bytes=tensor_bytes(params))
+        with tracker:
+            with ctx:
+                out = model(x, y)
+            (out.loss + out.aux_loss).backward()
+        peak = tracker.peak_bytes
+    model.zero_grad(set_to_none=True)
+    return peak

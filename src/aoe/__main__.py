@@ -1,0 +1,5 @@
+import sys
+
+from aoe.cli import main
+
+sys.exit(main())

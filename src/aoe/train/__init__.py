@@ -1,0 +1,20 @@
+"""Training: the loop (``Trainer``/``train``), optimizer and schedule, atomic checkpoints, metrics."""
+
+from aoe.train.checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from aoe.train.evaluate import evaluate
+from aoe.train.metrics import MetricsLogger, RoutingStats, read_metrics
+from aoe.train.optim import build_optimizer, lr_at
+from aoe.train.trainer import Trainer, TrainingError, prepare_data, train
+
+__all__ = [
+    "Trainer", "TrainingError", "train", "prepare_data", "evaluate",
+    "CheckpointError", "save_checkpoint", "load_model", "find_latest_checkpoint", "list_checkpoints",
+    "verify_checkpoint", "MetricsLogger", "RoutingStats", "read_metrics", "build_optimizer", "lr_at",
+]

@@ -1,0 +1,68 @@
+"""Held-out evaluation: validation loss, perplexity, bits per byte, and routing statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from aoe.data import DataError, iter_eval_batches, num_eval_windows
+from aoe.train.distributed import DistInfo, all_reduce_sum
+from aoe.train.metrics import RoutingStats
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    bytes_per_token: float | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+    dist_info: DistInfo | None = None,
+) -> dict[str, Any]:
+    """Mean next-token cross entropy over the first ``max_batches`` batches of non-overlapping
+    windows of ``tokens`` (see ``aoe.data.iter_eval_batches``), every target counted once.
+
+    Returns ``{"val_loss" (nats/token), "val_ppl" (exp of it), "val_bpb" (bits per UTF-8 byte,
+    when bytes_per_token is given), "val_tokens", "layers" (routing statistics of each sparse
+    layer on these tokens, see ``RoutingStats``)}``. Under torch.distributed the batches are
+    shared out over ranks and the sums reduced, so every rank returns the same numbers.
+    """
+    if num_eval_windows(len(tokens), seq_len) == 0:
+        raise DataError(
+            f"the validation split has {len(tokens)} tokens, too few for one window of seq_len={seq_len}: "
+            "use a larger corpus, a larger data.val_fraction or a smaller train.seq_len"
+        )
+    info = dist_info or DistInfo()
+    device = next(model.parameters()).device
+    stats = RoutingStats(model)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)  # [sum of token losses, number of tokens]
+    try:
+        for x, y in iter_eval_batches(tokens, batch_size, seq_len, max_batches, info.rank, info.world_size):
+            x, y = x.to(device), y.to(device)
+            with autocast or contextlib.nullcontext():
+                out = model(x, y)
+            stats.collect()
+            sums[0] += float(out.loss) * y.numel()
+            sums[1] += y.numel()
+    finally:
+        model.train(was_training)
+    all_reduce_sum(sums, info)
+    loss = float(sums[0] / sums[1])
+    result = {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 700.0)),
+        "val_tokens": int(sums[1]),
+        "layers": stats.summary(info),
+    }
+    if bytes_per_token:
+        result["val_bpb"] = loss / math.log(2) / bytes_per_token
+    return result

@@ -1,0 +1,183 @@
+"""What the trainer measures and where it writes it.
+
+- ``RoutingStats``: per sparse layer, tokens per expert, Ent_load, Ent_conf and max/mean load,
+  accumulated over several forwards (definitions in ``aoe.nn.balance``).
+- ``MetricsLogger``: ``OUT/metrics.jsonl`` (one JSON object per line; training entries carry
+  ``step`` and ``loss``, validation entries ``step`` and ``val_loss``), and TensorBoard scalars
+  when the ``tensorboard`` package is installed.
+- ``measure_matmul_flops``: the dense matmul rate of a device and dtype, the practical peak the
+  MFU estimate divides by.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aoe.nn.balance import confidence_entropy, imbalance, load_entropy
+from aoe.nn.sparse import SparseFFN
+from aoe.train.distributed import DistInfo, all_reduce_sum
+
+
+class RoutingStats:
+    """Accumulates the routing of every sparse layer of a model over forwards.
+
+    Call ``collect()`` after each forward; ``summary()`` returns one dict per sparse layer:
+    ``{"layer", "kind", "tokens_per_expert", "ent_load", "ent_conf", "imbalance"}`` with
+    Ent_conf the token-weighted mean over the collected forwards. Under torch.distributed the
+    counts and sums are reduced over ranks, so every rank sees the global statistics.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers: list[tuple[int, SparseFFN]] = []
+        for name, module in model.named_modules():
+            if isinstance(module, SparseFFN):
+                idx = next((int(p) for p in name.split(".") if p.isdigit()), len(self.layers))
+                self.layers.append((idx, module))
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = [torch.zeros(m.n_experts, dtype=torch.float64) for _, m in self.layers]
+        self.conf_sum = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.n_tokens = torch.zeros(len(self.layers), dtype=torch.float64)
+
+    @torch.no_grad()
+    def collect(self) -> None:
+        for i, (_, layer) in enumerate(self.layers):
+            info = layer.last_routing
+            if info is None:
+                continue
+            self.counts[i] += info.tokens_per_expert.double().cpu()
+            n = info.probs.shape[0]
+            if n:
+                self.conf_sum[i] += confidence_entropy(info.probs) * n
+                self.n_tokens[i] += n
+
+    def summary(self, dist_info: DistInfo | None = None) -> list[dict[str, Any]]:
+        if not self.layers:
+            return []
+        flat = torch.cat([*self.counts, self.conf_sum, self.n_tokens])
+        if dist_info is not None:
+            all_reduce_sum(flat, dist_info)
+        sizes = [c.numel() for c in self.counts]
+        parts = list(flat.split([*sizes, len(self.layers), len(self.layers)]))
+        conf_sum, n_tokens = parts[-2], parts[-1]
+        out = []
+        for i, (idx, layer) in enumerate(self.layers):
+            counts = parts[i]
+            out.append({
+                "layer": idx,
+                "kind": type(layer).__name__.lower(),
+                "tokens_per_expert": [int(c) for c in counts.tolist()],
+                "ent_load": load_entropy(counts),
+                "ent_conf": float(conf_sum[i] / n_tokens[i]) if n_tokens[i] > 0 else float("nan"),
+                "imbalance": imbalance(counts),
+            })
+        return out
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf floats become None; tensors become numbers."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLogger:
+    """Appends JSON lines to ``out_dir/metrics.jsonl`` (and TensorBoard scalars when available).
+
+    Only the main process writes. ``truncate_after(step)`` drops entries of later steps (used on
+    resume, so the log reads as one uninterrupted run).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                except Exception:  # tensorboard not installed: the JSON log is the record
+                    self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if entry.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, entry: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        entry = _clean(entry)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self._tb is not None:
+            step = entry.get("step", 0)
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self._tb.add_scalar(key, value, step)
+            for layer in entry.get("layers") or []:
+                for key in ("ent_load", "ent_conf", "imbalance"):
+                    if layer.get(key) is not None:
+                        self._tb.add_scalar(f"layer{layer['layer']}/{key}", layer[key], step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The entries of a metrics.jsonl (a line cut by a crash is skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+@torch.no_grad()
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.2) -> float:
+    """FLOP/s of a square dense matmul on ``device`` in ``dtype`` (the practical peak for MFU)."""
+    n = size or (4096 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    iters, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * n**3 * iters / elapsed

@@ -1,0 +1,381 @@
+"""The training loop: one process on a CPU, or many under torchrun (DDP).
+
+    cfg -> data (memory-mapped tokens) -> model -> AdamW + warm-up/cosine -> steps
+        -> metrics.jsonl / TensorBoard, periodic validation, atomic checkpoints -> summary.json
+
+A step: the global batch (``train.batch_size`` windows of ``train.seq_len`` tokens, shared out
+over ranks) is split into micro-batches; their losses (next-token cross entropy + the sparse
+layers' auxiliary losses) are averaged by gradient accumulation; gradients are clipped to
+``train.grad_clip``; AdamW steps; the aux-loss-free selection biases (if on) are updated.
+
+Determinism: on CPU, a run with the same config, seed and thread count computes the same losses,
+and a run resumed from a checkpoint continues exactly where the uninterrupted run would be (the
+checkpoint holds the weights, optimizer moments, step, data position and RNG states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aoe.config import ConfigError, RunConfig, config_to_dict, save_config
+from aoe.data import BatchSampler, DataError, TokenData, prepare_tokens, unigram_entropy
+from aoe.model import Transformer
+from aoe.nn.sparse import update_selection_biases
+from aoe.train import checkpoint as ckpt
+from aoe.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from aoe.train.evaluate import evaluate
+from aoe.train.metrics import MetricsLogger, RoutingStats, measure_matmul_flops
+from aoe.train.optim import build_optimizer, lr_at, set_lr
+
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss under nan_policy=stop, too many skipped steps...)."""
+
+
+def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name!r} but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def prepare_data(cfg: RunConfig) -> TokenData:
+    """Tokenize (or reuse) the corpus the config names."""
+    d = cfg.data
+    return prepare_tokens(
+        d.source, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer, val_fraction=d.val_fraction,
+        max_bytes=d.max_bytes, text_field=d.text_field, on_decode_error=d.on_decode_error, cache_dir=d.cache_dir,
+    )
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: CUDA max allocated on a GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+@dataclass
+class TrainState:
+    """What, beyond weights and optimizer, a checkpoint must restore to continue exactly."""
+
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # training tokens consumed (all ranks)
+    train_time_s: float = 0.0  # time spent in training steps (evaluation and saving excluded)
+    skipped_steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains ``Transformer(cfg.model)`` on ``cfg.data`` as ``cfg.train`` says, writing to ``out_dir``.
+
+    ``Trainer(cfg, out_dir, resume=False).fit() -> dict`` (the run's summary, also written to
+    ``out_dir/summary.json``). With ``resume=True`` the newest good checkpoint in ``out_dir`` is
+    loaded (an error if there is none); without it, an ``out_dir`` that already holds checkpoints
+    is refused rather than overwritten.
+    """
+
+    def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+                 data: TokenData | None = None):
+        cfg.validate()
+        self.out_dir = Path(out_dir)
+        self.dist = init_distributed(torch.device("cuda" if cfg.train.device.startswith("cuda") or
+                                                  (cfg.train.device == "auto" and torch.cuda.is_available())
+                                                  else "cpu"))
+        self.device = resolve_device(cfg.train.device, self.dist)
+        self.dtype = resolve_dtype(cfg.train.dtype, self.device)
+        if cfg.train.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(cfg.train.num_threads)
+        self.progress = progress and self.dist.is_main
+
+        self.data = data if data is not None else prepare_data(cfg)
+        self.cfg = self._resolve_vocab(cfg, self.data)
+        self._check_data()
+
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = Transformer(self.cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        t = self.cfg.train
+        self.accum_steps = t.grad_accum_steps(self.dist.world_size)
+        self.sampler = BatchSampler(self.data.train, t.batch_size, t.seq_len, seed=t.seed,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
+        self.state = TrainState()
+        self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main)
+        self.routing = RoutingStats(self.model)
+        self.resumed_from: Path | None = None
+        self._consecutive_skips = 0
+        if resume:
+            self._resume()
+        elif ckpt.list_checkpoints(self.out_dir):
+            raise ConfigError(
+                f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue that run, "
+                "or choose another --out (nothing was overwritten)"
+            )
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out_dir / "config.yaml")
+
+        self.step_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.step_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.model.check_inputs = False
+            self.step_model = torch.compile(self.step_model)
+
+        self.flops_per_token = self.model.flops_per_token(t.seq_len)
+        self.peak_flops = measure_matmul_flops(self.device, self.dtype) * self.dist.world_size
+
+    # -- set-up helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_vocab(cfg: RunConfig, data: TokenData) -> RunConfig:
+        cfg = copy.deepcopy(cfg)
+        vocab = data.vocab_size
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = vocab
+        elif cfg.model.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
+        cfg.validate()
+        return cfg
+
+    def _check_data(self) -> None:
+        t = self.cfg.train
+        if len(self.data.train) < t.seq_len + 2:
+            raise DataError(
+                f"the training split has {len(self.data.train)} tokens, too few for one window of "
+                f"train.seq_len={t.seq_len}: use a larger corpus or a smaller seq_len"
+            )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        s = self.state
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": s.step, "tokens": s.tokens, "train_time_s": s.train_time_s, "skipped_steps": s.skipped_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng,
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, self._trainer_state(),
+                                        tokenizer=self.data.tokenizer, keep=self.cfg.train.keep_checkpoints)
+        barrier(self.dist)
+        return path
+
+    def _resume(self) -> None:
+        path = ckpt.find_latest_checkpoint(self.out_dir)
+        if path is None:
+            raise ckpt.CheckpointError(f"--resume: {str(self.out_dir)!r} holds no complete checkpoint to resume from")
+        saved = ckpt.load_run_config(path)
+        if config_to_dict(saved)["model"] != config_to_dict(self.cfg)["model"]:
+            raise ConfigError(f"--resume: the model config differs from the one in {str(path)!r}; "
+                              "resume with the same model.* settings")
+        ckpt.load_model_state(self.model, path)
+        state = ckpt.load_trainer_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # optimizer state follows the model's device
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and k != "step":
+                        self.optimizer.state[p][k] = v.to(p.device)
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.state = TrainState(step=state["step"], tokens=state["tokens"], train_time_s=state["train_time_s"],
+                                skipped_steps=state["skipped_steps"])
+        self.logger.truncate_after(self.state.step)
+        self.resumed_from = path
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def _train_step(self, collect_routing: bool) -> dict[str, float]:
+        t = self.cfg.train
+        lr = lr_at(self.state.step, t)
+        set_lr(self.optimizer, lr)
+        x, y = next(self.sampler)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, aux loss, non-finite flag
+        micro = x.shape[0] // self.accum_steps
+        for i in range(self.accum_steps):
+            xb = x[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
+            yb = y[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
+            last = i == self.accum_steps - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.step_model.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.step_model(xb, yb)
+                loss = (out.loss + out.aux_loss) / self.accum_steps
+                loss.backward()
+            if collect_routing:
+                self.routing.collect()
+            lv, av = float(out.loss.detach()), float(out.aux_loss.detach())
+            if not (math.isfinite(lv) and math.isfinite(av)):
+                sums[2] += 1
+            sums[0] += lv / self.accum_steps
+            sums[1] += av / self.accum_steps
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if not math.isfinite(grad_norm):
+            sums[2] += 1
+        all_reduce_sum(sums, self.dist)
+        loss, aux = float(sums[0]) / self.dist.world_size, float(sums[1]) / self.dist.world_size
+        if sums[2] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._non_finite(loss, grad_norm)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            update_selection_biases(self.model)
+            self._consecutive_skips = 0
+        self.state.step += 1
+        self.state.tokens += t.batch_size * t.seq_len
+        return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm}
+
+    def _non_finite(self, loss: float, grad_norm: float) -> None:
+        step = self.state.step + 1
+        latest = ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None
+        where = f"the last good checkpoint is {str(latest)!r}" if latest else "no checkpoint was saved yet"
+        what = f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm})"
+        if self.cfg.train.nan_policy == "stop":
+            raise TrainingError(f"{what}: stopping (train.nan_policy=stop; {where}; nothing was saved). "
+                                "Try a lower train.lr, or train.nan_policy=skip to skip such steps.")
+        self.state.skipped_steps += 1
+        self._consecutive_skips += 1
+        print(f"warning: {what}: step skipped (train.nan_policy=skip)", file=sys.stderr)
+        if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(f"{what}: {self._consecutive_skips} consecutive steps skipped; giving up ({where})")
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def validate(self) -> dict[str, Any]:
+        t = self.cfg.train
+        return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
+                        max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
+                        autocast=self._autocast(), dist_info=self.dist)
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.state.step, desc=f"train {self.cfg.model.ffn}",
+                       unit="step", dynamic_ncols=True, file=sys.stderr)
+        last_val: dict[str, Any] | None = None
+        window_tokens, window_time = 0, 0.0
+        self.model.train()
+        try:
+            while self.state.step < t.max_steps:
+                step = self.state.step + 1  # the number this step will have once done
+                log_now = step % t.log_every == 0 or step == t.max_steps
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                metrics = self._train_step(collect_routing=log_now)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - start
+                self.state.train_time_s += elapsed
+                window_time += elapsed
+                window_tokens += t.batch_size * t.seq_len
+                if log_now:
+                    tps = window_tokens / window_time if window_time > 0 else float("nan")
+                    entry = {"step": step, **metrics, "tokens": self.state.tokens, "tokens_per_s": tps,
+                             "mfu": self.flops_per_token * tps / self.peak_flops,
+                             "layers": self.routing.summary(self.dist)}
+                    self.routing.reset()
+                    self.logger.log(entry)
+                    window_tokens, window_time = 0, 0.0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                    last_val = self.validate()
+                    self.logger.log({"step": step, **{k: v for k, v in last_val.items() if k != "layers"}})
+                    if bar is not None:
+                        bar.write(f"step {step}: val_loss {last_val['val_loss']:.4f}")
+                if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.logger.close()
+        if last_val is None:  # no periodic validation (eval_every=0), or nothing trained in this call
+            last_val = self.validate()
+        summary = self._summary(last_val)
+        if self.dist.is_main:
+            tmp = self.out_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2, default=float))
+            os.replace(tmp, self.out_dir / "summary.json")
+        return summary
+
+    def _summary(self, val: dict[str, Any]) -> dict[str, Any]:
+        s = self.state
+        return {
+            "step": s.step,
+            "tokens": s.tokens,
+            "train_time_s": s.train_time_s,
+            "tokens_per_s": s.tokens / s.train_time_s if s.train_time_s > 0 else None,
+            "skipped_steps": s.skipped_steps,
+            "val_loss": val["val_loss"],
+            "perplexity": val["val_ppl"],
+            "bits_per_byte": val.get("val_bpb"),
+            "layers": val["layers"],
+            "params_total": self.model.num_params(),
+            "params_active": self.model.num_params(active=True),
+            "flops_per_token": self.flops_per_token,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "unigram_entropy": unigram_entropy(self.data.val),
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "checkpoint": str(ckpt.find_latest_checkpoint(self.out_dir)) if self.dist.is_main else None,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+        }
+
+
+def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train as ``cfg`` says and return the summary (see ``Trainer``). Under torchrun, joins the
+    process group first and leaves it at the end."""
+    try:
+        return Trainer(cfg, out_dir, resume=resume, progress=progress).fit()
+    finally:
+        shutdown_distributed()
