@@ -1,0 +1,159 @@
+"""``aoe compare``: train every variant x seed on identical data, collect results.json, write the report.
+
+    OUT/results.json        every run's numbers (schema in ``aoe.compare.report``)
+    OUT/report.md, plots/   the report
+    OUT/<variant>-s<seed>/  one ordinary training run each (checkpoints, metrics.jsonl, summary.json)
+
+Interrupted comparisons resume: a run whose summary.json shows it finished is not trained again, a
+run with checkpoints continues from its newest good one, and results.json is rewritten after each run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aoe.config import ConfigError, RunConfig, config_to_dict, load_config
+from aoe.data import TokenData, unigram_cross_entropy, unigram_entropy
+from aoe.compare.variants import Variant, resolve_variants
+from aoe.train.checkpoint import list_checkpoints
+from aoe.train.trainer import Trainer, prepare_data
+from aoe.utils.memory import training_step_peak_bytes
+
+RESULTS_FILE = "results.json"
+
+
+def machine_info() -> dict[str, Any]:
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    return {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}
+
+
+def corpus_info(data: TokenData) -> dict[str, Any]:
+    return {
+        "source": data.manifest["source"]["spec"],
+        "train_tokens": int(len(data.train)),
+        "val_tokens": int(len(data.val)),
+        "vocab_size": int(data.vocab_size),
+        "unigram_entropy": unigram_entropy(data.val),
+        "unigram_cross_entropy": unigram_cross_entropy(data.train, data.val, data.vocab_size),
+        "bytes_per_token": data.bytes_per_token("val"),
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _run_entry(variant: Variant, seed: int, run_dir: str, summary: dict[str, Any], peak: int | None) -> dict[str, Any]:
+    return {
+        "variant": variant.name, "seed": seed, "status": "done", "run_dir": run_dir,
+        "val_loss": summary["val_loss"], "perplexity": summary["perplexity"], "bits_per_byte": summary["bits_per_byte"],
+        "params_total": summary["params_total"], "params_active": summary["params_active"],
+        "flops_per_token": summary["flops_per_token"], "tokens_per_s": summary["tokens_per_s"],
+        "peak_memory_bytes": peak, "train_time_s": summary["train_time_s"], "steps": summary["step"],
+        "tokens": summary["tokens"], "layers": summary["layers"],
+    }
+
+
+def _train_one(cfg: RunConfig, run_dir: Path, data: TokenData, progress: bool) -> tuple[dict[str, Any], int]:
+    resume = bool(list_checkpoints(run_dir))
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, data=data)
+    summary = trainer.fit()
+    x, y = trainer.sampler.batch(0)
+    micro = cfg.train.micro_batch
+    device = trainer.device
+    peak = training_step_peak_bytes(trainer.model, x[:micro].to(device), y[:micro].to(device), trainer._autocast())
+    return summary, peak
+
+
+def run_comparison(
+    out_dir: str | os.PathLike,
+    config: str | os.PathLike | None = "tiny",
+    overrides: list[str] | tuple[str, ...] = (),
+    variants: list[str] | None = None,
+    seeds: list[int] | tuple[int, ...] = (0,),
+    *,
+    progress: bool = True,
+    command: str | None = None,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Train ``variants`` x ``seeds`` (see ``aoe.compare.variants``) on the base config
+    ``config`` + ``overrides`` and write OUT/results.json and the report. Returns the results dict.
+
+    Peak memory per run: one micro-batch forward + backward after training
+    (``aoe.utils.memory.training_step_peak_bytes``: parameters + activations + gradients).
+    """
+    out = Path(out_dir)
+    base = load_config(config, overrides)
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds lists a seed twice: {list(seeds)}")
+    chosen = resolve_variants(variants, base.model)
+    cfgs = {(v.name, s): load_config(config, [*overrides, *v.overrides, f"train.seed={s}"]) for v in chosen for s in seeds}
+
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_FILE
+    previous: dict[str, Any] = {}
+    if results_path.is_file():
+        previous = json.loads(results_path.read_text())
+        if previous.get("config") != config_to_dict(base):
+            raise ConfigError(f"{str(results_path)!r} was made with another base config; use another --out "
+                              "(nothing was overwritten)")
+    done = {(r["variant"], r["seed"]): r for r in previous.get("runs", []) if r.get("status") == "done"}
+
+    data = prepare_data(base)
+    results: dict[str, Any] = {
+        "command": command or previous.get("command") or "aoe compare --out " + str(out),
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine_info(),
+        "config": config_to_dict(base),
+        "corpus": corpus_info(data),
+        "variants": [{"name": v.name, "label": v.label, "description": v.description, "overrides": list(v.overrides)}
+                     for v in chosen],
+        "seeds": list(seeds),
+        "runs": [],
+    }
+    total = len(chosen) * len(seeds)
+    i = 0
+    for seed in seeds:
+        for v in chosen:
+            i += 1
+            run_name = f"{v.name}-s{seed}"
+            run_dir = out / run_name
+            summary_file = run_dir / "summary.json"
+            cfg = cfgs[(v.name, seed)]
+            prior = done.get((v.name, seed))
+            if prior is not None and summary_file.is_file():
+                summary = json.loads(summary_file.read_text())
+                if summary.get("step") == cfg.train.max_steps:
+                    if progress:
+                        print(f"[{i}/{total}] {run_name}: already done (val_loss {summary['val_loss']:.4f})", file=sys.stderr)
+                    results["runs"].append(prior)
+                    continue
+            if progress:
+                print(f"[{i}/{total}] {run_name}: {v.description}", file=sys.stderr)
+            summary, peak = _train_one(cfg, run_dir, data, progress)
+            results["runs"].append(_run_entry(v, seed, run_name, summary, peak))
+            _write_json(results_path, results)
+    _write_json(results_path, results)
+    if report:
+        from aoe.compare.report import write_report
+
+        path = write_report(results, out)
+        if progress:
+            print(f"report: {path}", file=sys.stderr)
+    return results

@@ -1,0 +1,198 @@
+"""Small statistics helpers for the comparison report: seed means, spreads and the verdict rule.
+
+Everything here takes plain sequences that may hold ``None`` or NaN (a run that failed, a dense
+variant without expert statistics); such entries are dropped before any statistic is computed, and a
+statistic that cannot be computed is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+NAN = float("nan")
+
+#: The rule used to decide whether a difference of mean validation losses is larger than seed noise.
+VERDICT_RULE = (
+    "the difference of the seed means counts as larger than the seed spread when "
+    "|diff| > max(std_a, std_b) (sample standard deviations over seeds) and, with at least 2 seeds "
+    "per variant, also |diff| > sqrt(se_a^2 + se_b^2) (the two standard errors of the mean, "
+    "se = std / sqrt(n), combined); with fewer than 2 seeds for either variant no spread is "
+    "available and the difference is not judged"
+)
+
+
+def is_number(x: object) -> bool:
+    """True for a finite int/float (bools excluded)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return math.isfinite(float(x))
+
+
+def finite(values: Iterable[object] | None) -> list[float]:
+    """The finite numbers among ``values`` as floats (None, NaN, inf and non-numbers dropped)."""
+    if values is None:
+        return []
+    return [float(v) for v in values if is_number(v)]
+
+
+def mean(values: Iterable[object] | None) -> float:
+    """Arithmetic mean of the finite values; NaN when there are none."""
+    xs = finite(values)
+    return sum(xs) / len(xs) if xs else NAN
+
+
+def std(values: Iterable[object] | None) -> float:
+    """Sample standard deviation (ddof=1) of the finite values; NaN with fewer than 2."""
+    xs = finite(values)
+    if len(xs) < 2:
+        return NAN
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def stderr(values: Iterable[object] | None) -> float:
+    """Standard error of the mean, std / sqrt(n); NaN with fewer than 2 finite values."""
+    xs = finite(values)
+    if len(xs) < 2:
+        return NAN
+    return std(xs) / math.sqrt(len(xs))
+
+
+def minmax(values: Iterable[object] | None) -> tuple[float, float]:
+    """(min, max) of the finite values; (NaN, NaN) when there are none."""
+    xs = finite(values)
+    return (min(xs), max(xs)) if xs else (NAN, NAN)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of comparing variant a (AoE) against variant b (MoE) on mean validation loss."""
+
+    label_a: str
+    label_b: str
+    n_a: int
+    n_b: int
+    mean_a: float
+    mean_b: float
+    diff: float  # mean_a - mean_b (negative: a has the lower loss)
+    std_a: float
+    std_b: float
+    se_combined: float  # sqrt(se_a^2 + se_b^2), NaN with < 2 seeds
+    exceeds: bool | None  # True/False: judged by VERDICT_RULE; None: cannot be judged
+    sentence: str
+
+
+def _f(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if is_number(x) else "–"
+
+
+def compare_means(
+    values_a: Sequence[object], values_b: Sequence[object], label_a: str = "AoE", label_b: str = "MoE"
+) -> Verdict:
+    """Apply :data:`VERDICT_RULE` to two sets of per-seed validation losses (a minus b) and phrase it."""
+    xa, xb = finite(values_a), finite(values_b)
+    ma, mb = mean(xa), mean(xb)
+    diff = ma - mb if xa and xb else NAN
+    sa, sb = std(xa), std(xb)
+    se = math.sqrt(stderr(xa) ** 2 + stderr(xb) ** 2) if len(xa) >= 2 and len(xb) >= 2 else NAN
+
+    if not xa or not xb:
+        missing = label_a if not xa else label_b
+        sentence = (
+            f"No verdict: {missing} has no completed run with a validation loss, so {label_a} and "
+            f"{label_b} cannot be compared."
+        )
+        return Verdict(label_a, label_b, len(xa), len(xb), ma, mb, diff, sa, sb, se, None, sentence)
+
+    better = label_a if diff < 0 else label_b
+    head = (
+        f"{label_a} reaches a mean validation loss of {_f(ma)} nats against {_f(mb)} for {label_b}: "
+        f"{label_a} − {label_b} = {diff:+.4f} nats"
+    )
+    if diff == 0:
+        head += " (identical)"
+    else:
+        head += f" ({better} lower)"
+
+    if len(xa) < 2 or len(xb) < 2:
+        who = (
+            "one seed per variant"
+            if len(xa) < 2 and len(xb) < 2
+            else f"only one seed for {label_a if len(xa) < 2 else label_b}"
+        )
+        sentence = (
+            f"{head}. With {who} no seed spread is available, so whether this difference is larger "
+            f"than seed-to-seed noise cannot be judged."
+        )
+        return Verdict(label_a, label_b, len(xa), len(xb), ma, mb, diff, sa, sb, se, None, sentence)
+
+    spread = max(sa, sb)
+    exceeds = abs(diff) > spread and abs(diff) > se
+    detail = f"|diff| = {abs(diff):.4f} vs max std {spread:.4f} and combined standard error {se:.4f}"
+    if exceeds:
+        sentence = (
+            f"{head}. The difference exceeds the seed spread ({detail}; {len(xa)} and {len(xb)} seeds), "
+            f"so {better} is better than {label_a if better == label_b else label_b} in this comparison."
+        )
+    else:
+        sentence = (
+            f"{head}. The difference is within the seed spread ({detail}; {len(xa)} and {len(xb)} seeds), "
+            f"so this comparison cannot tell {label_a} and {label_b} apart."
+        )
+    return Verdict(label_a, label_b, len(xa), len(xb), ma, mb, diff, sa, sb, se, exceeds, sentence)
+
+
+def compare_entropies(
+    ent_load_a: float,
+    ent_load_b: float,
+    ent_conf_a: float,
+    ent_conf_b: float,
+    label_a: str = "AoE",
+    label_b: str = "MoE",
+    max_entropy: float = NAN,
+) -> str:
+    """Plain-words comparison of load balance (Ent_load) and selection confidence (Ent_conf)."""
+    parts = []
+    if is_number(ent_load_a) and is_number(ent_load_b):
+        cap = f"; the maximum, perfectly balanced, is log E = {max_entropy:.3f}" if is_number(max_entropy) else ""
+        if ent_load_a > ent_load_b:
+            word = f"{label_a} spreads tokens over its experts more evenly than {label_b}"
+        elif ent_load_a < ent_load_b:
+            word = f"{label_b} spreads tokens over its experts more evenly than {label_a}"
+        else:
+            word = f"{label_a} and {label_b} are equally balanced"
+        parts.append(
+            f"Load balance: {word} (Ent_load {ent_load_a:.3f} vs {ent_load_b:.3f} nats, mean over layers "
+            f"and seeds; higher is more balanced{cap})."
+        )
+    else:
+        parts.append(f"Load balance: Ent_load is not available for both {label_a} and {label_b}.")
+    if is_number(ent_conf_a) and is_number(ent_conf_b):
+        if ent_conf_a < ent_conf_b:
+            word = f"{label_a} chooses its experts more confidently than {label_b}"
+        elif ent_conf_a > ent_conf_b:
+            word = f"{label_b} chooses its experts more confidently than {label_a}"
+        else:
+            word = f"{label_a} and {label_b} are equally confident"
+        parts.append(
+            f"Selection confidence: {word} (Ent_conf {ent_conf_a:.3f} vs {ent_conf_b:.3f} nats; lower "
+            f"means a sharper score distribution)."
+        )
+    else:
+        parts.append(f"Selection confidence: Ent_conf is not available for both {label_a} and {label_b}.")
+    return " ".join(parts)
+
+
+def ema(values: Sequence[float], beta: float) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard): s_t = beta*s_{t-1} + (1-beta)*x_t,
+    divided by (1 - beta^t). Non-finite inputs are carried over as the previous smoothed value."""
+    out: list[float] = []
+    acc, weight = 0.0, 0.0
+    for x in values:
+        if is_number(x):
+            acc = beta * acc + (1.0 - beta) * float(x)
+            weight = beta * weight + (1.0 - beta)
+        out.append(acc / weight if weight > 0 else NAN)
+    return out

@@ -1,0 +1,154 @@
+"""Local multiple-choice evaluation, scored exactly like lm-eval's ``multiple_choice`` tasks.
+
+File format (JSON Lines, one example per line; blank lines are skipped; other fields are kept)::
+
+    {"context": "The capital of France is", "choices": ["Paris", "Rome", "Berlin"], "label": 0}
+
+Scoring (lm_eval 0.4.13, ``ConfigurableTask.construct_requests`` / ``process_results``): every
+choice is one loglikelihood request ``(context, target_delimiter + choice)`` with
+``target_delimiter = " "`` (the task default), ll_i its summed log-probability. Then
+
+* ``acc``      = 1 if argmax_i ll_i == label,
+* ``acc_norm`` = 1 if argmax_i ll_i / len(choice_i) == label, where len counts the CHARACTERS of
+  the choice string (Python ``len``, without the delimiter),
+* ``acc_bytes`` = 1 if argmax_i ll_i / len(choice_i.encode("utf-8")) == label (UTF-8 bytes),
+
+argmax taking the first index on ties (``numpy.argmax``). The reported value is the mean over
+examples and its stderr is lm-eval's ``mean_stderr``: the sample standard deviation (n - 1) of
+the 0/1 scores divided by sqrt(n) (NaN for n < 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from lm_eval.api.instance import Instance
+
+__all__ = ["MultipleChoiceFormatError", "load_multiple_choice", "validate_example", "score_multiple_choice"]
+
+
+class MultipleChoiceFormatError(ValueError):
+    """A malformed multiple-choice file or example (the message names the line and field)."""
+
+
+def validate_example(example: Any, where: str = "example") -> dict:
+    """Check one example's fields; return it as a new dict (extra fields kept).
+
+    context: a string (may be empty); choices: a list of at least 2 non-empty strings; label:
+    an integer index into choices. ``where`` prefixes error messages (e.g. "data.jsonl:3").
+    """
+    if not isinstance(example, dict):
+        raise MultipleChoiceFormatError(f"{where}: expected a JSON object, got {type(example).__name__}")
+    for key in ("context", "choices", "label"):
+        if key not in example:
+            raise MultipleChoiceFormatError(f"{where}: missing field {key!r}")
+    context, choices, label = example["context"], example["choices"], example["label"]
+    if not isinstance(context, str):
+        raise MultipleChoiceFormatError(f"{where}: field 'context' must be a string, got {type(context).__name__}")
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise MultipleChoiceFormatError(f"{where}: field 'choices' must be a list of at least 2 strings, got {choices!r}")
+    for j, choice in enumerate(choices):
+        if not isinstance(choice, str) or not choice:
+            raise MultipleChoiceFormatError(f"{where}: field 'choices' item {j} must be a non-empty string, got {choice!r}")
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise MultipleChoiceFormatError(f"{where}: field 'label' must be an integer index, got {label!r}")
+    if not 0 <= label < len(choices):
+        raise MultipleChoiceFormatError(f"{where}: field 'label'={label} is out of range for {len(choices)} choices (0..{len(choices) - 1})")
+    return dict(example)
+
+
+def load_multiple_choice(path: str | os.PathLike) -> list[dict]:
+    """Read and validate a JSON Lines multiple-choice file (format in the module docstring).
+
+    Raises:
+        MultipleChoiceFormatError: invalid JSON or a bad field, naming ``path:line`` and the
+            field; or a file without examples.
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MultipleChoiceFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            examples.append(validate_example(obj, where))
+    if not examples:
+        raise MultipleChoiceFormatError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the largest value, the first one on ties (as numpy.argmax)."""
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def _mean_stderr(scores: Sequence[float]) -> float:
+    n = len(scores)
+    if n < 2:
+        return float("nan")
+    mu = sum(scores) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in scores) / (n - 1)) / math.sqrt(n)
+
+
+def score_multiple_choice(lm, examples: Sequence[dict], target_delimiter: str = " ") -> dict:
+    """Score examples with ``lm.loglikelihood`` as lm-eval's multiple_choice tasks do.
+
+    Args:
+        lm: an ``AoEHarnessLM`` (any lm-eval ``LM`` works).
+        examples: dicts with context / choices / label (e.g. from ``load_multiple_choice``).
+        target_delimiter: put between context and each choice (the harness default " ").
+
+    Returns:
+        {"n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "acc_bytes",
+        "acc_bytes_stderr", "predictions"}; predictions[i] = {"label", "pred", "pred_norm",
+        "pred_bytes", "loglikelihoods" (one per choice), "is_greedy" (one per choice), "correct",
+        "correct_norm", "correct_bytes"}. Definitions in the module docstring.
+    """
+    examples = [validate_example(ex, f"example {i}") for i, ex in enumerate(examples)]
+    if not examples:
+        raise ValueError("score_multiple_choice: no examples")
+    requests, owner = [], []
+    for i, ex in enumerate(examples):
+        for j, choice in enumerate(ex["choices"]):
+            requests.append(Instance(
+                request_type="loglikelihood", doc=ex, arguments=(ex["context"], target_delimiter + choice),
+                idx=j, metadata=("local_multiple_choice", i, 1),
+            ))
+            owner.append(i)
+    answers = lm.loglikelihood(requests)
+    per_example: list[list[tuple[float, bool]]] = [[] for _ in examples]
+    for i, answer in zip(owner, answers):
+        per_example[i].append((float(answer[0]), bool(answer[1])))
+
+    predictions = []
+    for ex, answer in zip(examples, per_example):
+        lls = [a[0] for a in answer]
+        chars = [ll / len(c) for ll, c in zip(lls, ex["choices"])]
+        nbytes = [ll / len(c.encode("utf-8")) for ll, c in zip(lls, ex["choices"])]
+        pred, pred_norm, pred_bytes = _argmax(lls), _argmax(chars), _argmax(nbytes)
+        label = ex["label"]
+        predictions.append({
+            "label": label, "pred": pred, "pred_norm": pred_norm, "pred_bytes": pred_bytes,
+            "loglikelihoods": lls, "is_greedy": [a[1] for a in answer],
+            "correct": pred == label, "correct_norm": pred_norm == label, "correct_bytes": pred_bytes == label,
+        })
+    out: dict[str, Any] = {"n": len(examples)}
+    for metric, field in (("acc", "correct"), ("acc_norm", "correct_norm"), ("acc_bytes", "correct_bytes")):
+        scores = [1.0 if p[field] else 0.0 for p in predictions]
+        out[metric] = sum(scores) / len(scores)
+        out[f"{metric}_stderr"] = _mean_stderr(scores)
+    out["predictions"] = predictions
+    return out

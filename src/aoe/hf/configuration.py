@@ -1,0 +1,148 @@
+"""``AoEConfig``: the Hugging Face configuration of the project's decoder LM (``model_type="aoe"``).
+
+Every field of ``aoe.config.ModelConfig`` has an HF-conventional counterpart (``HF_TO_NATIVE``);
+``AoEConfig.from_model_config(cfg).to_model_config() == cfg`` exactly (None values such as
+``num_key_value_heads=None`` or ``norm_topk_prob=None`` are kept as None: they mean "the layer's
+default", as in ``ModelConfig``).
+
+    hidden_size = d_model            intermediate_size = d_ffn (MoE expert width)
+    num_hidden_layers = n_layers     num_attention_heads = n_heads
+    num_key_value_heads = n_kv_heads max_position_embeddings = max_seq_len
+    rms_norm_eps = norm_eps          tie_word_embeddings = tie_embeddings
+    initializer_range = init_std     ffn_type = ffn ("dense" | "moe" | "aoe")
+    num_experts = n_experts          num_experts_per_tok = top_k
+    norm_topk_prob = renormalize     expert_score_norm = norm ("l2" | "l1" | "linf")
+    router_aux_loss_coef = aux_loss_coef   router_z_loss_coef = z_loss_coef
+    dense_intermediate_size = dense_d_ffn  (d_low, d_wide, rope_theta, dense_layers, bias_update_rate,
+    recompute_scores, recompute_gate, backward_chunks, grouped_mm keep their names)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+from transformers import PretrainedConfig
+
+from aoe.config import ModelConfig
+
+__all__ = ["AoEConfig", "HF_TO_NATIVE"]
+
+#: (AoEConfig field, ModelConfig field)
+HF_TO_NATIVE: tuple[tuple[str, str], ...] = (
+    ("vocab_size", "vocab_size"),
+    ("hidden_size", "d_model"),
+    ("num_hidden_layers", "n_layers"),
+    ("num_attention_heads", "n_heads"),
+    ("num_key_value_heads", "n_kv_heads"),
+    ("max_position_embeddings", "max_seq_len"),
+    ("rope_theta", "rope_theta"),
+    ("rms_norm_eps", "norm_eps"),
+    ("tie_word_embeddings", "tie_embeddings"),
+    ("initializer_range", "init_std"),
+    ("ffn_type", "ffn"),
+    ("intermediate_size", "d_ffn"),
+    ("num_experts", "n_experts"),
+    ("num_experts_per_tok", "top_k"),
+    ("d_low", "d_low"),
+    ("d_wide", "d_wide"),
+    ("norm_topk_prob", "renormalize"),
+    ("expert_score_norm", "norm"),
+    ("router_aux_loss_coef", "aux_loss_coef"),
+    ("router_z_loss_coef", "z_loss_coef"),
+    ("bias_update_rate", "bias_update_rate"),
+    ("recompute_scores", "recompute_scores"),
+    ("recompute_gate", "recompute_gate"),
+    ("backward_chunks", "backward_chunks"),
+    ("dense_intermediate_size", "dense_d_ffn"),
+    ("dense_layers", "dense_layers"),
+    ("grouped_mm", "grouped_mm"),
+)
+
+
+
+def _unmapped_native_fields() -> list[str]:
+    """ModelConfig fields without an HF name (added after this module): carried under their own name."""
+    mapped = {n for _, n in HF_TO_NATIVE}
+    return [f.name for f in dataclasses.fields(ModelConfig) if f.name not in mapped]
+
+
+class AoEConfig(PretrainedConfig):
+    """Configuration of ``AoEForCausalLM``; the defaults are ``ModelConfig``'s. When vocab_size is
+    set the values are validated by building the ``ModelConfig`` (``aoe.config.ConfigError``, a
+    ``ValueError``, on a bad value)."""
+
+    model_type = "aoe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int | None = None
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    ffn_type: str = "aoe"
+    intermediate_size: int = 256
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    d_low: int = 32
+    d_wide: int | None = None
+    norm_topk_prob: bool | None = None
+    expert_score_norm: str = "l2"
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    recompute_scores: bool = False
+    recompute_gate: bool | None = None
+    backward_chunks: int | None = None
+    dense_intermediate_size: int | None = None
+    dense_layers: list[int] = field(default_factory=list)
+    grouped_mm: str = "auto"
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.dense_layers is None:
+            self.dense_layers = []
+        self.dense_layers = list(self.dense_layers)
+        super().__post_init__(**kwargs)
+        if self.vocab_size is not None:
+            self.to_model_config()  # validates
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_model_config(self) -> ModelConfig:
+        """The project's ``ModelConfig`` with these values (validated)."""
+        values = {}
+        for hf, native in HF_TO_NATIVE:
+            v = getattr(self, hf)
+            values[native] = list(v) if isinstance(v, (list, tuple)) else v
+        for name in _unmapped_native_fields():
+            if hasattr(self, name):
+                v = getattr(self, name)
+                values[name] = list(v) if isinstance(v, (list, tuple)) else v
+        return ModelConfig(**values)
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, **kwargs) -> "AoEConfig":
+        """The ``AoEConfig`` of a ``ModelConfig`` (extra HF kwargs, e.g. eos_token_id, pass through)."""
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"from_model_config takes a ModelConfig, got {type(cfg).__name__}")
+        cfg.validate()
+        values = {}
+        for hf, native in HF_TO_NATIVE:
+            v = getattr(cfg, native)
+            values[hf] = list(v) if isinstance(v, (list, tuple)) else v
+        for name in _unmapped_native_fields():
+            v = getattr(cfg, name)
+            values[name] = list(v) if isinstance(v, (list, tuple)) else v
+        values.update(kwargs)
+        return cls(**values)

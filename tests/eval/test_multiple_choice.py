@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from aoe.eval import AoEHarnessLM, MultipleChoiceFormatError, load_multiple_choice, score_multiple_choice
+
+from .test_harness import direct_logprob, split_like_harness
+
+EXAMPLES = [
+    {"context": "the cat sat on", "choices": ["a mat", "paris", "the blue green model"], "label": 0},
+    {"context": "experts route each token to", "choices": ["themselves", "rome"], "label": 1, "id": "x"},
+    {"context": "red blue", "choices": ["green", "yes", "no", "because"], "label": 2},
+    {"context": "", "choices": ["the cat", "the question"], "label": 0},
+    {"context": "question answer", "choices": ["yes", "no"], "label": 0},
+]
+
+
+def write_jsonl(path, rows, raw_lines=()):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        for line in raw_lines:
+            f.write(line + "\n")
+    return path
+
+
+def test_load_roundtrip(tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", EXAMPLES[:2], raw_lines=["", json.dumps(EXAMPLES[2])])
+    loaded = load_multiple_choice(path)
+    assert loaded == EXAMPLES[:3]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"mc.jsonl:2: invalid JSON"),
+    ('[1, 2]', r"mc.jsonl:2: expected a JSON object"),
+    ('{"choices": ["a", "b"], "label": 0}', r"mc.jsonl:2: missing field 'context'"),
+    ('{"context": 3, "choices": ["a", "b"], "label": 0}', r"mc.jsonl:2: field 'context' must be a string"),
+    ('{"context": "c", "choices": "ab", "label": 0}', r"mc.jsonl:2: field 'choices'"),
+    ('{"context": "c", "choices": ["a"], "label": 0}', r"mc.jsonl:2: field 'choices' must be a list of at least 2"),
+    ('{"context": "c", "choices": ["a", 7], "label": 0}', r"mc.jsonl:2: field 'choices' item 1"),
+    ('{"context": "c", "choices": ["a", ""], "label": 0}', r"mc.jsonl:2: field 'choices' item 1"),
+    ('{"context": "c", "choices": ["a", "b"], "label": "0"}', r"mc.jsonl:2: field 'label' must be an integer"),
+    ('{"context": "c", "choices": ["a", "b"], "label": true}', r"mc.jsonl:2: field 'label' must be an integer"),
+    ('{"context": "c", "choices": ["a", "b"], "label": 2}', r"mc.jsonl:2: field 'label'=2 is out of range"),
+    ('{"context": "c", "choices": ["a", "b"], "label": -1}', r"mc.jsonl:2: field 'label'=-1 is out of range"),
+])
+def test_malformed_lines_rejected(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "mc.jsonl", EXAMPLES[:1], raw_lines=[line])
+    with pytest.raises(MultipleChoiceFormatError, match=message):
+        load_multiple_choice(path)
+
+
+def test_empty_file_rejected(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(MultipleChoiceFormatError, match="no examples"):
+        load_multiple_choice(path)
+
+
+def test_scores_match_direct_computation(model, tokenizer):
+    lm = AoEHarnessLM(model, tokenizer, batch_size=3)
+    out = score_multiple_choice(lm, EXAMPLES)
+    assert out["n"] == len(EXAMPLES)
+    acc, acc_norm = [], []
+    for ex, pred in zip(EXAMPLES, out["predictions"]):
+        lls = []
+        for choice in ex["choices"]:
+            if ex["context"]:
+                ctx, cont = split_like_harness(tokenizer, ex["context"], " " + choice)
+            else:
+                ctx, cont = [tokenizer.eos_id], tokenizer.encode(" " + choice)
+            lls.append(direct_logprob(model, ctx, cont)[0])
+        assert pred["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
+        best = max(range(len(lls)), key=lambda i: lls[i])
+        best_norm = max(range(len(lls)), key=lambda i: lls[i] / len(ex["choices"][i]))
+        assert pred["pred"] == best and pred["pred_norm"] == best_norm
+        acc.append(float(best == ex["label"]))
+        acc_norm.append(float(best_norm == ex["label"]))
+    assert out["acc"] == pytest.approx(sum(acc) / len(acc))
+    assert out["acc_norm"] == pytest.approx(sum(acc_norm) / len(acc_norm))
+    n, m = len(acc), sum(acc) / len(acc)
+    assert out["acc_stderr"] == pytest.approx(math.sqrt(sum((a - m) ** 2 for a in acc) / (n - 1) / n))
+
+
+def test_stub_lm_hand_checked():
+    """Hand-made loglikelihoods: acc picks the largest sum, acc_norm divides by characters."""
+    class Stub:
+        def __init__(self, table):
+            self.table = table
+            self.seen = []
+
+        def loglikelihood(self, requests):
+            self.seen += [r.args for r in requests]
+            return [(self.table[r.args[1]], False) for r in requests]
+
+    # " aa": -2 (per char of "aa": -1); " bbbbbb": -3 (per char: -0.5); " é": -1.5 (per char -1.5, per byte -0.75)
+    stub = Stub({" aa": -2.0, " bbbbbb": -3.0, " é": -1.5})
+    examples = [
+        {"context": "q1", "choices": ["aa", "bbbbbb"], "label": 0},   # acc 1, acc_norm 0
+        {"context": "q2", "choices": ["aa", "bbbbbb"], "label": 1},   # acc 0, acc_norm 1
+        {"context": "q3", "choices": ["aa", "é"], "label": 1},        # acc 1 (-1.5 > -2), norm 0 (-1.5 < -1), bytes 1
+    ]
+    out = score_multiple_choice(stub, examples)
+    assert stub.seen[:2] == [("q1", " aa"), ("q1", " bbbbbb")]
+    assert [p["pred"] for p in out["predictions"]] == [0, 0, 1]
+    assert [p["pred_norm"] for p in out["predictions"]] == [1, 1, 0]
+    assert [p["pred_bytes"] for p in out["predictions"]] == [1, 1, 1]
+    assert out["acc"] == pytest.approx(2 / 3) and out["acc_norm"] == pytest.approx(1 / 3)
+    assert out["acc_bytes"] == pytest.approx(2 / 3)
+    assert out["acc_stderr"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+    with pytest.raises(MultipleChoiceFormatError, match="example 0: field 'label'=5"):
+        score_multiple_choice(stub, [{"context": "q", "choices": ["aa", "b"], "label": 5}])

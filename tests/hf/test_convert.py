@@ -1,0 +1,236 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
+
+from aoe.hf import AoEForCausalLM
+from aoe.hf.convert import convert_to_aoe, factorize_gate
+
+KW = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=2, max_position_embeddings=64)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def save(model, path):
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    return lambda tie=False, **kw: save(LlamaForCausalLM(LlamaConfig(**{**KW, **kw}, tie_word_embeddings=tie)).eval(),
+                                        tmp_path / f"llama-{tie}")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("E,k,upcycle", [(1, 1, "copy"), (1, 1, "slice"), (4, 2, "copy")])
+def test_llama_upcycle_same_logits(tmp_path, llama_dir, tie, E, k, upcycle):
+    src = llama_dir(tie)
+    report = convert_to_aoe(src, tmp_path / "out", num_experts=E, top_k=k, upcycle=upcycle, verbose=False)
+    assert len(report.layer_errors) == 2 and report.max_error < 1e-12
+    ref = LlamaForCausalLM.from_pretrained(src).eval()
+    aoe = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert isinstance(aoe, AoEForCausalLM)
+    assert aoe.config.num_experts == E and aoe.config.d_wide == (48 // E if upcycle == "slice" else 48)
+    x = torch.randint(0, 64, (2, 16))
+    assert rel(aoe(x).logits, ref(x).logits) <= 1e-5
+
+
+def test_llama_slice_experts_sum_to_ffn(tmp_path, llama_dir):
+    src = llama_dir()
+    convert_to_aoe(src, tmp_path / "out", num_experts=4, top_k=2, upcycle="slice", verbose=False)
+    s, d = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    x = torch.randn(5, 32)
+    p = "model.layers.1.mlp."
+    ffn = (F.silu(x @ s[p + "gate_proj.weight"].T) * (x @ s[p + "up_proj.weight"].T)) @ s[p + "down_proj.weight"].T
+    q = "model.layers.1.ffn."
+    total = sum((F.silu(x @ d[q + "w_down"][e] @ d[q + "w_up"][e]) * (x @ d[q + "w_in"][e])) @ d[q + "w_out"][e]
+                for e in range(4))
+    assert rel(total, ffn) < 1e-5
+
+
+def mixtral_dir(path, E=4, k=2):
+    return save(MixtralForCausalLM(MixtralConfig(**KW, num_local_experts=E, num_experts_per_tok=k)).eval(), path)
+
+
+def test_mixtral_single_expert_same_logits(tmp_path):
+    src = mixtral_dir(tmp_path / "mix", E=1, k=1)
+    convert_to_aoe(src, tmp_path / "out", verbose=False)
+    ref = MixtralForCausalLM.from_pretrained(src).eval()
+    aoe = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(0, 64, (2, 16))
+    assert rel(aoe(x).logits, ref(x).logits) <= 1e-5
+
+
+def _expert_outputs(state_src, state_dst, layer, E, x, fused=False):
+    src_out, dst_out = [], []
+    for e in range(E):
+        if fused:
+            gu = state_src[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e]
+            g, u = gu.chunk(2, dim=0)
+            w2 = state_src[f"model.layers.{layer}.mlp.experts.down_proj"][e]
+        else:
+            p = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
+            g, u, w2 = state_src[p + "w1.weight"], state_src[p + "w3.weight"], state_src[p + "w2.weight"]
+        src_out.append((F.silu(x @ g.T) * (x @ u.T)) @ w2.T)
+        q = f"model.layers.{layer}.ffn."
+        dst_out.append((F.silu(x @ state_dst[q + "w_down"][e] @ state_dst[q + "w_up"][e]) * (x @ state_dst[q + "w_in"][e]))
+                       @ state_dst[q + "w_out"][e])
+    return torch.stack(src_out), torch.stack(dst_out)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mixtral_experts_reconstructed_at_full_rank(tmp_path, fused):
+    src = mixtral_dir(tmp_path / "mix")
+    if fused:  # rewrite the checkpoint in transformers 5's fused in-memory expert layout
+        s = load_file(str(src / "model.safetensors"))
+        for i in range(2):
+            p = f"model.layers.{i}.block_sparse_moe."
+            gate_up = torch.stack([torch.cat([s.pop(f"{p}experts.{e}.w1.weight"), s.pop(f"{p}experts.{e}.w3.weight")])
+                                   for e in range(4)])
+            down = torch.stack([s.pop(f"{p}experts.{e}.w2.weight") for e in range(4)])
+            s[f"model.layers.{i}.mlp.experts.gate_up_proj"] = gate_up
+            s[f"model.layers.{i}.mlp.experts.down_proj"] = down
+            s[f"model.layers.{i}.mlp.gate.weight"] = s.pop(f"{p}gate.weight")
+        save_file(s, str(src / "model.safetensors"), metadata={"format": "pt"})
+    report = convert_to_aoe(src, tmp_path / "out", verbose=False)
+    assert report.max_error < 1e-12
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["d_low"], cfg["d_wide"]) == (4, 2, 32, 48)
+    assert cfg["norm_topk_prob"] is True
+    s, d = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert not any("gate.weight" in k or "router" in k for k in d)
+    x = torch.randn(7, 32)
+    for layer in range(2):
+        a, b = _expert_outputs(s, d, layer, 4, x, fused)
+        assert rel(b, a) < 1e-5
+    aoe = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.isfinite(aoe(torch.randint(0, 64, (1, 8))).logits).all()
+
+
+def test_reconstruction_error_decreases_with_rank(tmp_path):
+    src = mixtral_dir(tmp_path / "mix")
+    errs = [convert_to_aoe(src, tmp_path / f"out{r}", d_low=r, verbose=False).max_error for r in (2, 8, 16, 32)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert errs[0] > 0.1 and errs[-1] < 1e-12
+    s, d = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out8" / "model.safetensors"))
+    assert d["model.layers.0.ffn.w_down"].shape == (4, 32, 8) and d["model.layers.0.ffn.w_up"].shape == (4, 8, 48)
+
+
+def test_factorize_gate_balanced_and_exact():
+    w = torch.randn(3, 10, 6)
+    down, up, err = factorize_gate(w, 6)
+    assert err < 1e-12 and torch.allclose(down @ up, w.double())
+    torch.testing.assert_close(down.norm(dim=1), up.norm(dim=2))  # sqrt(S) on both sides
+    with pytest.raises(ValueError, match="d_low"):
+        factorize_gate(w, 7)
+
+
+@pytest.mark.parametrize("name,cls,cfg_cls,extra,match", [
+    ("qwen2", Qwen2MoeForCausalLM, Qwen2MoeConfig, dict(num_experts=4, moe_intermediate_size=24,
+                                                      shared_expert_intermediate_size=48), "shared expert"),
+    ("qwen3", Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(num_experts=4, moe_intermediate_size=24), "qk-norm"),
+    ("olmoe", OlmoeForCausalLM, OlmoeConfig, dict(num_experts=4, eos_token_id=1, pad_token_id=1), "qk-norm"),
+])
+def test_unsupported_sources_refused(tmp_path, name, cls, cfg_cls, extra, match):
+    src = save(cls(cfg_cls(**KW, **extra)), tmp_path / name)
+    with pytest.raises(ValueError, match=match):
+        convert_to_aoe(src, tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inconsistent_options_refused(tmp_path, llama_dir):
+    src = llama_dir()
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="d_low"):
+        convert_to_aoe(src, out, d_low=33, verbose=False)
+    with pytest.raises(ValueError, match="top_k"):
+        convert_to_aoe(src, out, num_experts=2, top_k=3, verbose=False)
+    with pytest.raises(ValueError, match="divisible"):
+        convert_to_aoe(src, out, num_experts=5, upcycle="slice", verbose=False)
+    with pytest.raises(ValueError, match="d_low"):  # slices of 48 / 4 = 12 < hidden 32
+        convert_to_aoe(src, out, num_experts=4, upcycle="slice", d_low=13, verbose=False)
+    with pytest.raises(ValueError, match="upcycle"):
+        convert_to_aoe(src, out, upcycle="nope", verbose=False)
+    with pytest.raises(ValueError, match="num_experts"):
+        convert_to_aoe(mixtral_dir(tmp_path / "mix"), out, num_experts=8, verbose=False)
+    with pytest.raises(ValueError, match="config.json"):
+        convert_to_aoe(tmp_path, out, verbose=False)
+    with pytest.raises(ValueError, match="RoPE"):
+        convert_to_aoe(save(LlamaForCausalLM(LlamaConfig(**KW, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                              "rope_theta": 1e4})), tmp_path / "lin"),
+                       out, verbose=False)
+    with pytest.raises(ValueError, match="bias"):
+        convert_to_aoe(save(LlamaForCausalLM(LlamaConfig(**KW, attention_bias=True)), tmp_path / "b"), out, verbose=False)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
+
+
+def test_destination_not_overwritten_unless_asked(tmp_path, llama_dir):
+    src = llama_dir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("keep")
+    with pytest.raises(ValueError, match="not empty"):
+        convert_to_aoe(src, out, verbose=False)
+    assert (out / "x").read_text() == "keep"
+    convert_to_aoe(src, out, overwrite=True, verbose=False)
+    assert (out / "model.safetensors").exists() and not (out / "x").exists()
+
+
+def test_cli_commands(tmp_path, llama_dir, capsys):
+    import argparse
+
+    from aoe.hf.commands import add_convert_parser, add_export_parser
+
+    parser = argparse.ArgumentParser(prog="aoe")
+    sub = parser.add_subparsers()
+    add_convert_parser(sub)
+    add_export_parser(sub)
+    src = llama_dir()
+    args = parser.parse_args(["convert", str(src), str(tmp_path / "out"), "--num-experts", "2", "--top-k", "1",
+                              "--d-low", "16"])
+    assert args.func(args) == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["d_low"]) == (2, 1, 16)
+    assert "relative reconstruction error" in capsys.readouterr().out
+    args = parser.parse_args(["convert", str(src), str(tmp_path / "out")])
+    assert args.func(args) == 1 and "not empty" in capsys.readouterr().err
+    args = parser.parse_args(["export", str(tmp_path / "out"), "--to-native"])
+    assert args.func(args) == 0 and "native" in capsys.readouterr().out
+
+
+def test_sharded_output_loads(tmp_path, llama_dir):
+    src = llama_dir()
+    convert_to_aoe(src, tmp_path / "out", num_experts=2, top_k=1, max_shard_bytes=20_000, verbose=False)
+    out = tmp_path / "out"
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    ref = LlamaForCausalLM.from_pretrained(src).eval()
+    aoe = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 64, (1, 12))
+    assert rel(aoe(x).logits, ref(x).logits) <= 1e-5
+    from aoe.hf.export import load_hf_as_native
+
+    assert rel(load_hf_as_native(out)(x).logits, ref(x).logits) <= 1e-5
+
+
+def test_failure_midway_leaves_no_destination(tmp_path, llama_dir):
+    src = llama_dir()
+    s = load_file(str(src / "model.safetensors"))
+    s["model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)  # something the conversion cannot carry
+    save_file(s, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not understand"):
+        convert_to_aoe(src, tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

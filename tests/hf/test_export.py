@@ -1,0 +1,89 @@
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from aoe.config import ModelConfig
+from aoe.hf import AoEForCausalLM
+from aoe.hf.export import (export_checkpoint, export_to_hf, hf_to_native_state, load_hf_as_native,
+                           load_native_as_hf)
+from aoe.model.transformer import Transformer
+
+
+def native_model(**kw):
+    base = dict(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, d_ffn=48,
+                n_experts=4, top_k=2, d_low=8)
+    base.update(kw)
+    return Transformer(ModelConfig(**base)).eval()
+
+
+@pytest.mark.parametrize("ffn,tie", [("aoe", True), ("moe", False), ("dense", True)])
+def test_export_then_load_identical_logits(tmp_path, ffn, tie):
+    model = native_model(ffn=ffn, tie_embeddings=tie, dense_layers=[0] if ffn != "dense" else [])
+    x = torch.randint(0, 300, (2, 10))
+    dst = export_to_hf(model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(dst).eval()
+    assert isinstance(hf, AoEForCausalLM)
+    assert torch.equal(hf(x).logits, model(x).logits)
+    back = load_hf_as_native(dst)
+    assert torch.equal(back(x).logits, model(x).logits)
+    assert back.config == model.config
+    state = hf_to_native_state(hf)
+    ref = model.state_dict()
+    assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+def test_export_bf16_and_dtype_kept(tmp_path):
+    model = native_model().to(torch.bfloat16)
+    dst = export_to_hf(model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(dst, dtype="auto")
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    x = torch.randint(0, 300, (1, 8))
+    assert torch.equal(hf(x).logits, model(x).logits)
+
+
+def test_export_with_tokenizer(tmp_path, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    model = native_model(vocab_size=tiny_tokenizer.vocab_size)
+    dst = export_to_hf(model, tmp_path / "hf", tiny_tokenizer)
+    tok = AutoTokenizer.from_pretrained(dst)
+    text = "hello world, the quick fox"
+    assert tok(text)["input_ids"] == tiny_tokenizer.encode(text)
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == tiny_tokenizer.eos_id
+    hf = AutoModelForCausalLM.from_pretrained(dst)
+    assert hf.config.eos_token_id == tiny_tokenizer.eos_id
+
+
+def test_destination_rules(tmp_path):
+    model = native_model()
+    dst = tmp_path / "hf"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        export_to_hf(model, dst)
+    assert (dst / "keep.txt").exists()
+    export_to_hf(model, dst, overwrite=True)
+    assert (dst / "config.json").exists() and not (dst / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directory left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_to_hf(model, empty)  # an empty directory is fine
+
+
+def test_export_checkpoint_and_load_native_as_hf(tmp_path, monkeypatch, tiny_tokenizer):
+    model = native_model(vocab_size=tiny_tokenizer.vocab_size)
+    fake = types.ModuleType("aoe.train.checkpoint")
+    fake.load_model = lambda path, device="cpu": (model, None, tiny_tokenizer)
+    monkeypatch.setitem(sys.modules, "aoe.train.checkpoint", fake)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    x = torch.randint(0, model.config.vocab_size, (1, 6))
+    assert torch.equal(hf(x).logits, model(x).logits)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    live = load_native_as_hf(tmp_path / "ckpt")
+    assert live.config.eos_token_id == tiny_tokenizer.eos_id
+    assert torch.equal(live(x).logits, model(x).logits)
+    assert torch.equal(load_native_as_hf(model)(x).logits, model(x).logits)
