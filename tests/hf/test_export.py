@@ -1,6 +1,3 @@
-import sys
-import types
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -73,17 +70,33 @@ def test_destination_rules(tmp_path):
     export_to_hf(model, empty)  # an empty directory is fine
 
 
-def test_export_checkpoint_and_load_native_as_hf(tmp_path, monkeypatch, tiny_tokenizer):
+def test_export_checkpoint_and_load_native_as_hf(tmp_path, tiny_tokenizer):
+    from aoe.train.checkpoint import load_model, save_model_checkpoint
+
     model = native_model(vocab_size=tiny_tokenizer.vocab_size)
-    fake = types.ModuleType("aoe.train.checkpoint")
-    fake.load_model = lambda path, device="cpu": (model, None, tiny_tokenizer)
-    monkeypatch.setitem(sys.modules, "aoe.train.checkpoint", fake)
-    export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    save_model_checkpoint(tmp_path / "run", model, tiny_tokenizer)
+    export_checkpoint(tmp_path / "run", tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     x = torch.randint(0, model.config.vocab_size, (1, 6))
     assert torch.equal(hf(x).logits, model(x).logits)
     assert (tmp_path / "hf" / "tokenizer.json").exists()
-    live = load_native_as_hf(tmp_path / "ckpt")
+    live = load_native_as_hf(tmp_path / "run")
     assert live.config.eos_token_id == tiny_tokenizer.eos_id
     assert torch.equal(live(x).logits, model(x).logits)
     assert torch.equal(load_native_as_hf(model)(x).logits, model(x).logits)
+
+
+def test_cli_export_round_trip_through_native_checkpoints(tmp_path, tiny_tokenizer):
+    from aoe.cli import main
+    from aoe.train.checkpoint import load_model, save_model_checkpoint
+
+    model = native_model(vocab_size=tiny_tokenizer.vocab_size)
+    save_model_checkpoint(tmp_path / "run", model, tiny_tokenizer)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert main(["export", "--to-native", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back, _, tok = load_model(tmp_path / "back")
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    assert torch.equal(back(x).logits, model(x).logits)
+    text = "the quick brown fox, hello there"
+    assert tok is not None and tok.encode(text) == tiny_tokenizer.encode(text) and tok.eos_id == tiny_tokenizer.eos_id
+    assert main(["export", "--to-native", str(tmp_path / "hf"), str(tmp_path / "back")]) == 1  # never overwrites

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 DEMO_VARIANTS = ["moe", "aoe"]
-DEMO_OVERRIDES = ["train.max_steps=300", "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=10"]
+DEMO_OVERRIDES = ["train.max_steps=400", "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=10"]
 QUICK_OVERRIDES = ["train.max_steps=20", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10",
                    "train.log_every=5", "data.max_bytes=1000000"]
 SAMPLE_PROMPT = "def "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 
 __all__ = ["add_export_parser", "add_convert_parser", "run_export", "run_convert"]
@@ -19,11 +20,11 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                     "--to-native, check that an HF aoe directory loads back as a native model and report it.",
     )
     p.add_argument("src", help="native checkpoint or run directory (HF directory with --to-native)")
-    p.add_argument("dst", nargs="?", help="destination Hugging Face directory (not used with --to-native)")
+    p.add_argument("dst", nargs="?", help="destination: a Hugging Face directory (with --to-native: a native run directory; optional)")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="cast the weights (default: keep them)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     p.add_argument("--to-native", action="store_true",
-                   help="load SRC (an HF aoe directory) as a native Transformer and print it (weights round-trip check)")
+                   help="the reverse: SRC an HF aoe directory -> a native checkpoint in DST (just checked and described without DST)")
     p.set_defaults(func=run_export)
     return p
 
@@ -58,6 +59,22 @@ def run_export(args) -> int:
 
             model = load_hf_as_native(args.src)
             print(f"{args.src}: native {model.extra_repr()}, {model.num_params():,} parameters")
+            if args.dst:
+                from aoe.train.checkpoint import list_checkpoints, save_model_checkpoint
+
+                if list_checkpoints(args.dst) and not args.overwrite:
+                    print(f"aoe export: error: {args.dst} already holds checkpoints (use --overwrite)", file=sys.stderr)
+                    return 1
+                tokenizer = None
+                if (Path(args.src) / "tokenizer.json").is_file():
+                    from aoe.data import DataError, Tokenizer
+
+                    try:
+                        tokenizer = Tokenizer.load(args.src)
+                    except DataError as e:
+                        print(f"aoe export: warning: tokenizer not carried over ({e})", file=sys.stderr)
+                path = save_model_checkpoint(args.dst, model, tokenizer)
+                print(f"wrote native checkpoint {path}")
             return 0
         if not args.dst:
             print("aoe export: DST is required (unless --to-native)", file=sys.stderr)

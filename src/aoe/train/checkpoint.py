@@ -17,6 +17,7 @@ checked on load: a truncated or altered file is refused with an error naming it,
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -273,3 +274,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", veri
     tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
     return model, cfg, tokenizer
 
+
+
+def save_model_checkpoint(run_dir: str | os.PathLike, model: torch.nn.Module, tokenizer=None, step: int = 0) -> Path:
+    """Write a model that was not trained here (imported, converted) as a native checkpoint of
+    ``run_dir``, so ``aoe eval``, ``aoe generate`` and ``load_model`` take it. The run config is the
+    model's config with data/train defaults fitted to it; the trainer state holds only the step."""
+    from aoe.config import DataConfig, TrainConfig
+
+    mcfg = copy.deepcopy(model.config)
+    data = DataConfig(vocab_size=mcfg.vocab_size if tokenizer is None else tokenizer.vocab_size)
+    cfg = RunConfig(model=mcfg, data=data, train=TrainConfig(seq_len=min(128, mcfg.max_seq_len)))
+    return save_checkpoint(run_dir, step, model.float(), cfg, {"step": step}, tokenizer=tokenizer)
