@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from aoe.utils.files import file_sha256
+
 from aoe.data.errors import DataError
 
 __all__ = [
@@ -195,7 +197,7 @@ class Source:
                             st = path.stat()
                             h.update(f"{st.st_size}\0{st.st_mtime_ns}\0".encode())
                         else:
-                            h.update(_file_sha256(path).encode() + b"\0")
+                            h.update(file_sha256(path).encode() + b"\0")
                     except OSError as e:
                         raise DataError(f"cannot stat source file {str(path)!r}: {e}") from e
             self._fingerprint = h.hexdigest()
@@ -370,14 +372,6 @@ def _walk(root: Path, extensions: tuple[str, ...], *, skip_dirs: frozenset, skip
                     found.append((path.relative_to(root).as_posix(), path))
     found.sort(key=lambda t: t[0])
     return [p for _, p in found]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _parse_hf(spec: str) -> tuple[str, str | None, str]:

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from aoe.data._io import atomic_write_text
+from aoe.utils.files import atomic_write_text
 from aoe.data.errors import DataError
 from aoe.data.sources import DocStats, Source, check_max_bytes
 

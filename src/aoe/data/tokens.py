@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from aoe.data._io import atomic_write_text, file_lock, fsync_file, tmp_sibling
+from aoe.utils.files import atomic_write_text, file_lock, fsync_file, tmp_sibling
 from aoe.data.errors import DataError
 from aoe.data.sources import DocStats, Source, check_max_bytes, open_source
 from aoe.data.tokenizer import (TOKENIZER_FILE, Tokenizer, check_vocab_size, default_cache_dir,

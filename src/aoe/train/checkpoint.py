@@ -18,7 +18,6 @@ checked on load: a truncated or altered file is refused with an error naming it,
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aoe.config import RunConfig, load_config, save_config
+from aoe.utils.files import file_sha256, fsync_dir, fsync_file
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -49,32 +49,6 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Low-level helpers
 # ---------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict, contiguous, with a tied ``lm_head.weight`` left out (stored once)."""
     state = model.state_dict()
@@ -130,12 +104,12 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / STATE_FILE)
         files = {}
         for file in sorted(tmp.iterdir()):
-            _fsync_file(file)
-            files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+            fsync_file(file)
+            files[file.name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
         meta = {"format_version": FORMAT_VERSION, "step": step, "files": files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        _fsync_file(tmp / META_FILE)
-        _fsync_dir(tmp)
+        fsync_file(tmp / META_FILE)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run): replace it only now
             old = root / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
@@ -143,7 +117,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -193,7 +167,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         size = file.stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint file {str(file)!r} is {size} bytes, expected {info['bytes']} (truncated?)")
-        if _sha256(file) != info["sha256"]:
+        if file_sha256(file) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {str(file)!r} does not match its SHA-256 (corrupt)")
     return meta
 
