@@ -150,6 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from aoe.compare.runner import run_comparison
 
+    if not args.out:
+        raise CLIError("aoe compare: --out DIR is required")
     command = "aoe " + shlex.join(args.argv)
     run_comparison(args.out, config=args.config, overrides=args.overrides, variants=args.variants,
                    seeds=args.seeds, progress=not args.quiet, command=command)
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="the paper's study: train matched variants and write a report")
-    p.add_argument("--out", required=True, help="comparison directory (results.json, report.md, plots/, one run per variant and seed)")
+    p.add_argument("--out", help="comparison directory (required; results.json, report.md, plots/, one run per variant and seed)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="variants to train (default: dense moe moe_aux aoe aoe_aux; see --list-variants)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -252,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     if getattr(args, "list_variants", False):
         from aoe.compare.variants import describe_variants
+        from aoe.config import load_config
 
-        print(describe_variants())
+        print(describe_variants(load_config(args.config, args.overrides).model))
         return 0
     if not getattr(args, "func", None):
         parser.print_help()

@@ -217,6 +217,12 @@ class ModelConfig(_Section):
     recompute_gate: bool | None = None
     #: Blocks of rows the expert backward runs over (bounds its temporaries); None = automatic.
     backward_chunks: int | None = None
+    #: MoE ablation "MoE + factorized W_g": factorize each expert's gate projection at this rank
+    #: (w_down [E, d_model, r] @ w_up [E, r, d_ffn]) while the router still selects. None = off.
+    moe_gate_rank: int | None = None
+    #: MoE ablation "MoE + large router": hidden width of a two-layer router
+    #: (SiLU(x @ router_in [d_model, H]) @ router [H, E]). None = the linear router.
+    moe_router_hidden: int | None = None
     #: Width of every dense SwiGLU FFN (a dense model, or the layers in dense_layers).
     #: None = d_ffn. For a dense baseline with MoE's active FFN parameters use top_k * d_ffn.
     dense_d_ffn: int | None = None
@@ -254,7 +260,8 @@ class ModelConfig(_Section):
 
     def _check(self) -> None:
         self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
-                       "d_ffn", "n_experts", "top_k", "d_low", "d_wide", "dense_d_ffn", "backward_chunks")
+                       "d_ffn", "n_experts", "top_k", "d_low", "d_wide", "dense_d_ffn", "backward_chunks",
+                       "moe_gate_rank", "moe_router_hidden")
         self._positive("rope_theta", "norm_eps", "init_std")
         self._non_negative("aux_loss_coef", "z_loss_coef", "bias_update_rate")
         self._finite("rope_theta", "norm_eps", "init_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate")
@@ -272,6 +279,9 @@ class ModelConfig(_Section):
         self._choice("grouped_mm", GROUPED_MM_BACKENDS)
         if self.top_k > self.n_experts:
             raise ConfigError(f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}")
+        for name in ("moe_gate_rank", "moe_router_hidden"):
+            if getattr(self, name) is not None and self.ffn != "moe":
+                self._fail(name, f'applies to ffn="moe" only (ffn={self.ffn!r}); set it to null')
         if self.ffn == "aoe" and self.z_loss_coef > 0:
             self._fail("z_loss_coef", 'applies to ffn="moe" only (AoE has no router logits); set it to 0')
         seen = set()

@@ -262,3 +262,25 @@ def test_state_dict_has_no_rotary_tables():
     keys = small_model("aoe").state_dict().keys()
     assert not any("rotary" in k for k in keys)
     assert "layers.0.attn.q_proj.weight" in keys and "layers.1.ffn.w_down" in keys
+
+
+@pytest.mark.parametrize("ffn,extra", [
+    ("dense", {}), ("moe", {}), ("aoe", {}),
+    ("moe", {"moe_gate_rank": 8}), ("moe", {"moe_router_hidden": 24}),
+])
+def test_ffn_flops_match_the_matmuls_actually_run(ffn, extra):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aoe.config import ModelConfig
+    from aoe.model import Transformer, build_ffn, ffn_forward_flops
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ffn=48, n_experts=4, top_k=2, d_low=8,
+                      ffn=ffn, grouped_mm="loop", **extra)
+    layer = build_ffn(cfg, 0)
+    x = torch.randn(50, 32)
+    with FlopCounterMode(display=False) as counter:
+        layer(x)
+    assert counter.get_total_flops() == 50 * ffn_forward_flops(layer)
+    model = Transformer(cfg)
+    counted = sum(p.numel() for p in model.parameters())
+    assert model.num_params() == counted

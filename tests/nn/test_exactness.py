@@ -152,3 +152,27 @@ def test_chunked_backward_is_exact(kind, chunks):
     """The backward over blocks of rows (a block may split an expert's rows) equals the reference."""
     layer = build(kind, 16, 4, 2, 24, 4, backward_chunks=chunks, grouped_mm="loop")
     check_against_reference(layer, (2, 13))
+
+
+# The paper's ablation baselines: MoE with AoE's factorized gate (a router still selects), and MoE
+# with a large two-layer router.
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("option", [{"gate_rank": 3}, {"router_hidden": 10}, {"gate_rank": 5, "router_hidden": 7}])
+def test_moe_ablation_options_match_reference(shape, option):
+    lead, d, E, k, width, _ = shape
+    layer = build("moe", d, E, k, width, 0, **option)
+    assert ("w_gate" in dict(layer.named_parameters())) == ("gate_rank" not in option)
+    check_against_reference(layer, lead)
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+def test_factorized_gate_idle_experts_get_zero_gradient(backend):
+    layer = MoE(16, 24, 16, 1, gate_rank=4, grouped_mm=backend)
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).square().sum().backward()
+    counts = layer.last_routing.tokens_per_expert
+    idle, busy = (counts == 0).nonzero().flatten(), (counts > 0).nonzero().flatten()
+    for name in ("w_down", "w_up", "w_in", "w_out"):
+        grad = getattr(layer, name).grad
+        assert torch.count_nonzero(grad[idle]) == 0, name
+        assert torch.count_nonzero(grad[busy]) > 0, name

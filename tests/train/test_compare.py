@@ -16,10 +16,11 @@ def test_default_suite_is_parameter_matched(make_cfg):
     from aoe.model import Transformer
 
     counts = {}
-    for v in resolve_variants(None, ModelConfig()):
+    names = [*DEFAULT_VARIANTS, "moe_factorized", "moe_large_router"]
+    for v in resolve_variants(names, ModelConfig()):
         cfg = load_config("tiny", ["model.vocab_size=4096", *v.overrides])
         counts[v.name] = Transformer(cfg.model).num_params(include_embedding=False)
-    assert list(counts) == list(DEFAULT_VARIANTS)
+    assert list(counts) == names
     for name, n in counts.items():
         assert abs(n - counts["moe"]) / counts["moe"] < 0.01, (name, n, counts["moe"])
     with pytest.raises(ConfigError, match="unknown variant 'moo'"):

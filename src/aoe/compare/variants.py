@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aoe.config import ConfigError, ModelConfig
+from aoe.nn import match_d_wide
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,21 @@ class Variant:
     overrides: tuple[str, ...]
 
 
+def large_router_shape(m: ModelConfig) -> tuple[int, int]:
+    """(hidden width H, expert width) of "MoE + large router": the two-layer router D->H->E holds
+    about AoE's w_down budget E*D*d_low, and the experts shrink so that total parameters still
+    match the plain MoE's."""
+    D, E, L, F = m.d_model, m.n_experts, m.d_low, m.d_ffn
+    hidden = max(1, round(E * D * L / (D + E)))
+    extra = D * hidden + hidden * E - D * E
+    return hidden, max(1, F - round(extra / (3 * D * E)))
+
+
 def _variants(m: ModelConfig) -> list[Variant]:
     E, k, f = m.n_experts, m.top_k, m.d_ffn
     sparse = f"top-{k} of {E} experts"
+    hidden, router_ffn = large_router_shape(m)
+    factorized_ffn = match_d_wide(m.d_model, f, m.d_low)
     return [
         Variant("dense", "Dense", f"SwiGLU FFN of width {E * f} (= n_experts x d_ffn: total parameters matched, all active)",
                 ("model.ffn=dense", f"model.dense_d_ffn={E * f}")),
@@ -36,6 +49,12 @@ def _variants(m: ModelConfig) -> list[Variant]:
         Variant("aoe_aux", "AoE + L_aux", f"Autonomy-of-Experts, {sparse}, d_low={m.d_low}, load-balancing loss 0.01",
                 ("model.ffn=aoe", "model.aux_loss_coef=0.01")),
         # ablations (on request)
+        Variant("moe_factorized", "MoE + factorized W_g",
+                f"router MoE with AoE's experts: gate = (x @ w_down) @ w_up at rank {m.d_low}, width {factorized_ffn}",
+                ("model.ffn=moe", f"model.moe_gate_rank={m.d_low}", f"model.d_ffn={factorized_ffn}")),
+        Variant("moe_large_router", "MoE + large router",
+                f"router MoE with a two-layer router {m.d_model}->{hidden}->{E} (about AoE's w_down), experts "
+                f"of width {router_ffn}", ("model.ffn=moe", f"model.moe_router_hidden={hidden}", f"model.d_ffn={router_ffn}")),
         Variant("aoe_l1", "AoE (L1)", "AoE ranking experts by the L1 norm", ("model.ffn=aoe", "model.norm=l1")),
         Variant("aoe_linf", "AoE (L-inf)", "AoE ranking experts by the L-infinity norm",
                 ("model.ffn=aoe", "model.norm=linf")),
@@ -80,7 +99,6 @@ def describe_variants(model: ModelConfig | None = None) -> str:
     lines = []
     for v in _variants(model):
         mark = "*" if v.name in DEFAULT_VARIANTS else " "
-        lines.append(f"{mark} {v.name:<12} {v.description}   [{' '.join(v.overrides)}]")
+        lines.append(f"{mark} {v.name:<17} {v.description}   [{' '.join(v.overrides)}]")
     lines.append("(* = default suite; shown for the default model config; aoe_dlowR for any rank R)")
-    lines.append("Not implemented yet: the paper's 'MoE + factorized W_g' and 'MoE + large router' ablations.")
     return "\n".join(lines)

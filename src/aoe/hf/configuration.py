@@ -54,6 +54,8 @@ HF_TO_NATIVE: tuple[tuple[str, str], ...] = (
     ("recompute_scores", "recompute_scores"),
     ("recompute_gate", "recompute_gate"),
     ("backward_chunks", "backward_chunks"),
+    ("moe_gate_rank", "moe_gate_rank"),
+    ("moe_router_hidden", "moe_router_hidden"),
     ("dense_intermediate_size", "dense_d_ffn"),
     ("dense_layers", "dense_layers"),
     ("grouped_mm", "grouped_mm"),
@@ -99,6 +101,8 @@ class AoEConfig(PretrainedConfig):
     recompute_scores: bool = False
     recompute_gate: bool | None = None
     backward_chunks: int | None = None
+    moe_gate_rank: int | None = None
+    moe_router_hidden: int | None = None
     dense_intermediate_size: int | None = None
     dense_layers: list[int] = field(default_factory=list)
     grouped_mm: str = "auto"

@@ -24,8 +24,9 @@ from aoe.model.attention import Attention, KVCache, RotaryEmbedding
 from aoe.nn import AoE, DenseFFN, MoE
 from aoe.nn.sparse import SparseFFN, total_aux_loss
 
-# Expert weights of a sparse layer that only the k chosen experts use for a token; every other
-# parameter of a sparse layer (MoE router, AoE w_down: all experts' low-rank activations) is active.
+# Expert weights of a sparse layer that only the k chosen experts use for a token (plus an MoE's
+# factorized-gate w_down); every other parameter of a sparse layer (MoE router, AoE w_down: all
+# experts' low-rank activations) is active.
 _CHOSEN_EXPERT_WEIGHTS = ("w_gate", "w_in", "w_up", "w_out")
 
 
@@ -74,7 +75,7 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
             aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef,
             bias_update_rate=cfg.bias_update_rate, grouped_mm=cfg.grouped_mm,
             recompute_gate=False if cfg.recompute_gate is None else cfg.recompute_gate,
-            backward_chunks=cfg.backward_chunks,
+            backward_chunks=cfg.backward_chunks, gate_rank=cfg.moe_gate_rank, router_hidden=cfg.moe_router_hidden,
         )
     return AoE(
         cfg.d_model, cfg.d_low, cfg.n_experts, cfg.top_k, d_wide=cfg.resolved_d_wide,
@@ -89,13 +90,18 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
 def ffn_forward_flops(ffn: nn.Module) -> int:
     """Forward matmul FLOPs (2 x multiply-adds) per token of one FFN layer.
 
-    Dense: 2*3*D*F. MoE: router 2*D*E + k * 2*3*D*F. AoE: every expert's low-rank activation
+    Dense: 2*3*D*F. MoE: router 2*D*E (two-layer router: 2*(D*H + H*E)) + k * 2*3*D*F (with a
+    factorized gate of rank r: k * 2*(D*r + r*F + 2*D*F)). AoE: every expert's low-rank activation
     2*E*D*L + per chosen expert 2*(L*W + 2*D*W).
     """
     if isinstance(ffn, DenseFFN):
         return 2 * 3 * ffn.d_model * ffn.d_ffn
     if isinstance(ffn, MoE):
-        return 2 * ffn.d_model * ffn.n_experts + ffn.top_k * 2 * 3 * ffn.d_model * ffn.d_ffn
+        D, E, F = ffn.d_model, ffn.n_experts, ffn.d_ffn
+        H, r = ffn.router_hidden, ffn.gate_rank
+        router = 2 * D * E if H is None else 2 * (D * H + H * E)
+        expert = 2 * 3 * D * F if r is None else 2 * (D * r + r * F + 2 * D * F)
+        return router + ffn.top_k * expert
     if isinstance(ffn, AoE):
         D, L, W = ffn.d_model, ffn.d_low, ffn.d_wide
         return 2 * ffn.n_experts * D * L + ffn.top_k * 2 * (L * W + 2 * D * W)
@@ -254,7 +260,8 @@ class Transformer(nn.Module):
                 if not include_embedding and id(p) in vocab_tables:
                     continue
                 n = p.numel()
-                if active and isinstance(module, SparseFFN) and name in _CHOSEN_EXPERT_WEIGHTS:
+                if active and isinstance(module, SparseFFN) and (
+                        name in _CHOSEN_EXPERT_WEIGHTS or (isinstance(module, MoE) and name == "w_down")):
                     n = n // module.n_experts * module.top_k
                 total += n
         return total

@@ -144,3 +144,26 @@ def grouped_weight_grad(
             if backend == "torch":
                 raise
     return _loop_weight_grad(x_TD, dy_TF, offsets_E, out)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """Autograd for ``grouped_mm``: dx = dy @ w[e]^T per group, dw[e] = x_e^T @ dy_e (zero when idle)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_EDF, offsets_E, backend):
+        ctx.save_for_backward(x_TD, w_EDF, offsets_E)
+        ctx.backend = backend
+        return grouped_mm(x_TD, w_EDF, offsets_E, backend)
+
+    @staticmethod
+    def backward(ctx, dy_TF):
+        x_TD, w_EDF, offsets_E = ctx.saved_tensors
+        dy_TF = dy_TF.contiguous()
+        dx = grouped_mm(dy_TF, w_EDF.transpose(-2, -1), offsets_E, ctx.backend) if ctx.needs_input_grad[0] else None
+        dw = grouped_weight_grad(x_TD, dy_TF, offsets_E, ctx.backend) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
+
+
+def grouped_linear(x_TD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``grouped_mm`` with gradients for x and w (for the few matmuls outside the fused expert function)."""
+    return _GroupedLinear.apply(x_TD, w_EDF, offsets_E, backend)

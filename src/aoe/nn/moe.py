@@ -4,16 +4,25 @@ Per token: ``logits = x @ router`` -> fp32 softmax over all E experts -> top-k -
 renormalized over the chosen k by default. Expert e: ``(SiLU(x @ w_gate[e]) * (x @ w_in[e])) @ w_out[e]``.
 
 Parameters (input dimension first): router [D, E], w_gate [E, D, F], w_in [E, D, F], w_out [E, F, D].
+
+Two options give the paper's ablation baselines (both off by default):
+- ``gate_rank=r`` ("MoE + factorized W_g"): AoE's factorization of the gate projection, but a router
+  still selects: w_gate is replaced by ``w_down [E, D, r]`` and ``w_up [E, r, F]``, and
+  ``gate = (x @ w_down[e]) @ w_up[e]`` is computed for the chosen experts only.
+- ``router_hidden=H`` ("MoE + large router"): a two-layer router ``logits = SiLU(x @ router_in) @ router``
+  with ``router_in [D, H]`` and ``router [H, E]``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aoe.nn.balance import router_z_loss
 from aoe.nn.dispatch import Dispatch
 from aoe.nn.experts import swiglu_experts
+from aoe.nn.grouped_mm import grouped_linear
 from aoe.nn.selection import at_least_fp32
 from aoe.nn.sparse import SparseFFN, check_non_negative, check_positive
 
@@ -35,6 +44,8 @@ class MoE(SparseFFN):
         backward_chunks: blocks of sorted rows the expert backward runs over (bounds its
             temporaries); None = ``clamp(S // (256 * E), 1, 4)`` (see ``aoe.nn.experts``).
         init_std: std of the normal init of every weight.
+        gate_rank: factorize each expert's gate projection at this rank (None = a full w_gate).
+        router_hidden: hidden width of a two-layer router (None = the linear router [D, E]).
     """
 
     def __init__(
@@ -52,6 +63,8 @@ class MoE(SparseFFN):
         grouped_mm: str = "auto",
         backward_chunks: int | None = None,
         init_std: float = 0.02,
+        gate_rank: int | None = None,
+        router_hidden: int | None = None,
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
@@ -60,18 +73,30 @@ class MoE(SparseFFN):
         self.d_ffn = check_positive("d_ffn", d_ffn)
         self.z_loss_coef = check_non_negative("z_loss_coef", z_loss_coef)
         self.recompute_gate = bool(recompute_gate)
-        self.router = nn.Parameter(torch.empty(d_model, n_experts))
-        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
+        self.gate_rank = None if gate_rank is None else check_positive("gate_rank", gate_rank)
+        self.router_hidden = None if router_hidden is None else check_positive("router_hidden", router_hidden)
+        if self.router_hidden is None:
+            self.router = nn.Parameter(torch.empty(d_model, n_experts))
+        else:
+            self.router_in = nn.Parameter(torch.empty(d_model, self.router_hidden))
+            self.router = nn.Parameter(torch.empty(self.router_hidden, n_experts))
+        if self.gate_rank is None:
+            self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
+        else:
+            self.w_down = nn.Parameter(torch.empty(n_experts, d_model, self.gate_rank))
+            self.w_up = nn.Parameter(torch.empty(n_experts, self.gate_rank, d_ffn))
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_ffn, d_model))
         self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
-        for w in (self.router, self.w_gate, self.w_in):
+        for w in self.parameters():
             nn.init.normal_(w, std=std)
         nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
 
     def expert_scores(self, x_TD, dtype):
+        if self.router_hidden is not None:
+            return at_least_fp32(F.silu(x_TD @ self.router_in.to(dtype)) @ self.router.to(dtype)), None
         return at_least_fp32(x_TD @ self.router.to(dtype)), None
 
     def extra_loss(self, scores_TE):
@@ -79,6 +104,13 @@ class MoE(SparseFFN):
 
     def expert_outputs(self, x_TD, state, gate_weight_S, dispatch: Dispatch, dtype):
         x_SD = dispatch.gather_tokens(x_TD)
+        if self.gate_rank is not None:  # factorized gate: the chosen experts' low-rank activations
+            act_SR = grouped_linear(x_SD, self.w_down.to(dtype), dispatch.offsets_E, self.grouped_mm)
+            return swiglu_experts(
+                x_SD, act_SR, self.w_up.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
+                dispatch.offsets_E, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
+                backend=self.grouped_mm,
+            )
         return swiglu_experts(
             x_SD, x_SD, self.w_gate.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
             dispatch.offsets_E, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
@@ -86,4 +118,6 @@ class MoE(SparseFFN):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, d_ffn={self.d_ffn}"
+        extra = "" if self.gate_rank is None else f", gate_rank={self.gate_rank}"
+        extra += "" if self.router_hidden is None else f", router_hidden={self.router_hidden}"
+        return f"{super().extra_repr()}, d_ffn={self.d_ffn}{extra}"

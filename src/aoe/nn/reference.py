@@ -27,6 +27,8 @@ def reference_forward(layer: MoE | AoE, x: torch.Tensor) -> tuple[torch.Tensor, 
         if is_aoe:
             acts = [x_D @ layer.w_down[e] for e in range(layer.n_experts)]
             scores = torch.stack([torch.linalg.vector_norm(a, ord=_ORD[layer.norm]) for a in acts])
+        elif getattr(layer, "router_hidden", None):
+            scores = F.silu(x_D @ layer.router_in) @ layer.router
         else:
             scores = x_D @ layer.router
         p = torch.softmax(scores, dim=0)
@@ -36,7 +38,12 @@ def reference_forward(layer: MoE | AoE, x: torch.Tensor) -> tuple[torch.Tensor, 
             w = w / w.sum()
         y = torch.zeros_like(x_D)
         for j, e in enumerate(chosen.tolist()):
-            gate = acts[e] @ layer.w_up[e] if is_aoe else x_D @ layer.w_gate[e]
+            if is_aoe:
+                gate = acts[e] @ layer.w_up[e]
+            elif getattr(layer, "gate_rank", None):
+                gate = (x_D @ layer.w_down[e]) @ layer.w_up[e]
+            else:
+                gate = x_D @ layer.w_gate[e]
             y = y + w[j] * ((F.silu(gate) * (x_D @ layer.w_in[e])) @ layer.w_out[e])
         outputs.append(y)
         probs.append(p)
