@@ -152,10 +152,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise CLIError("aoe compare: --out DIR is required")
+    _split_overrides(args)
     command = "aoe " + shlex.join(args.argv)
     run_comparison(args.out, config=args.config, overrides=args.overrides, variants=args.variants,
                    seeds=args.seeds, progress=not args.quiet, command=command)
     return 0
+
+
+def _split_overrides(args: argparse.Namespace) -> None:
+    """`--seeds 0 1 train.max_steps=500`: key=value items after a list option are overrides."""
+    for name in ("seeds", "variants"):
+        items = getattr(args, name) or []
+        kept = [i for i in items if "=" not in i]
+        args.overrides = [i for i in items if "=" in i] + list(args.overrides)
+        setattr(args, name, kept or None)
+    try:
+        args.seeds = [int(s) for s in args.seeds] if args.seeds else [0]
+    except ValueError:
+        raise CLIError(f"--seeds takes integers, got {args.seeds}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -215,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="comparison directory (required; results.json, report.md, plots/, one run per variant and seed)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="variants to train (default: dense moe moe_aux aoe aoe_aux; see --list-variants)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", default=None, help="training seeds (default: 0)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--list-variants", action="store_true", help="print the known variants and exit")
     _add_config_args(p)
@@ -256,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         from aoe.compare.variants import describe_variants
         from aoe.config import load_config
 
+        _split_overrides(args)
         print(describe_variants(load_config(args.config, args.overrides).model))
         return 0
     if not getattr(args, "func", None):

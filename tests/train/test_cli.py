@@ -72,3 +72,11 @@ def test_resume_of_a_finished_run_and_missing_checkpoint(trained, tmp_path, caps
     run, cache = trained
     assert main(["eval", str(tmp_path)]) == 2
     assert "neither a checkpoint" in capsys.readouterr().err
+
+
+def test_compare_list_options_leave_overrides_alone(capsys):
+    assert main(["compare", "--list-variants", "--seeds", "0", "1", "model.d_low=16", "model.n_experts=4"]) == 0
+    out = capsys.readouterr().out
+    assert "aoe_dlow8" in out and "top-2 of 4 experts" in out
+    assert main(["compare", "--seeds", "0", "x"]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -46,7 +46,8 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss under nan_policy=stop, too many skipped steps...)."""
 
 
-def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
+def resolve_device(name: str, dist_info: DistInfo, set_current: bool = True) -> torch.device:
+    """train.device -> a torch.device ("auto": CUDA when available; under torchrun, cuda:LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -55,7 +56,8 @@ def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
             raise ConfigError(f"train.device={name!r} but no CUDA device is available")
         if device.index is None:
             device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
+        if set_current:
+            torch.cuda.set_device(device)
     return device
 
 
@@ -106,9 +108,7 @@ class Trainer:
                  data: TokenData | None = None):
         cfg.validate()
         self.out_dir = Path(out_dir)
-        self.dist = init_distributed(torch.device("cuda" if cfg.train.device.startswith("cuda") or
-                                                  (cfg.train.device == "auto" and torch.cuda.is_available())
-                                                  else "cpu"))
+        self.dist = init_distributed(resolve_device(cfg.train.device, DistInfo(), set_current=False))
         self.device = resolve_device(cfg.train.device, self.dist)
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         if cfg.train.num_threads is not None and self.device.type == "cpu":
