@@ -45,6 +45,7 @@ GROUPED_MM_BACKENDS = ("auto", "torch", "loop")
 DTYPES = ("auto", "float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
 DECODE_ERRORS = ("replace", "skip")
+QK_NORMS = ("none", "head", "full")
 
 
 class ConfigError(ValueError):
@@ -181,6 +182,10 @@ class ModelConfig(_Section):
     rope_theta: float = 10000.0
     #: Epsilon of every RMSNorm.
     norm_eps: float = 1e-5
+    #: RMSNorm of the queries and keys inside attention, before RoPE: "none"; "head" (each head's
+    #: q and k over head_dim, one weight [head_dim] shared by the heads: Qwen3); "full" (the whole
+    #: q projection [n_heads * head_dim] and k projection [n_kv_heads * head_dim]: OLMoE).
+    qk_norm: str = "none"
     #: Share the output layer's weight with the token embedding.
     tie_embeddings: bool = True
     #: Std of the normal init of every matrix; output projections (attention o_proj and FFN
@@ -276,6 +281,7 @@ class ModelConfig(_Section):
             raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
         self._choice("ffn", FFN_KINDS)
         self._choice("norm", SCORE_NORMS)
+        self._choice("qk_norm", QK_NORMS)
         self._choice("grouped_mm", GROUPED_MM_BACKENDS)
         if self.top_k > self.n_experts:
             raise ConfigError(f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}")

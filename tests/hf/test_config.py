@@ -11,7 +11,9 @@ from aoe.hf.configuration import HF_TO_NATIVE
     ModelConfig(vocab_size=100),
     ModelConfig(vocab_size=100, ffn="moe", n_kv_heads=2, renormalize=False, z_loss_coef=1e-3, dense_layers=[0, 3],
                 dense_d_ffn=512, tie_embeddings=False, aux_loss_coef=0.01, grouped_mm="loop", backward_chunks=2),
-    ModelConfig(vocab_size=7, ffn="dense", d_model=64, n_heads=8, rope_theta=5e5, norm_eps=1e-6, init_std=0.01),
+    ModelConfig(vocab_size=7, ffn="dense", d_model=64, n_heads=8, rope_theta=5e5, norm_eps=1e-6, init_std=0.01,
+                qk_norm="head"),
+    ModelConfig(vocab_size=100, ffn="moe", n_kv_heads=2, qk_norm="full"),
     ModelConfig(vocab_size=100, ffn="aoe", d_low=16, d_wide=320, norm="l1", recompute_scores=True,
                 recompute_gate=False, bias_update_rate=1e-3, renormalize=True),
 ])
@@ -30,7 +32,7 @@ def test_hf_names():
                                                  n_experts=6, top_k=3, max_seq_len=128, renormalize=True))
     assert (hf.hidden_size, hf.num_attention_heads, hf.num_hidden_layers, hf.intermediate_size) == (64, 8, 3, 96)
     assert (hf.num_experts, hf.num_experts_per_tok, hf.max_position_embeddings, hf.norm_topk_prob) == (6, 3, 128, True)
-    assert hf.ffn_type == "aoe" and hf.expert_score_norm == "l2"
+    assert hf.ffn_type == "aoe" and hf.expert_score_norm == "l2" and hf.qk_norm == "none"
     assert len(HF_TO_NATIVE) == len({n for _, n in HF_TO_NATIVE})
     # every ModelConfig field has an HF name (a new field still round-trips under its own name)
     assert {n for _, n in HF_TO_NATIVE} == {f.name for f in dataclasses.fields(ModelConfig)}
@@ -41,6 +43,8 @@ def test_invalid_values_are_refused():
         AoEConfig(vocab_size=10, num_experts=2, num_experts_per_tok=3)
     with pytest.raises(ValueError, match="ffn"):
         AoEConfig(vocab_size=10, ffn_type="nope")
+    with pytest.raises(ValueError, match="qk_norm"):
+        AoEConfig(vocab_size=10, qk_norm="per_head")
     AoEConfig()  # defaults without a vocabulary are allowed (HF builds default configs)
 
 

@@ -137,8 +137,14 @@ def test_factorize_gate_balanced_and_exact():
 @pytest.mark.parametrize("name,cls,cfg_cls,extra,match", [
     ("qwen2", Qwen2MoeForCausalLM, Qwen2MoeConfig, dict(num_experts=4, moe_intermediate_size=24,
                                                       shared_expert_intermediate_size=48), "shared expert"),
-    ("qwen3", Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(num_experts=4, moe_intermediate_size=24), "qk-norm"),
-    ("olmoe", OlmoeForCausalLM, OlmoeConfig, dict(num_experts=4, eos_token_id=1, pad_token_id=1), "qk-norm"),
+    ("qwen3-head-dim", Qwen3MoeForCausalLM, Qwen3MoeConfig,
+     dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=16), "head_dim=16"),
+    ("qwen3-bias", Qwen3MoeForCausalLM, Qwen3MoeConfig,
+     dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, attention_bias=True), "attention_bias"),
+    ("qwen3-all-dense", Qwen3MoeForCausalLM, Qwen3MoeConfig,
+     dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=[0, 1]), "every layer is dense"),
+    ("olmoe-clip", OlmoeForCausalLM, OlmoeConfig,
+     dict(num_experts=4, num_experts_per_tok=2, eos_token_id=1, pad_token_id=1, clip_qkv=8.0), "clip_qkv"),
 ])
 def test_unsupported_sources_refused(tmp_path, name, cls, cfg_cls, extra, match):
     src = save(cls(cfg_cls(**KW, **extra)), tmp_path / name)
@@ -234,3 +240,134 @@ def test_failure_midway_leaves_no_destination(tmp_path, llama_dir):
         convert_to_aoe(src, tmp_path / "out", verbose=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen3-MoE (per-head q/k norm, dense mlp_only layers) and OLMoE (q/k norm over the projection)
+# ---------------------------------------------------------------------------------------------
+def _randomize_norms(model):
+    """Every RMSNorm weight (q/k norms included) away from the init's ones, so that a norm copied
+    to the wrong place or not applied shows in the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def qwen3_dir(path, E=4, k=2, **kw):
+    cfg = Qwen3MoeConfig(**{**KW, "num_experts": E, "num_experts_per_tok": k, "moe_intermediate_size": 24,
+                            "head_dim": 8, **kw})
+    return save(_randomize_norms(Qwen3MoeForCausalLM(cfg)).eval(), path)
+
+
+def olmoe_dir(path, E=4, k=2, **kw):
+    cfg = OlmoeConfig(**{**KW, "num_experts": E, "num_experts_per_tok": k, "eos_token_id": 1, "pad_token_id": 1, **kw})
+    return save(_randomize_norms(OlmoeForCausalLM(cfg)).eval(), path)
+
+
+MOE_QK = {"qwen3_moe": (qwen3_dir, Qwen3MoeForCausalLM, "head", 24), "olmoe": (olmoe_dir, OlmoeForCausalLM, "full", 48)}
+
+
+@pytest.mark.parametrize("source,extra,dense", [
+    ("qwen3_moe", {}, []),
+    ("qwen3_moe", {"mlp_only_layers": [0]}, [0]),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, [0]),  # sparse iff (layer + 1) % 2 == 0
+    ("olmoe", {}, []),
+])
+def test_qk_norm_sources_single_expert_same_logits(tmp_path, source, extra, dense):
+    make, cls, qk_norm, F_expert = MOE_QK[source]
+    src = make(tmp_path / "src", E=1, k=1, **extra)
+    report = convert_to_aoe(src, tmp_path / "out", verbose=False)
+    assert len(report.layer_errors) == 2 and report.max_error < 1e-12
+    ref = cls.from_pretrained(src).eval()
+    aoe = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert isinstance(aoe, AoEForCausalLM)
+    assert aoe.config.qk_norm == qk_norm and aoe.config.dense_layers == dense
+    assert aoe.config.d_wide == F_expert and aoe.config.rms_norm_eps == ref.config.rms_norm_eps
+    if dense:
+        assert aoe.config.dense_intermediate_size == 48
+    x = torch.randint(0, 64, (2, 16))
+    assert rel(aoe(x).logits, ref(x).logits) <= 1e-5
+    # the incremental (cached) path agrees too: the keys are normalized before they are cached
+    out = aoe(x[:, :9], use_cache=True)
+    step = aoe(x[:, 9:], past_key_values=out.past_key_values, use_cache=True)
+    assert rel(torch.cat([out.logits, step.logits], 1), ref(x).logits) <= 1e-5
+
+
+def _fuse_experts(src, layers, E):
+    """Rewrite a checkpoint's per-expert gate/up/down weights in transformers 5's fused layout."""
+    s = load_file(str(src / "model.safetensors"))
+    for i in layers:
+        p = f"model.layers.{i}.mlp.experts."
+        s[p + "gate_up_proj"] = torch.stack([torch.cat([s.pop(f"{p}{e}.gate_proj.weight"), s.pop(f"{p}{e}.up_proj.weight")])
+                                             for e in range(E)])
+        s[p + "down_proj"] = torch.stack([s.pop(f"{p}{e}.down_proj.weight") for e in range(E)])
+    save_file(s, str(src / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _qk_expert_outputs(state_src, state_dst, layer, E, x):
+    src_out, dst_out = [], []
+    for e in range(E):
+        p = f"model.layers.{layer}.mlp.experts."
+        if p + "gate_up_proj" in state_src:
+            g, u = state_src[p + "gate_up_proj"][e].chunk(2, dim=0)
+            w2 = state_src[p + "down_proj"][e]
+        else:
+            g, u, w2 = (state_src[f"{p}{e}.{n}_proj.weight"] for n in ("gate", "up", "down"))
+        src_out.append((F.silu(x @ g.T) * (x @ u.T)) @ w2.T)
+        q = f"model.layers.{layer}.ffn."
+        dst_out.append((F.silu(x @ state_dst[q + "w_down"][e] @ state_dst[q + "w_up"][e]) * (x @ state_dst[q + "w_in"][e]))
+                       @ state_dst[q + "w_out"][e])
+    return torch.stack(src_out), torch.stack(dst_out)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("norm_topk", [False, True])
+@pytest.mark.parametrize("source", ["qwen3_moe", "olmoe"])
+def test_qk_norm_sources_experts_reconstructed_at_full_rank(tmp_path, source, norm_topk, fused):
+    make, _, qk_norm, F_expert = MOE_QK[source]
+    extra = {"mlp_only_layers": [1]} if source == "qwen3_moe" else {}
+    sparse = [0] if source == "qwen3_moe" else [0, 1]
+    src = make(tmp_path / "src", norm_topk_prob=norm_topk, **extra)
+    if fused:
+        _fuse_experts(src, sparse, 4)
+    report = convert_to_aoe(src, tmp_path / "out", verbose=False)
+    assert report.max_error < 1e-12 and report.source_type == source
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["d_low"], cfg["d_wide"]) == (4, 2, min(32, F_expert), F_expert)
+    assert cfg["norm_topk_prob"] is norm_topk and cfg["qk_norm"] == qk_norm
+    s, d = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert not any("gate.weight" in k or "router" in k for k in d)
+    for i in range(2):  # q/k norms (and the other norms) copied exactly
+        for a in ("q", "k"):
+            assert torch.equal(d[f"model.layers.{i}.attn.{a}_norm.weight"], s[f"model.layers.{i}.self_attn.{a}_norm.weight"])
+        assert torch.equal(d[f"model.layers.{i}.attn_norm.weight"], s[f"model.layers.{i}.input_layernorm.weight"])
+    x = torch.randn(7, 32)
+    for layer in sparse:
+        a, b = _qk_expert_outputs(s, d, layer, 4, x)
+        assert rel(b, a) < 1e-5
+    if source == "qwen3_moe":  # the mlp_only layer is the source's dense MLP, as is
+        p = "model.layers.1.mlp."
+        assert torch.equal(d["model.layers.1.ffn.w_gate"], s[p + "gate_proj.weight"].T)
+        assert torch.equal(d["model.layers.1.ffn.w_in"], s[p + "up_proj.weight"].T)
+        assert torch.equal(d["model.layers.1.ffn.w_out"], s[p + "down_proj.weight"].T)
+        assert report.layer_errors[1] == 0.0
+    aoe = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.isfinite(aoe(torch.randint(0, 64, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize("source,ranks", [("qwen3_moe", (2, 8, 16, 24)), ("olmoe", (2, 8, 16, 32))])
+def test_qk_norm_sources_reconstruction_error_decreases_with_rank(tmp_path, source, ranks):
+    make, _, _, F_expert = MOE_QK[source]
+    src = make(tmp_path / "src")
+    errs = [convert_to_aoe(src, tmp_path / f"out{r}", d_low=r, verbose=False).max_error for r in ranks]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert errs[0] > 0.1 and errs[-1] < 1e-12
+    d = load_file(str(tmp_path / "out8" / "model.safetensors"))
+    assert d["model.layers.0.ffn.w_down"].shape == (4, 32, 8) and d["model.layers.0.ffn.w_up"].shape == (4, 8, F_expert)
+    with pytest.raises(ValueError, match="d_low"):
+        convert_to_aoe(src, tmp_path / "bad", d_low=min(32, F_expert) + 1, verbose=False)
+    with pytest.raises(ValueError, match="num_experts"):
+        convert_to_aoe(src, tmp_path / "bad", num_experts=8, verbose=False)
+    assert not (tmp_path / "bad").exists()

@@ -16,9 +16,15 @@ def native_model(**kw):
     return Transformer(ModelConfig(**base)).eval()
 
 
-@pytest.mark.parametrize("ffn,tie", [("aoe", True), ("moe", False), ("dense", True)])
-def test_export_then_load_identical_logits(tmp_path, ffn, tie):
-    model = native_model(ffn=ffn, tie_embeddings=tie, dense_layers=[0] if ffn != "dense" else [])
+@pytest.mark.parametrize("ffn,tie,qk_norm", [("aoe", True, "none"), ("moe", False, "none"), ("dense", True, "none"),
+                                            ("aoe", False, "head"), ("dense", True, "full")])
+def test_export_then_load_identical_logits(tmp_path, ffn, tie, qk_norm):
+    model = native_model(ffn=ffn, tie_embeddings=tie, dense_layers=[0] if ffn != "dense" else [], qk_norm=qk_norm)
+    if qk_norm != "none":
+        with torch.no_grad():
+            for block in model.layers:
+                block.attn.q_norm.weight.uniform_(0.5, 1.5)
+                block.attn.k_norm.weight.uniform_(0.5, 1.5)
     x = torch.randint(0, 300, (2, 10))
     dst = export_to_hf(model, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(dst).eval()

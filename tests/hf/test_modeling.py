@@ -30,6 +30,26 @@ def test_save_load_round_trip_identical_logits(tiny_config, tmp_path, ffn, tie):
     assert not loaded.model.rotary._tables[torch.device("cpu")][0].is_meta
 
 
+@pytest.mark.parametrize("ffn,qk_norm", [("aoe", "head"), ("moe", "full")])
+def test_save_load_round_trip_with_qk_norm(tiny_config, tmp_path, ffn, qk_norm):
+    cfg = tiny_config(ffn_type=ffn, qk_norm=qk_norm, dense_layers=[0])
+    model = AoEForCausalLM(cfg).eval()
+    with torch.no_grad():  # not the init's ones: the loaded weights must be these
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.qk_norm == qk_norm and loaded.model.config.qk_norm == qk_norm
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys() and "model.layers.1.attn.k_norm.weight" in sd_a
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    x = torch.randint(0, cfg.vocab_size, (2, 11))
+    assert torch.equal(model(x).logits, loaded(x).logits)
+    fresh = AoEForCausalLM(cfg)  # the HF init sets the q/k norm weights to ones
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in fresh.named_parameters() if n.endswith("_norm.weight"))
+
+
 def test_wraps_native_transformer_and_init(tiny_config):
     model = AoEForCausalLM(tiny_config())
     assert isinstance(model.model, Transformer)

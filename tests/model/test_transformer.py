@@ -107,6 +107,10 @@ def _hand_counts(cfg):
         ffn_active = E * D * L + k * (L * W + 2 * D * W)
         ffn_flops = 2 * E * D * L + k * 2 * (L * W + 2 * D * W)
     norms = 2 * D
+    if cfg.qk_norm == "head":  # one [Dh] weight for q, one for k
+        norms += 2 * Dh
+    elif cfg.qk_norm == "full":  # [H * Dh] for q, [G * Dh] for k
+        norms += cfg.n_heads * Dh + cfg.kv_heads * Dh
     return attn, ffn_total, ffn_active, ffn_flops, norms, V * D
 
 
@@ -284,3 +288,85 @@ def test_ffn_flops_match_the_matmuls_actually_run(ffn, extra):
     model = Transformer(cfg)
     counted = sum(p.numel() for p in model.parameters())
     assert model.num_params() == counted
+
+
+@pytest.mark.parametrize("qk_norm,extra", [("head", 2 * 8), ("full", 32 + 2 * 8)])
+@pytest.mark.parametrize("ffn", ["dense", "aoe"])
+def test_num_params_with_qk_norm_against_hand_count(ffn, qk_norm, extra):
+    cfg = small_config(ffn, n_kv_heads=2, tie_embeddings=False, qk_norm=qk_norm)  # D 32, H 4, G 2, Dh 8
+    model = Transformer(cfg)
+    attn, ffn_total, ffn_active, _, norms, vocab = _hand_counts(cfg)
+    assert norms == 2 * 32 + extra
+    blocks_total = cfg.n_layers * (attn + ffn_total + norms) + cfg.d_model
+    blocks_active = cfg.n_layers * (attn + ffn_active + norms) + cfg.d_model
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) == blocks_total + 2 * vocab
+    assert model.num_params(include_embedding=False) == blocks_total
+    assert model.num_params(active=True, include_embedding=False) == blocks_active
+    plain = Transformer(small_config(ffn, n_kv_heads=2, tie_embeddings=False))
+    assert model.num_params() - plain.num_params() == cfg.n_layers * extra
+    # FLOPs do not count norms: the same as without qk-norm
+    assert model.flops_per_token(16) == plain.flops_per_token(16)
+
+
+def test_qk_norm_parameters_init_and_names():
+    plain = small_model("aoe")
+    assert plain.layers[0].attn.q_norm is None and not any("q_norm" in k or "k_norm" in k for k in plain.state_dict())
+    for qk_norm, q_shape, k_shape in (("head", (8,), (8,)), ("full", (32,), (16,))):
+        model = small_model("aoe", n_kv_heads=2, qk_norm=qk_norm)
+        sd = model.state_dict()
+        assert sd["layers.1.attn.q_norm.weight"].shape == q_shape and sd["layers.1.attn.k_norm.weight"].shape == k_shape
+        with torch.no_grad():
+            for block in model.layers:
+                block.attn.q_norm.weight.fill_(3.0)
+                block.attn.k_norm.weight.fill_(3.0)
+        model.reset_parameters()
+        assert all(torch.equal(sd[k], torch.ones_like(sd[k])) for k in sd if k.endswith(("q_norm.weight", "k_norm.weight")))
+        assert model.layers[0].attn.q_norm.eps == model.config.norm_eps
+    with pytest.raises(ConfigError, match="model.qk_norm='per_head' is not one of"):
+        small_config(qk_norm="per_head")
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_qk_norm_matches_reference_attention(qk_norm):
+    """The q/k RMSNorm is applied where Qwen3 ("head": after the head split) and OLMoE ("full":
+    before it) apply it: before RoPE, over the last dimension, with norm_eps."""
+    from aoe.model.attention import apply_rotary
+
+    torch.manual_seed(0)
+    model = small_model("dense", n_kv_heads=2, qk_norm=qk_norm, norm_eps=1e-6, init_std=0.2)
+    attn = model.layers[0].attn
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 6, 32)
+    cos, sin = model.rotary(0, 6, x.device)
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    q, k, v = x @ attn.q_proj.weight.T, x @ attn.k_proj.weight.T, x @ attn.v_proj.weight.T
+    if qk_norm == "full":
+        q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    q, k, v = q.view(2, 6, 4, 8), k.view(2, 6, 2, 8), v.view(2, 6, 2, 8)
+    if qk_norm == "head":
+        q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(8) + torch.full((6, 6), float("-inf")).triu(1)
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 6, 32) @ attn.o_proj.weight.T
+    torch.testing.assert_close(attn(x, cos, sin), y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_kv_cache_with_qk_norm_matches_full_forward(qk_norm):
+    model = small_model("aoe", n_kv_heads=2, init_std=0.1, qk_norm=qk_norm).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.q_norm.weight.uniform_(0.5, 1.5)
+            block.attn.k_norm.weight.uniform_(0.5, 1.5)
+    idx = torch.randint(0, 64, (2, 12))
+    full = model(idx).logits
+    cache = KVCache.for_model(model, batch_size=2)
+    parts = [model(idx[:, a:b], kv_cache=cache, start_pos=a).logits for a, b in ((0, 5), (5, 6), (6, 12))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)

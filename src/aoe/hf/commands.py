@@ -32,18 +32,20 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
-        help="HF Mixtral / Llama checkpoint -> AoE model (Hugging Face directory)",
-        description="Drop the router of a Mixtral checkpoint (or upcycle a dense Llama into experts) and factorize "
-                    "every expert's gate projection by truncated SVD into AoE's w_down @ w_up.",
+        help="HF Mixtral / Qwen3-MoE / OLMoE / Llama / Mistral checkpoint -> AoE model (Hugging Face directory)",
+        description="Drop the router of an MoE checkpoint (Mixtral, Qwen3-MoE, OLMoE; their q/k norms are kept) "
+                    "or upcycle a dense one (Llama, Mistral) into experts, and factorize every expert's gate "
+                    "projection by truncated SVD into AoE's w_down @ w_up. Qwen2-MoE (shared expert) is refused.",
     )
     p.add_argument("src", help="source Hugging Face checkpoint directory (config.json + *.safetensors)")
     p.add_argument("dst", help="destination directory")
-    p.add_argument("--num-experts", type=int, default=None, help="experts (dense sources; default 1)")
+    p.add_argument("--num-experts", type=int, default=None, help="experts (dense sources; default 1; MoE sources keep theirs)")
     p.add_argument("--top-k", type=int, default=None, help="experts per token (default: the source's, or 1)")
     p.add_argument("--d-low", type=int, default=None, help="rank of the factorized gate (default: full rank, lossless)")
     p.add_argument("--upcycle", choices=("copy", "slice"), default="copy", help="dense sources: copy the FFN or slice it")
     p.add_argument("--renormalize", choices=("yes", "no"), default=None,
-                   help="renormalize the chosen experts' weights (default: yes for Mixtral and copy, no for slice)")
+                   help="renormalize the chosen experts' weights (default: yes for Mixtral and copy, the source's "
+                        "norm_topk_prob for Qwen3-MoE / OLMoE, no for slice)")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="dtype of the written weights (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     p.set_defaults(func=run_convert)

@@ -13,8 +13,9 @@ default", as in ``ModelConfig``).
     num_experts = n_experts          num_experts_per_tok = top_k
     norm_topk_prob = renormalize     expert_score_norm = norm ("l2" | "l1" | "linf")
     router_aux_loss_coef = aux_loss_coef   router_z_loss_coef = z_loss_coef
-    dense_intermediate_size = dense_d_ffn  (d_low, d_wide, rope_theta, dense_layers, bias_update_rate,
-    recompute_scores, recompute_gate, backward_chunks, grouped_mm keep their names)
+    dense_intermediate_size = dense_d_ffn  (d_low, d_wide, rope_theta, qk_norm ("none" | "head" |
+    "full"), dense_layers, bias_update_rate, recompute_scores, recompute_gate, backward_chunks,
+    grouped_mm keep their names)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ HF_TO_NATIVE: tuple[tuple[str, str], ...] = (
     ("max_position_embeddings", "max_seq_len"),
     ("rope_theta", "rope_theta"),
     ("rms_norm_eps", "norm_eps"),
+    ("qk_norm", "qk_norm"),
     ("tie_word_embeddings", "tie_embeddings"),
     ("initializer_range", "init_std"),
     ("ffn_type", "ffn"),
@@ -85,6 +87,7 @@ class AoEConfig(PretrainedConfig):
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
+    qk_norm: str = "none"
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     ffn_type: str = "aoe"

@@ -10,6 +10,18 @@ Sources (a local directory with ``config.json`` and ``*.safetensors``):
   ``experts.down_proj`` [E, D, F] of transformers 5's in-memory layout. ``num_experts`` must be
   the source's (or None); ``top_k`` defaults to the source's ``num_experts_per_tok``;
   ``renormalize`` defaults to True (Mixtral renormalizes its top-k weights).
+* **Qwen3-MoE** (``model_type="qwen3_moe"``): as Mixtral (router dropped, every expert kept; the
+  per-expert ``mlp.experts.{e}.gate_proj/up_proj/down_proj`` that ``save_pretrained`` writes, or
+  the fused layout; expert width ``moe_intermediate_size``). The per-head q/k RMSNorms
+  (``self_attn.q_norm/k_norm``, weight [head_dim]) become the native ``qk_norm="head"``.
+  ``renormalize`` defaults to the source's ``norm_topk_prob``. Layers with a dense MLP
+  (``mlp_only_layers``, ``decoder_sparse_step``) stay dense: native ``dense_layers`` with
+  ``dense_d_ffn = intermediate_size``, the MLP copied as is (reported error 0). The source's
+  ``head_dim`` must be hidden_size / num_attention_heads (refused otherwise).
+* **OLMoE** (``model_type="olmoe"``): as Mixtral, with the q/k RMSNorms over the whole q / k
+  projection (weights [H*Dh], [G*Dh]) as ``qk_norm="full"``; ``renormalize`` defaults to
+  ``norm_topk_prob``; ``clip_qkv`` must be unset (refused otherwise: the native attention does
+  not clamp).
 * **Llama** (``model_type="llama"``, and "mistral" with the same checks): every dense FFN
   becomes ``num_experts`` experts (default 1). ``upcycle="copy"``: each expert is a copy of the
   FFN (expert width F); with ``renormalize`` (the default for "copy") the identical experts'
@@ -18,18 +30,20 @@ Sources (a local directory with ``config.json`` and ``*.safetensors``):
   F / E (the experts together are the FFN: exact for E = top_k = 1 only, since AoE weights the
   experts by the softmax over their norms); renormalize defaults to the AoE default (False).
 * Refused with ``ValueError`` (the reason in the message): **Qwen2-MoE** (a shared expert with
-  its own sigmoid gate, and biases on q/k/v: the native model has neither), **Qwen3-MoE** and
-  **OLMoE** (q/k RMSNorm inside attention: the native attention has no qk-norm), any other
+  its own sigmoid gate, and biases on q/k/v: the native model has neither), any other
   model_type; and inside a supported type: a non-SiLU activation, attention or MLP biases, a
-  head_dim other than hidden_size / num_attention_heads, a RoPE scaling other than "default".
-  A sliding window (Mistral/Mixtral) is kept exact by setting ``max_seq_len`` to
-  min(max_position_embeddings, sliding_window): within that length the window never bites.
+  head_dim other than hidden_size / num_attention_heads, a RoPE scaling other than "default",
+  OLMoE's ``clip_qkv``, a Qwen3-MoE without any sparse layer.
+  A sliding window (Mistral, Mixtral, Qwen3-MoE with use_sliding_window) is kept exact by
+  setting ``max_seq_len`` to min(max_position_embeddings, sliding_window): within that length
+  the window never bites.
 
 The gate projection W_g [D, F] of every expert is factorized by truncated SVD at rank R = d_low
 (default: full rank min(D, F), lossless): ``W_g = U S V^T``, ``w_down = U_R sqrt(S_R)``,
 ``w_up = sqrt(S_R) V_R^T`` (in float64, then cast). The per-layer relative Frobenius error
-``||W_g - w_down w_up|| / ||W_g||`` (over all the layer's experts) is printed and returned.
-Attention, norms and embeddings are copied exactly; the AoE expert width is d_wide = F.
+``||W_g - w_down w_up|| / ||W_g||`` (over all the layer's experts; 0 for a layer kept dense) is
+printed and returned. Attention (q/k norms included), norms and embeddings are copied exactly;
+the AoE expert width is d_wide = F.
 
 The source is read one tensor at a time (safetensors only; single file or shards) and the
 result written in shards of at most ``max_shard_bytes`` (5 GiB; one ``model.safetensors`` when it
@@ -54,12 +68,14 @@ from aoe.hf.configuration import AoEConfig
 
 __all__ = ["convert_to_aoe", "factorize_gate", "ConversionReport", "SUPPORTED_SOURCES"]
 
-SUPPORTED_SOURCES = ("mixtral", "llama", "mistral")
+SUPPORTED_SOURCES = ("mixtral", "qwen3_moe", "olmoe", "llama", "mistral")
+_MOE_SOURCES = ("mixtral", "qwen3_moe", "olmoe")
+#: The native ``qk_norm`` of each source type (Qwen3: per head over head_dim; OLMoE: over the
+#: whole q / k projection).
+_QK_NORM = {"qwen3_moe": "head", "olmoe": "full"}
 _REFUSED = {
     "qwen2_moe": "Qwen2-MoE has a shared expert (with its own sigmoid gate) and biases on the q/k/v projections; "
                  "the native AoE model has neither",
-    "qwen3_moe": "Qwen3-MoE normalizes queries and keys (q_norm/k_norm) inside attention; the native attention has no qk-norm",
-    "olmoe": "OLMoE normalizes queries and keys (q_norm/k_norm) inside attention; the native attention has no qk-norm",
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -68,7 +84,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 @dataclass
 class ConversionReport:
     """What ``convert_to_aoe`` did: the source type, the resulting config, the per-layer relative
-    Frobenius reconstruction error of the factorized gate projections."""
+    Frobenius reconstruction error of the factorized gate projections (0.0 for a layer kept dense)."""
 
     source_type: str
     config: dict
@@ -193,23 +209,48 @@ def _rope_theta(cfg) -> float:
     return float(getattr(cfg, "rope_theta", 10000.0))
 
 
-def _mixtral_experts(state: dict, i: int, n_experts: int):
-    """w_gate [E, D, F], w_in [E, D, F], w_out [E, F, D] (native layout) of Mixtral layer i."""
+# Per-expert weight names (gate, up, down) of the layouts save_pretrained writes: Mixtral's
+# w1/w3/w2 (under block_sparse_moe. or mlp.), Qwen3-MoE's and OLMoE's gate_proj/up_proj/down_proj.
+_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+
+
+def _moe_experts(state, i: int, n_experts: int):
+    """w_gate [E, D, F], w_in [E, D, F], w_out [E, F, D] (native layout) of the sparse layer i, and
+    every source key of that layer's MoE block (the router included: AoE drops it).
+
+    Reads the per-expert ``experts.{e}.{gate,up,down}`` Linear weights ([F, D], [F, D], [D, F]) that
+    ``save_pretrained`` writes, or the fused ``experts.gate_up_proj`` [E, 2F, D] (gate rows first)
+    and ``experts.down_proj`` [E, D, F] of transformers 5's in-memory layout."""
     for block in ("block_sparse_moe", "mlp"):
         p = f"model.layers.{i}.{block}.experts"
-        if f"{p}.0.w1.weight" in state:
-            w_gate = torch.stack([state[f"{p}.{e}.w1.weight"].T for e in range(n_experts)])
-            w_in = torch.stack([state[f"{p}.{e}.w3.weight"].T for e in range(n_experts)])
-            w_out = torch.stack([state[f"{p}.{e}.w2.weight"].T for e in range(n_experts)])
-            return w_gate, w_in, w_out, [k for k in state if k.startswith(f"model.layers.{i}.{block}.")]
+        keys = [k for k in state if k.startswith(f"model.layers.{i}.{block}.")]
+        for g, u, d in _EXPERT_NAMES:
+            if f"{p}.0.{g}.weight" in state:
+                try:
+                    w_gate = torch.stack([state[f"{p}.{e}.{g}.weight"].T for e in range(n_experts)])
+                    w_in = torch.stack([state[f"{p}.{e}.{u}.weight"].T for e in range(n_experts)])
+                    w_out = torch.stack([state[f"{p}.{e}.{d}.weight"].T for e in range(n_experts)])
+                except KeyError as err:
+                    raise ValueError(f"layer {i}: missing expert weight {err} ({n_experts} experts expected)") from None
+                return w_gate, w_in, w_out, keys
         if f"{p}.gate_up_proj" in state:
             gate_up = state[f"{p}.gate_up_proj"]  # [E, 2F, D]: gate rows first, then up
+            if gate_up.shape[0] != n_experts:
+                raise ValueError(f"layer {i}: {p}.gate_up_proj holds {gate_up.shape[0]} experts, expected {n_experts}")
             F = gate_up.shape[1] // 2
             w_gate = gate_up[:, :F, :].transpose(1, 2)
             w_in = gate_up[:, F:, :].transpose(1, 2)
             w_out = state[f"{p}.down_proj"].transpose(1, 2)  # [E, D, F] -> [E, F, D]
-            return w_gate, w_in, w_out, [k for k in state if k.startswith(f"model.layers.{i}.{block}.")]
-    raise ValueError(f"Mixtral layer {i}: no expert weights found (expected block_sparse_moe.experts.* or mlp.experts.*)")
+            return w_gate, w_in, w_out, keys
+    raise ValueError(f"layer {i}: no expert weights found (expected block_sparse_moe.experts.* or mlp.experts.*)")
+
+
+def _qwen3_dense_layers(cfg) -> list[int]:
+    """The Qwen3-MoE layers whose MLP is dense (transformers' rule: sparse iff the layer is not in
+    ``mlp_only_layers`` and (layer + 1) % decoder_sparse_step == 0)."""
+    mlp_only = set(getattr(cfg, "mlp_only_layers", None) or [])
+    step = getattr(cfg, "decoder_sparse_step", 1) or 1
+    return [i for i in range(cfg.num_hidden_layers) if i in mlp_only or (i + 1) % step != 0]
 
 
 def _llama_ffn(state: dict, i: int):
@@ -240,12 +281,14 @@ def convert_to_aoe(
     verbose: bool = True,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> ConversionReport:
-    """Convert ``src_dir`` (Mixtral or Llama HF checkpoint) into an AoE HF directory ``dst_dir``.
+    """Convert ``src_dir`` (a Mixtral, Qwen3-MoE, OLMoE, Llama or Mistral HF checkpoint) into an
+    AoE HF directory ``dst_dir``.
 
-    num_experts / top_k: experts and experts per token (defaults: Mixtral: the source's; Llama: 1 / 1).
-    d_low: rank of the factorized gate (default full rank min(hidden, intermediate): lossless).
-    upcycle: "copy" or "slice" (dense sources only). renormalize: AoE's gate renormalization
-    (default: True for Mixtral and "copy", False for "slice"). dtype: of the written weights
+    num_experts / top_k: experts and experts per token (defaults: MoE sources: the source's;
+    Llama/Mistral: 1 / 1). d_low: rank of the factorized gate (default full rank min(hidden,
+    expert width): lossless). upcycle: "copy" or "slice" (dense sources only). renormalize: AoE's
+    gate renormalization (default: True for Mixtral and "copy", the source's norm_topk_prob for
+    Qwen3-MoE and OLMoE, False for "slice"). dtype: of the written weights
     (default: the source's). max_shard_bytes: size of the written safetensors shards (one
     ``model.safetensors`` when everything fits, else HF-indexed shards). The source is read one
     tensor at a time. Raises ValueError on an unsupported source or inconsistent options.
@@ -266,21 +309,36 @@ def convert_to_aoe(
         raise ValueError(f"upcycle={upcycle!r} must be 'copy' or 'slice'")
     cfg = AutoConfig.from_pretrained(str(src))
     _check_common(cfg, src)
+    if mt == "olmoe" and getattr(cfg, "clip_qkv", None) is not None:
+        raise ValueError(f"olmoe source {str(src)!r}: clip_qkv={cfg.clip_qkv} (queries, keys and values clamped); "
+                         "the native attention does not clip")
+    qk_norm = _QK_NORM.get(mt, "none")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
 
     state = _LazyState(src)
     n_layers = cfg.num_hidden_layers
     D = cfg.hidden_size
-    is_moe = mt == "mixtral"
+    is_moe = mt in _MOE_SOURCES
+    dense_layers: list[int] = []  # Qwen3-MoE layers with a dense MLP (kept dense)
     if is_moe:
-        E_src = cfg.num_local_experts
+        E_src = cfg.num_local_experts if mt == "mixtral" else cfg.num_experts
         if num_experts is not None and num_experts != E_src:
-            raise ValueError(f"num_experts={num_experts}: a Mixtral source keeps its {E_src} experts (leave num_experts unset)")
+            raise ValueError(f"num_experts={num_experts}: a {mt} source keeps its {E_src} experts (leave num_experts unset)")
         E = E_src
+        if E < 1:
+            raise ValueError(f"{mt} source {str(src)!r}: num_experts={E}, no sparse layer to convert")
+        if mt == "qwen3_moe":
+            dense_layers = _qwen3_dense_layers(cfg)
+            if len(dense_layers) == n_layers:
+                raise ValueError(f"qwen3_moe source {str(src)!r}: every layer is dense (mlp_only_layers="
+                                 f"{list(cfg.mlp_only_layers)}, decoder_sparse_step={cfg.decoder_sparse_step})")
         k = cfg.num_experts_per_tok if top_k is None else top_k
-        F = cfg.intermediate_size
-        renorm = True if renormalize is None else renormalize
+        F = cfg.moe_intermediate_size if mt == "qwen3_moe" else cfg.intermediate_size
+        if renormalize is not None:
+            renorm = renormalize
+        else:  # Mixtral always renormalizes its top-k weights; Qwen3-MoE and OLMoE when norm_topk_prob
+            renorm = True if mt == "mixtral" else bool(getattr(cfg, "norm_topk_prob", False))
     else:
         E = 1 if num_experts is None else num_experts
         k = 1 if top_k is None else top_k
@@ -307,7 +365,8 @@ def convert_to_aoe(
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, max_seq_len=max_seq_len,
         rope_theta=_rope_theta(cfg), norm_eps=float(cfg.rms_norm_eps), tie_embeddings=tie,
         init_std=float(getattr(cfg, "initializer_range", 0.02)), ffn="aoe", d_ffn=F, n_experts=E, top_k=k,
-        d_low=R, d_wide=F, renormalize=renorm,
+        d_low=R, d_wide=F, renormalize=renorm, qk_norm=qk_norm, dense_layers=dense_layers,
+        dense_d_ffn=cfg.intermediate_size if dense_layers else None,
     )
 
     src_dtype = state["model.embed_tokens.weight"].dtype
@@ -341,10 +400,22 @@ def convert_to_aoe(
         for i in range(n_layers):
             for a in ("q", "k", "v", "o"):
                 put(f"layers.{i}.attn.{a}_proj.weight", f"model.layers.{i}.self_attn.{a}_proj.weight")
+            if qk_norm != "none":
+                for a in ("q", "k"):
+                    put(f"layers.{i}.attn.{a}_norm.weight", f"model.layers.{i}.self_attn.{a}_norm.weight")
             put(f"layers.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight")
             put(f"layers.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight")
+            if i in dense_layers:  # a dense MLP of the MoE source stays a dense SwiGLU FFN, copied as is
+                g, u, d, keys = _llama_ffn(state, i)
+                used.update(keys)
+                for name, t in (("w_gate", g), ("w_in", u), ("w_out", d)):
+                    writer.add(f"model.layers.{i}.ffn.{name}", t.to(out_dtype))
+                errors.append(0.0)
+                if verbose:
+                    print(f"layer {i}: dense FFN (width {cfg.intermediate_size}) copied as is")
+                continue
             if is_moe:
-                w_gate, w_in, w_out, keys = _mixtral_experts(state, i, E)
+                w_gate, w_in, w_out, keys = _moe_experts(state, i, E)
             else:
                 g, u, d, keys = _llama_ffn(state, i)
                 if upcycle == "copy":
@@ -353,7 +424,7 @@ def convert_to_aoe(
                     w_gate = torch.stack([g[:, e * F:(e + 1) * F] for e in range(E)])
                     w_in = torch.stack([u[:, e * F:(e + 1) * F] for e in range(E)])
                     w_out = torch.stack([d[e * F:(e + 1) * F, :] for e in range(E)])
-            used.update(keys)  # includes the Mixtral router, which AoE drops
+            used.update(keys)  # includes the source's router, which AoE drops
             w_down, w_up, err = factorize_gate(w_gate, R)
             errors.append(err)
             pre = f"layers.{i}.ffn"
@@ -378,8 +449,10 @@ def convert_to_aoe(
                 shutil.copy2(src / name, tmp / name)
     report = ConversionReport(source_type=mt, config=hf_config.to_dict(), layer_errors=errors)
     if verbose:
+        extra = (f", qk_norm={qk_norm!r}" if qk_norm != "none" else "") + (
+            f", dense layers {dense_layers}" if dense_layers else "")
         print(f"converted {mt} -> aoe: {n_layers} layers, {E} experts, top_k={k}, d_low={R}, d_wide={F}, "
-              f"renormalize={renorm}; max gate reconstruction error {report.max_error:.3e}; wrote {str(dst_dir)!r}")
+              f"renormalize={renorm}{extra}; max gate reconstruction error {report.max_error:.3e}; wrote {str(dst_dir)!r}")
     return report
 
 

@@ -6,6 +6,12 @@ Shape legend: B batch, T new tokens, S keys (cached + new), H query heads, G key
 Rotary embeddings use the "rotate half" layout (the first and second halves of a head are the
 pairs that rotate, as in Llama / Hugging Face), with frequencies ``theta ** (-2i / Dh)``; the
 angles and the rotation are computed in fp32 whatever the model's dtype.
+
+Optional query/key normalization (``qk_norm``), an RMSNorm applied before RoPE:
+"head" normalizes every head's query and key over Dh with one weight [Dh] shared by all heads
+(Qwen3 style: projection, split into heads, norm, RoPE); "full" normalizes the whole query
+projection [H*Dh] and the whole key projection [G*Dh] (OLMoE style: projection, norm, split into
+heads, RoPE). The keys are normalized before they enter the KV cache.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aoe.model.norm import RMSNorm
+
+QK_NORMS = ("none", "head", "full")
 
 
 class RotaryEmbedding(nn.Module):
@@ -118,11 +128,17 @@ class KVCache:
 class Attention(nn.Module):
     """Causal multi-head self-attention with RoPE and grouped-query heads (no biases).
 
-    Weights: q_proj [H*Dh, D], k_proj / v_proj [G*Dh, D], o_proj [D, H*Dh] (``nn.Linear`` layout).
+    Weights: q_proj [H*Dh, D], k_proj / v_proj [G*Dh, D], o_proj [D, H*Dh] (``nn.Linear`` layout);
+    with qk_norm="head" also q_norm.weight / k_norm.weight [Dh], with "full" q_norm.weight [H*Dh]
+    and k_norm.weight [G*Dh] (RMSNorms of epsilon norm_eps; see the module docstring). With
+    qk_norm="none" ``q_norm`` and ``k_norm`` are None (no parameters).
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, qk_norm: str = "none",
+                 norm_eps: float = 1e-5):
         super().__init__()
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm={qk_norm!r} is not one of {list(QK_NORMS)}")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
             raise ValueError(f"n_heads={n_heads} does not divide d_model={d_model}")
@@ -134,6 +150,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.qk_norm = qk_norm
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, norm_eps)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(n_heads * self.head_dim, norm_eps)
+            self.k_norm = RMSNorm(n_kv_heads * self.head_dim, norm_eps)
 
     def forward(
         self,
@@ -146,8 +171,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)
-        k = self.k_proj(x_BTD).view(B, T, G, Dh).transpose(1, 2)
+        q, k = self.q_proj(x_BTD), self.k_proj(x_BTD)  # [B, T, H*Dh], [B, T, G*Dh]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, T, H, Dh), k.view(B, T, G, Dh)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x_BTD).view(B, T, G, Dh).transpose(1, 2)
         q, k = apply_rotary(q, cos_TK, sin_TK), apply_rotary(k, cos_TK, sin_TK)
 
@@ -164,4 +194,5 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}"
+        extra = f", qk_norm={self.qk_norm!r}" if self.qk_norm != "none" else ""
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}{extra}"

@@ -5,6 +5,7 @@
 
 Parameter names (for checkpoints and export): ``embed_tokens.weight``,
 ``layers.{i}.attn_norm.weight``, ``layers.{i}.attn.{q,k,v,o}_proj.weight``,
+``layers.{i}.attn.{q,k}_norm.weight`` (only with ``qk_norm`` "head" or "full"),
 ``layers.{i}.ffn_norm.weight``, ``layers.{i}.ffn.*`` (see ``aoe.nn``), ``norm.weight``,
 ``lm_head.weight`` (the same tensor as ``embed_tokens.weight`` when tied).
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from aoe.config import ConfigError, ModelConfig
 from aoe.model.attention import Attention, KVCache, RotaryEmbedding
+from aoe.model.norm import RMSNorm
 from aoe.nn import AoE, DenseFFN, MoE
 from aoe.nn.sparse import SparseFFN, total_aux_loss
 
@@ -43,23 +45,6 @@ class ModelOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None
     aux_loss: torch.Tensor
-
-
-class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight``, normalized in fp32 then cast back to x's dtype."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
@@ -115,7 +100,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_idx)
 
@@ -133,7 +118,8 @@ class Transformer(nn.Module):
     Initialization (``reset_parameters``): every matrix (embedding, q/k/v projections, FFN and
     expert weights, MoE router, AoE w_down/w_up, untied lm_head) ~ N(0, init_std); the output
     projections that write into the residual stream (attention ``o_proj`` and FFN / expert
-    ``w_out``) ~ N(0, init_std / sqrt(2 * n_layers)) (GPT-2's depth scaling); RMSNorm weights 1.
+    ``w_out``) ~ N(0, init_std / sqrt(2 * n_layers)) (GPT-2's depth scaling); RMSNorm weights 1
+    (the q/k norms included).
 
     ``forward(idx, targets=None, kv_cache=None, start_pos=0) -> ModelOutput``: see ``forward``.
     """
@@ -173,6 +159,9 @@ class Transformer(nn.Module):
             block.ffn.reset_parameters(std=std, out_std=out_std)
             nn.init.ones_(block.attn_norm.weight)
             nn.init.ones_(block.ffn_norm.weight)
+            for qk in (block.attn.q_norm, block.attn.k_norm):
+                if qk is not None:
+                    nn.init.ones_(qk.weight)
         nn.init.ones_(self.norm.weight)
 
     # -- forward ---------------------------------------------------------------------------------
