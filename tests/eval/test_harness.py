@@ -81,7 +81,6 @@ def test_is_greedy(model, tokenizer):
     # a constructed non-greedy continuation: the least likely next token
     logits = model(torch.tensor([ids])).logits[0, -1]
     worst = int(logits.argmin())
-    worst_text = tokenizer.decode([worst])
     res = lm._score_tokens([(ids, full[len(ids):]), (ids, [worst])])
     assert res[0][1] is True and res[1][1] is False
     assert res[0][0] > res[1][0]

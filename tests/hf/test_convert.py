@@ -121,7 +121,7 @@ def test_reconstruction_error_decreases_with_rank(tmp_path):
     errs = [convert_to_aoe(src, tmp_path / f"out{r}", d_low=r, verbose=False).max_error for r in (2, 8, 16, 32)]
     assert all(a > b for a, b in zip(errs, errs[1:]))
     assert errs[0] > 0.1 and errs[-1] < 1e-12
-    s, d = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out8" / "model.safetensors"))
+    d = load_file(str(tmp_path / "out8" / "model.safetensors"))
     assert d["model.layers.0.ffn.w_down"].shape == (4, 32, 8) and d["model.layers.0.ffn.w_up"].shape == (4, 8, 48)
 
 

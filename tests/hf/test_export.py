@@ -77,7 +77,7 @@ def test_destination_rules(tmp_path):
 
 
 def test_export_checkpoint_and_load_native_as_hf(tmp_path, tiny_tokenizer):
-    from aoe.train.checkpoint import load_model, save_model_checkpoint
+    from aoe.train.checkpoint import save_model_checkpoint
 
     model = native_model(vocab_size=tiny_tokenizer.vocab_size)
     save_model_checkpoint(tmp_path / "run", model, tiny_tokenizer)

@@ -49,7 +49,7 @@ def reference_forward(layer: MoE | AoE, x: torch.Tensor) -> tuple[torch.Tensor, 
         probs.append(p)
         indices.append(chosen)
         weights.append(w)
-    T, E, K = x_TD.shape[0], layer.n_experts, layer.top_k
+    E, K = layer.n_experts, layer.top_k
     out = torch.stack(outputs) if outputs else x_TD.new_zeros(0, layer.d_model)
     routing = {
         "probs": torch.stack(probs) if probs else x_TD.new_zeros(0, E),
