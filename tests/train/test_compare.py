@@ -58,3 +58,17 @@ def test_compare_writes_results_and_report_and_resumes(tmp_path, cache_dir, monk
 
     with pytest.raises(ConfigError, match="another base config"):
         run_comparison(out, "tiny", [*overrides, "train.lr=1e-3"], ["moe"], [0], progress=False)
+
+
+def test_same_config_tolerates_keys_added_since_at_their_defaults():
+    from aoe.compare.runner import same_config
+    from aoe.config import config_to_dict, load_config
+
+    new = config_to_dict(load_config("tiny", ["train.max_steps=7"]))
+    old = {s: dict(v) for s, v in new.items()}
+    del old["model"]["qk_norm"]  # a results.json written before the key existed
+    assert same_config(old, new)
+    assert not same_config(old, config_to_dict(load_config("tiny", ["train.max_steps=7", "model.qk_norm=head"])))
+    assert not same_config(old, config_to_dict(load_config("tiny", ["train.max_steps=8"])))
+    old["model"]["removed_key"] = 1
+    assert not same_config(old, new)

@@ -51,6 +51,21 @@ def corpus_info(data: TokenData) -> dict[str, Any]:
     }
 
 
+def same_config(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a stored config dict describes the same run as ``new``: equal where both have a key,
+    and every key the stored one lacks (added to the config since) at its default value."""
+    defaults = config_to_dict(RunConfig())
+    for section, values in new.items():
+        stored = old.get(section, {})
+        for key, value in values.items():
+            if key in stored:
+                if stored[key] != value:
+                    return False
+            elif value != defaults[section].get(key):
+                return False
+    return all(section in new and set(keys) <= set(new[section]) for section, keys in old.items())
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=float))
@@ -110,7 +125,7 @@ def run_comparison(
     previous: dict[str, Any] = {}
     if results_path.is_file():
         previous = json.loads(results_path.read_text())
-        if previous.get("config") != config_to_dict(base):
+        if not same_config(previous.get("config") or {}, config_to_dict(base)):
             raise ConfigError(f"{str(results_path)!r} was made with another base config; use another --out "
                               "(nothing was overwritten)")
     done = {(r["variant"], r["seed"]): r for r in previous.get("runs", []) if r.get("status") == "done"}
