@@ -396,18 +396,24 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _colors(n: int) -> list:
+_PALETTE: dict[str, Any] = {}
+
+
+def _color(label: str):
+    """One color per variant label across every plot of a report (tab10, in first-seen order)."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
+    if label not in _PALETTE:
+        _PALETTE[label] = colormaps["tab10"](len(_PALETTE) % 10)
+    return _PALETTE[label]
 
 
 def _plot_curves(series: list[tuple[str, tuple]], title: str, ylabel: str, path: Path, markers: bool = False):
     """series: (label, (steps, mean, lo, hi)) each; a light min-max band where seeds differ."""
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
-    for color, (label, (steps, m, lo, hi)) in zip(_colors(len(series)), series):
+    for label, (steps, m, lo, hi) in series:
+        color = _color(label)
         if not steps:
             continue
         ax.plot(steps, m, label=label, color=color, marker="o" if markers else None, markersize=3)
@@ -430,7 +436,8 @@ def _plot_layer_bars(sparse: list[VariantSummary], key: str, title: str, ylabel:
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(sparse))
     x = np.arange(len(layers), dtype=float)
-    for j, (color, s) in enumerate(zip(_colors(len(sparse)), sparse)):
+    for j, s in enumerate(sparse):
+        color = _color(s.label)
         vals = [s.per_layer.get(i, {}).get(key, []) for i in layers]
         m = np.array([mean(v) for v in vals])
         lo = np.array([minmax(v)[0] for v in vals])
@@ -497,6 +504,9 @@ def _make_plots(results: dict, summaries: list[VariantSummary], out_dir: Path, m
     except ImportError:
         notes.append("matplotlib is not installed (`pip install autonomy-of-experts[report]`): no plots were drawn.")
         return plots
+    _PALETTE.clear()  # the variants' order in this report fixes their colors
+    for summary in summaries:
+        _color(summary.label)
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
 
