@@ -70,6 +70,13 @@ def test_mixtral_single_expert_same_logits(tmp_path):
     assert rel(aoe(x).logits, ref(x).logits) <= 1e-5
 
 
+def _converted_expert(state_dst, layer, e, x):
+    """Expert e of a converted AoE layer on x: (SiLU((x @ w_down) @ w_up) * (x @ w_in)) @ w_out."""
+    q = f"model.layers.{layer}.ffn."
+    gate = x @ state_dst[q + "w_down"][e] @ state_dst[q + "w_up"][e]
+    return (F.silu(gate) * (x @ state_dst[q + "w_in"][e])) @ state_dst[q + "w_out"][e]
+
+
 def _expert_outputs(state_src, state_dst, layer, E, x, fused=False):
     src_out, dst_out = [], []
     for e in range(E):
@@ -81,9 +88,7 @@ def _expert_outputs(state_src, state_dst, layer, E, x, fused=False):
             p = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
             g, u, w2 = state_src[p + "w1.weight"], state_src[p + "w3.weight"], state_src[p + "w2.weight"]
         src_out.append((F.silu(x @ g.T) * (x @ u.T)) @ w2.T)
-        q = f"model.layers.{layer}.ffn."
-        dst_out.append((F.silu(x @ state_dst[q + "w_down"][e] @ state_dst[q + "w_up"][e]) * (x @ state_dst[q + "w_in"][e]))
-                       @ state_dst[q + "w_out"][e])
+        dst_out.append(_converted_expert(state_dst, layer, e, x))
     return torch.stack(src_out), torch.stack(dst_out)
 
 
@@ -316,9 +321,7 @@ def _qk_expert_outputs(state_src, state_dst, layer, E, x):
         else:
             g, u, w2 = (state_src[f"{p}{e}.{n}_proj.weight"] for n in ("gate", "up", "down"))
         src_out.append((F.silu(x @ g.T) * (x @ u.T)) @ w2.T)
-        q = f"model.layers.{layer}.ffn."
-        dst_out.append((F.silu(x @ state_dst[q + "w_down"][e] @ state_dst[q + "w_up"][e]) * (x @ state_dst[q + "w_in"][e]))
-                       @ state_dst[q + "w_out"][e])
+        dst_out.append(_converted_expert(state_dst, layer, e, x))
     return torch.stack(src_out), torch.stack(dst_out)
 
 
