@@ -80,3 +80,13 @@ def test_compare_list_options_leave_overrides_alone(capsys):
     assert "aoe_dlow8" in out and "top-2 of 4 experts" in out
     assert main(["compare", "--seeds", "0", "x"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_quick_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AOE_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and "unigram entropy" in out and "AoE sample" in out
+    assert (tmp_path / "demo" / "report.md").is_file()
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["variant"] for r in results["runs"]] == ["moe", "aoe"]
