@@ -46,6 +46,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
 DECODE_ERRORS = ("replace", "skip")
 QK_NORMS = ("none", "head", "full")
+GATE_INITS = ("normal", "balanced")  # aoe.nn.factorized.GATE_INITS
 
 
 class ConfigError(ValueError):
@@ -231,6 +232,14 @@ class ModelConfig(_Section):
     #: Width of every dense SwiGLU FFN (a dense model, or the layers in dense_layers).
     #: None = d_ffn. For a dense baseline with MoE's active FFN parameters use top_k * d_ffn.
     dense_d_ffn: int | None = None
+    #: Dense ablation "dense + factorized W_g": factorize the gate projection of every dense SwiGLU
+    #: FFN at this rank (w_down [d_model, r] @ w_up [r, dense_d_ffn]), as AoE factorizes an
+    #: expert's; no selection involved. None = off.
+    dense_gate_rank: int | None = None
+    #: How every factorized gate (AoE's, and the moe_gate_rank / dense_gate_rank ablations') starts:
+    #: "normal" (the authors': every factor ~ N(0, init_std)) or "balanced" (w_up ~ N(0, 1/rank),
+    #: so w_down @ w_up has an unfactorized gate's scale). See aoe.nn.factorized.
+    gate_init: str = "normal"
     #: Indices of the blocks that keep a dense FFN in a sparse model (e.g. [0]: first layer dense).
     dense_layers: list[int] = field(default_factory=list)
     #: Grouped-matmul backend of the expert engine: "auto", "torch" or "loop" (see aoe.nn.grouped_mm).
@@ -266,7 +275,7 @@ class ModelConfig(_Section):
     def _check(self) -> None:
         self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
                        "d_ffn", "n_experts", "top_k", "d_low", "d_wide", "dense_d_ffn", "backward_chunks",
-                       "moe_gate_rank", "moe_router_hidden")
+                       "moe_gate_rank", "moe_router_hidden", "dense_gate_rank")
         self._positive("rope_theta", "norm_eps", "init_std")
         self._non_negative("aux_loss_coef", "z_loss_coef", "bias_update_rate")
         self._finite("rope_theta", "norm_eps", "init_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate")
@@ -283,11 +292,14 @@ class ModelConfig(_Section):
         self._choice("norm", SCORE_NORMS)
         self._choice("qk_norm", QK_NORMS)
         self._choice("grouped_mm", GROUPED_MM_BACKENDS)
+        self._choice("gate_init", GATE_INITS)
         if self.top_k > self.n_experts:
             raise ConfigError(f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}")
         for name in ("moe_gate_rank", "moe_router_hidden"):
             if getattr(self, name) is not None and self.ffn != "moe":
                 self._fail(name, f'applies to ffn="moe" only (ffn={self.ffn!r}); set it to null')
+        if self.dense_gate_rank is not None and self.ffn != "dense" and not self.dense_layers:
+            self._fail("dense_gate_rank", f'applies to dense FFNs only (ffn={self.ffn!r}, no dense_layers); set it to null')
         if self.ffn == "aoe" and self.z_loss_coef > 0:
             self._fail("z_loss_coef", 'applies to ffn="moe" only (AoE has no router logits); set it to 0')
         seen = set()
@@ -368,6 +380,12 @@ class TrainConfig(_Section):
     warmup_steps: int = 100
     #: AdamW decoupled weight decay (paper: 0.1).
     weight_decay: float = 0.1
+    #: Weight decay of the factorized gates' w_down and w_up (AoE's, and the moe_gate_rank /
+    #: dense_gate_rank ablations'). None = weight_decay. Decay on both factors of a product
+    #: acts on the product more strongly than decay on one matrix.
+    factor_weight_decay: float | None = None
+    #: Learning-rate multiplier of the factorized gates' w_down and w_up (1 = the same lr).
+    factor_lr_scale: float = 1.0
     #: AdamW beta1 (paper: 0.9).
     beta1: float = 0.9
     #: AdamW beta2 (paper: 0.95).
@@ -416,9 +434,11 @@ class TrainConfig(_Section):
     def _check(self) -> None:
         self._positive("max_steps", "batch_size", "micro_batch_size", "seq_len", "lr", "log_every",
                        "eval_batches", "num_threads")
-        self._non_negative("seed", "warmup_steps", "weight_decay", "grad_clip", "eval_every",
+        self._positive("factor_lr_scale")
+        self._non_negative("seed", "warmup_steps", "weight_decay", "factor_weight_decay", "grad_clip", "eval_every",
                            "checkpoint_every", "keep_checkpoints")
-        self._finite("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip")
+        self._finite("lr", "min_lr_ratio", "weight_decay", "factor_weight_decay", "factor_lr_scale", "beta1", "beta2",
+                     "grad_clip")
         if not 0 <= self.min_lr_ratio <= 1:
             self._fail("min_lr_ratio", "must be in [0, 1]")
         for name in ("beta1", "beta2"):

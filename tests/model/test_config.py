@@ -149,6 +149,11 @@ def test_malformed_overrides(bad):
     (["data.val_fraction=1"], "data.val_fraction"),
     (["data.on_decode_error=strict"], "data.on_decode_error"),
     (["data.source="], "data.source"),
+    (["model.gate_init=xavier"], "model.gate_init='xavier' is not one of"),
+    (["model.dense_gate_rank=8"], "model.dense_gate_rank=8 applies to dense FFNs only"),
+    (["model.ffn=dense", "model.dense_gate_rank=0"], "model.dense_gate_rank=0 must be > 0"),
+    (["train.factor_lr_scale=0"], "train.factor_lr_scale=0.0 must be > 0"),
+    (["train.factor_weight_decay=-1"], "train.factor_weight_decay=-1.0 must be >= 0"),
 ])
 def test_invalid_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

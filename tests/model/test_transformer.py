@@ -270,7 +270,7 @@ def test_state_dict_has_no_rotary_tables():
 
 @pytest.mark.parametrize("ffn,extra", [
     ("dense", {}), ("moe", {}), ("aoe", {}),
-    ("moe", {"moe_gate_rank": 8}), ("moe", {"moe_router_hidden": 24}),
+    ("moe", {"moe_gate_rank": 8}), ("moe", {"moe_router_hidden": 24}), ("dense", {"dense_gate_rank": 8}),
 ])
 def test_ffn_flops_match_the_matmuls_actually_run(ffn, extra):
     from torch.utils.flop_counter import FlopCounterMode

@@ -52,7 +52,7 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
     (width dense_d_ffn, else d_ffn), else ``MoE`` / ``AoE`` with the config's options."""
     kind = cfg.ffn_kind(layer)
     if kind == "dense":
-        return DenseFFN(cfg.d_model, cfg.ffn_width_dense)
+        return DenseFFN(cfg.d_model, cfg.ffn_width_dense, gate_rank=cfg.dense_gate_rank, gate_init=cfg.gate_init)
     if kind == "moe":
         return MoE(
             cfg.d_model, cfg.d_ffn, cfg.n_experts, cfg.top_k,
@@ -61,6 +61,7 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
             bias_update_rate=cfg.bias_update_rate, grouped_mm=cfg.grouped_mm,
             recompute_gate=False if cfg.recompute_gate is None else cfg.recompute_gate,
             backward_chunks=cfg.backward_chunks, gate_rank=cfg.moe_gate_rank, router_hidden=cfg.moe_router_hidden,
+            gate_init=cfg.gate_init,
         )
     return AoE(
         cfg.d_model, cfg.d_low, cfg.n_experts, cfg.top_k, d_wide=cfg.resolved_d_wide,
@@ -68,29 +69,17 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
         aux_loss_coef=cfg.aux_loss_coef, bias_update_rate=cfg.bias_update_rate,
         recompute_scores=cfg.recompute_scores, grouped_mm=cfg.grouped_mm,
         recompute_gate=True if cfg.recompute_gate is None else cfg.recompute_gate,
-        backward_chunks=cfg.backward_chunks,
+        backward_chunks=cfg.backward_chunks, gate_init=cfg.gate_init,
     )
 
 
 def ffn_forward_flops(ffn: nn.Module) -> int:
-    """Forward matmul FLOPs (2 x multiply-adds) per token of one FFN layer.
-
-    Dense: 2*3*D*F. MoE: router 2*D*E (two-layer router: 2*(D*H + H*E)) + k * 2*3*D*F (with a
-    factorized gate of rank r: k * 2*(D*r + r*F + 2*D*F)). AoE: every expert's low-rank activation
-    2*E*D*L + per chosen expert 2*(L*W + 2*D*W).
-    """
-    if isinstance(ffn, DenseFFN):
-        return 2 * 3 * ffn.d_model * ffn.d_ffn
-    if isinstance(ffn, MoE):
-        D, E, F = ffn.d_model, ffn.n_experts, ffn.d_ffn
-        H, r = ffn.router_hidden, ffn.gate_rank
-        router = 2 * D * E if H is None else 2 * (D * H + H * E)
-        expert = 2 * 3 * D * F if r is None else 2 * (D * r + r * F + 2 * D * F)
-        return router + ffn.top_k * expert
-    if isinstance(ffn, AoE):
-        D, L, W = ffn.d_model, ffn.d_low, ffn.d_wide
-        return 2 * ffn.n_experts * D * L + ffn.top_k * 2 * (L * W + 2 * D * W)
-    raise TypeError(f"no FLOP count for {type(ffn).__name__}")
+    """Forward matmul FLOPs (2 x multiply-adds) per token of one FFN layer (its ``forward_flops()``:
+    ``DenseFFN``, ``MoE`` and ``AoE`` document their formulas)."""
+    count = getattr(ffn, "forward_flops", None)
+    if count is None:
+        raise TypeError(f"no FLOP count for {type(ffn).__name__}")
+    return count()
 
 
 class Block(nn.Module):

@@ -20,6 +20,7 @@ from torch import nn
 
 from aoe.nn.dispatch import Dispatch
 from aoe.nn.experts import swiglu_experts
+from aoe.nn.factorized import check_gate_init, init_factorized_gate
 from aoe.nn.selection import activation_norms, check_norm
 from aoe.nn.sparse import SparseFFN, check_positive
 
@@ -73,7 +74,10 @@ class AoE(SparseFFN):
         grouped_mm: "auto" | "torch" | "loop" (see ``aoe.nn.grouped_mm``).
         backward_chunks: blocks of sorted rows the expert backward runs over (bounds its
             temporaries); None = ``clamp(S // (256 * E), 1, 4)`` (see ``aoe.nn.experts``).
-        init_std: std of the normal init of every weight.
+        init_std: std of the normal init of every weight (w_up: see ``gate_init``).
+        gate_init: "normal" (the authors': every factor ~ N(0, init_std)) or "balanced"
+            (w_up ~ N(0, 1/d_low): the gate w_down @ w_up starts with an unfactorized gate's
+            scale); see ``aoe.nn.factorized``.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class AoE(SparseFFN):
         grouped_mm: str = "auto",
         backward_chunks: int | None = None,
         init_std: float = 0.02,
+        gate_init: str = "normal",
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
@@ -106,6 +111,7 @@ class AoE(SparseFFN):
         self.norm = check_norm(norm)
         self.recompute_scores = bool(recompute_scores)
         self.recompute_gate = bool(recompute_gate)
+        self.gate_init = check_gate_init(gate_init)
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_low))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_low, self.d_wide))
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, self.d_wide))
@@ -113,8 +119,8 @@ class AoE(SparseFFN):
         self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
-        for w in (self.w_down, self.w_up, self.w_in):
-            nn.init.normal_(w, std=std)
+        init_factorized_gate(self.w_down, self.w_up, std, self.gate_init)
+        nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
 
     def expert_scores(self, x_TD, dtype):
@@ -134,5 +140,12 @@ class AoE(SparseFFN):
             backend=self.grouped_mm,
         )
 
+    def forward_flops(self) -> int:
+        """Matmul FLOPs (2 x multiply-adds) per token of the forward pass: every expert's low-rank
+        activation 2*E*D*L, plus per chosen expert 2*(L*W + 2*D*W)."""
+        D, L, W = self.d_model, self.d_low, self.d_wide
+        return 2 * self.n_experts * D * L + self.top_k * 2 * (L * W + 2 * D * W)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, d_low={self.d_low}, d_wide={self.d_wide}, norm={self.norm!r}"
+        init = "" if self.gate_init == "normal" else f", gate_init={self.gate_init!r}"
+        return f"{super().extra_repr()}, d_low={self.d_low}, d_wide={self.d_wide}, norm={self.norm!r}{init}"

@@ -23,6 +23,7 @@ from aoe.nn.balance import router_z_loss
 from aoe.nn.dispatch import Dispatch
 from aoe.nn.experts import swiglu_experts
 from aoe.nn.grouped_mm import grouped_linear
+from aoe.nn.factorized import check_gate_init, w_up_std
 from aoe.nn.selection import at_least_fp32
 from aoe.nn.sparse import SparseFFN, check_non_negative, check_positive
 
@@ -46,6 +47,8 @@ class MoE(SparseFFN):
         init_std: std of the normal init of every weight.
         gate_rank: factorize each expert's gate projection at this rank (None = a full w_gate).
         router_hidden: hidden width of a two-layer router (None = the linear router [D, E]).
+        gate_init: with ``gate_rank``, how the factors start: "normal" (every factor
+            ~ N(0, init_std)) or "balanced" (w_up ~ N(0, 1/gate_rank)); see ``aoe.nn.factorized``.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class MoE(SparseFFN):
         init_std: float = 0.02,
         gate_rank: int | None = None,
         router_hidden: int | None = None,
+        gate_init: str = "normal",
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
@@ -75,6 +79,7 @@ class MoE(SparseFFN):
         self.recompute_gate = bool(recompute_gate)
         self.gate_rank = None if gate_rank is None else check_positive("gate_rank", gate_rank)
         self.router_hidden = None if router_hidden is None else check_positive("router_hidden", router_hidden)
+        self.gate_init = check_gate_init(gate_init)
         if self.router_hidden is None:
             self.router = nn.Parameter(torch.empty(d_model, n_experts))
         else:
@@ -90,8 +95,8 @@ class MoE(SparseFFN):
         self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
-        for w in self.parameters():
-            nn.init.normal_(w, std=std)
+        for name, w in self.named_parameters():  # registration order: the random stream is fixed
+            nn.init.normal_(w, std=w_up_std(self.gate_init, std, w.shape[-2]) if name == "w_up" else std)
         nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
 
     def expert_scores(self, x_TD, dtype):
@@ -117,7 +122,17 @@ class MoE(SparseFFN):
             backend=self.grouped_mm,
         )
 
+    def forward_flops(self) -> int:
+        """Matmul FLOPs (2 x multiply-adds) per token of the forward pass: router 2*D*E (two-layer
+        router: 2*(D*H + H*E)) + k * 2*3*D*F (factorized gate of rank r: k * 2*(D*r + r*F + 2*D*F))."""
+        D, E, F_ = self.d_model, self.n_experts, self.d_ffn
+        H, r = self.router_hidden, self.gate_rank
+        router = 2 * D * E if H is None else 2 * (D * H + H * E)
+        expert = 2 * 3 * D * F_ if r is None else 2 * (D * r + r * F_ + 2 * D * F_)
+        return router + self.top_k * expert
+
     def extra_repr(self) -> str:
         extra = "" if self.gate_rank is None else f", gate_rank={self.gate_rank}"
         extra += "" if self.router_hidden is None else f", router_hidden={self.router_hidden}"
+        extra += "" if self.gate_init == "normal" else f", gate_init={self.gate_init!r}"
         return f"{super().extra_repr()}, d_ffn={self.d_ffn}{extra}"

@@ -1,7 +1,8 @@
 """What the trainer measures and where it writes it.
 
-- ``RoutingStats``: per sparse layer, tokens per expert, Ent_load, Ent_conf and max/mean load,
-  accumulated over several forwards (definitions in ``aoe.nn.balance``).
+- ``RoutingStats``: per sparse layer, tokens per expert, Ent_load, Ent_conf, max/mean load, the
+  mean gate weight of each rank (top-1, top-2, ...) and the number of dead experts, accumulated
+  over several forwards (definitions in ``aoe.nn.balance``).
 - ``MetricsLogger``: ``OUT/metrics.jsonl`` (one JSON object per line; training entries carry
   ``step`` and ``loss``, validation entries ``step`` and ``val_loss``), and TensorBoard scalars
   when the ``tensorboard`` package is installed.
@@ -29,9 +30,13 @@ class RoutingStats:
     """Accumulates the routing of every sparse layer of a model over forwards.
 
     Call ``collect()`` after each forward; ``summary()`` returns one dict per sparse layer:
-    ``{"layer", "kind", "tokens_per_expert", "ent_load", "ent_conf", "imbalance"}`` with
-    Ent_conf the token-weighted mean over the collected forwards. Under torch.distributed the
-    counts and sums are reduced over ranks, so every rank sees the global statistics.
+    ``{"layer", "kind", "tokens_per_expert", "ent_load", "ent_conf", "imbalance",
+    "gate_weight_mean", "dead_experts"}`` with Ent_conf the token-weighted mean over the collected
+    forwards; ``gate_weight_mean[j]`` the mean over tokens of the (j+1)-th largest chosen gate
+    weight (how much of the expert outputs reaches the residual stream: without renormalization
+    they sum to less than 1); ``dead_experts`` the number of experts that received no token.
+    Under torch.distributed the counts and sums are reduced over ranks, so every rank sees the
+    global statistics.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -45,6 +50,7 @@ class RoutingStats:
     def reset(self) -> None:
         self.counts = [torch.zeros(m.n_experts, dtype=torch.float64) for _, m in self.layers]
         self.conf_sum = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.gate_sums = [torch.zeros(m.top_k, dtype=torch.float64) for _, m in self.layers]
         self.n_tokens = torch.zeros(len(self.layers), dtype=torch.float64)
 
     @torch.no_grad()
@@ -57,20 +63,23 @@ class RoutingStats:
             n = info.probs.shape[0]
             if n:
                 self.conf_sum[i] += confidence_entropy(info.probs) * n
+                self.gate_sums[i] += info.gate_weights.double().sort(dim=-1, descending=True).values.sum(0).cpu()
                 self.n_tokens[i] += n
 
     def summary(self, dist_info: DistInfo | None = None) -> list[dict[str, Any]]:
         if not self.layers:
             return []
-        flat = torch.cat([*self.counts, self.conf_sum, self.n_tokens])
+        n = len(self.layers)
+        flat = torch.cat([*self.counts, *self.gate_sums, self.conf_sum, self.n_tokens])
         if dist_info is not None:
             all_reduce_sum(flat, dist_info)
-        sizes = [c.numel() for c in self.counts]
-        parts = list(flat.split([*sizes, len(self.layers), len(self.layers)]))
+        sizes = [c.numel() for c in self.counts] + [g.numel() for g in self.gate_sums]
+        parts = list(flat.split([*sizes, n, n]))
         conf_sum, n_tokens = parts[-2], parts[-1]
         out = []
         for i, (idx, layer) in enumerate(self.layers):
-            counts = parts[i]
+            counts, gate_sum = parts[i], parts[n + i]
+            tokens = float(n_tokens[i])
             out.append({
                 "layer": idx,
                 "kind": type(layer).__name__.lower(),
@@ -78,6 +87,8 @@ class RoutingStats:
                 "ent_load": load_entropy(counts),
                 "ent_conf": float(conf_sum[i] / n_tokens[i]) if n_tokens[i] > 0 else float("nan"),
                 "imbalance": imbalance(counts),
+                "gate_weight_mean": [float(g) / tokens if tokens > 0 else float("nan") for g in gate_sum.tolist()],
+                "dead_experts": int((counts == 0).sum()) if tokens > 0 else None,
             })
         return out
 

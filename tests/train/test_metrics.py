@@ -1,0 +1,48 @@
+"""Routing statistics accumulated over forwards, against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from aoe import AoE
+from aoe.nn.balance import RoutingInfo
+from aoe.train.metrics import RoutingStats
+
+
+def _info(indices, weights, n_experts):
+    idx = torch.tensor(indices)
+    probs = torch.full((len(indices), n_experts), 1.0 / n_experts)
+    return RoutingInfo(expert_indices=idx, gate_weights=torch.tensor(weights), probs=probs,
+                       tokens_per_expert=torch.bincount(idx.flatten(), minlength=n_experts))
+
+
+def test_gate_weight_means_are_sorted_per_token_and_dead_experts_counted():
+    layer = AoE(8, 2, 4, 2, d_wide=8)
+    stats = RoutingStats(torch.nn.ModuleList([layer]))
+    layer.last_routing = _info([[0, 1], [1, 0]], [[0.5, 0.25], [0.125, 0.375]], 4)
+    stats.collect()
+    layer.last_routing = _info([[1, 0]], [[0.25, 0.5]], 4)
+    stats.collect()
+    (row,) = stats.summary()
+    # per token, largest first: (0.5, 0.25), (0.375, 0.125), (0.5, 0.25)
+    assert row["gate_weight_mean"] == pytest.approx([(0.5 + 0.375 + 0.5) / 3, (0.25 + 0.125 + 0.25) / 3])
+    assert row["tokens_per_expert"] == [3, 3, 0, 0] and row["dead_experts"] == 2
+    assert row["ent_load"] == pytest.approx(math.log(2))
+
+
+def test_nothing_collected_reports_no_dead_experts():
+    stats = RoutingStats(torch.nn.ModuleList([AoE(8, 2, 4, 2, d_wide=8)]))
+    (row,) = stats.summary()
+    assert row["dead_experts"] is None and all(math.isnan(g) for g in row["gate_weight_mean"])
+
+
+def test_gate_weight_means_of_a_real_forward():
+    layer = AoE(16, 4, 4, 2, d_wide=16)
+    stats = RoutingStats(torch.nn.ModuleList([layer]))
+    layer(torch.randn(50, 16))
+    stats.collect()
+    (row,) = stats.summary()
+    top = layer.last_routing.gate_weights.sort(-1, descending=True).values.double().mean(0)
+    assert row["gate_weight_mean"] == pytest.approx(top.tolist())
+    assert row["gate_weight_mean"][0] >= row["gate_weight_mean"][1]
