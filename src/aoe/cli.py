@@ -155,14 +155,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _split_overrides(args)
     command = "aoe " + shlex.join(args.argv)
     run_comparison(args.out, config=args.config, overrides=args.overrides, variants=args.variants,
-                   seeds=args.seeds, progress=not args.quiet, command=command)
+                   seeds=args.seeds, progress=not args.quiet, command=command, lr_sweep=args.lr_sweep,
+                   sweep_steps=args.sweep_steps)
     return 0
 
 
 def _split_overrides(args: argparse.Namespace) -> None:
     """`--seeds 0 1 train.max_steps=500`: key=value items after a list option are overrides."""
-    for name in ("seeds", "variants"):
-        items = getattr(args, name) or []
+    for name in ("seeds", "variants", "lr_sweep"):
+        items = getattr(args, name, None) or []
         kept = [i for i in items if "=" not in i]
         args.overrides = [i for i in items if "=" in i] + list(args.overrides)
         setattr(args, name, kept or None)
@@ -170,6 +171,10 @@ def _split_overrides(args: argparse.Namespace) -> None:
         args.seeds = [int(s) for s in args.seeds] if args.seeds else [0]
     except ValueError:
         raise CLIError(f"--seeds takes integers, got {args.seeds}") from None
+    try:
+        args.lr_sweep = [float(lr) for lr in args.lr_sweep] if getattr(args, "lr_sweep", None) else None
+    except ValueError:
+        raise CLIError(f"--lr-sweep takes learning rates (numbers), got {args.lr_sweep}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -230,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=None,
                    help="variants to train (default: dense moe moe_aux aoe aoe_aux; see --list-variants)")
     p.add_argument("--seeds", nargs="+", default=None, help="training seeds (default: 0)")
+    p.add_argument("--lr-sweep", nargs="+", default=None, metavar="LR",
+                   help="learning rates to try first: each variant trains at its best one (lowest val loss)")
+    p.add_argument("--sweep-steps", type=int, default=None,
+                   help="steps of each sweep run (default: train.max_steps; shorter sweeps favour larger lrs)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--list-variants", action="store_true", help="print the known variants and exit")
     _add_config_args(p)

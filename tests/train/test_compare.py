@@ -72,3 +72,81 @@ def test_same_config_tolerates_keys_added_since_at_their_defaults():
     assert not same_config(old, config_to_dict(load_config("tiny", ["train.max_steps=8"])))
     old["model"]["removed_key"] = 1
     assert not same_config(old, new)
+
+
+def test_factorized_gate_variants_are_parameter_matched_to_their_baselines():
+    from aoe.config import load_config
+    from aoe.model import Transformer
+
+    variants = {v.name: v for v in resolve_variants(
+        ["moe", "aoe", "moe_factorized", "moe_factorized_balanced", "moe_factorized_nowd", "aoe_balanced", "aoe_factor_nowd",
+         "aoe_factorlr2", "dense_active", "dense_factorized"], ModelConfig())}
+
+    def count(name):
+        cfg = load_config("tiny", ["model.vocab_size=4096", *variants[name].overrides])
+        return Transformer(cfg.model).num_params(include_embedding=False)
+
+    for name, v in variants.items():
+        if v.baseline is not None:
+            assert abs(count(name) - count(v.baseline)) / count(v.baseline) < 0.01, name
+    assert variants["dense_factorized"].baseline == "dense_active" and variants["dense_factorized"].kind == "dense"
+    assert "train.factor_lr_scale=2" in variants["aoe_factorlr2"].overrides
+    for bad in ("aoe_factorlr0", "aoe_factorlr-1", "aoe_factorlrnan", "aoe_factorlr"):
+        with pytest.raises(ConfigError, match="unknown variant"):
+            resolve_variants([bad], ModelConfig())
+
+
+def test_lr_sweep_chooses_each_variants_lr_and_resumes(tmp_path, cache_dir, monkeypatch):
+    import aoe.compare.runner as runner
+
+    overrides = tiny_overrides(cache_dir, **{"train.max_steps": 3, "train.eval_every": 0, "train.checkpoint_every": 0})
+    out = tmp_path / "cmp"
+    results = run_comparison(out, "tiny", overrides, ["moe", "aoe"], [5], progress=False, lr_sweep=[1e-4, 3e-3],
+                             sweep_steps=2)
+    sweep = results["sweep"]
+    assert sweep["lrs"] == [1e-4, 3e-3] and sweep["steps"] == 2 and sweep["seed"] == 5
+    assert [(r["variant"], r["lr"]) for r in sweep["runs"]] == [("moe", 1e-4), ("moe", 3e-3), ("aoe", 1e-4), ("aoe", 3e-3)]
+    for name in ("moe", "aoe"):
+        losses = {r["lr"]: r["val_loss"] for r in sweep["runs"] if r["variant"] == name}
+        assert sweep["chosen"][name] == min(losses, key=losses.get)
+        summary = json.loads((out / "sweep" / f"{name}-lr{sweep['chosen'][name]:g}" / "summary.json").read_text())
+        assert summary["step"] == 2 and summary["val_loss"] == losses[sweep["chosen"][name]]
+    for run in results["runs"]:
+        assert run["lr"] == sweep["chosen"][run["variant"]] and run["steps"] == 3
+    assert {v["name"]: v["lr"] for v in results["variants"]} == sweep["chosen"]
+
+    trained = []
+    monkeypatch.setattr(runner, "_fit", lambda *a, **k: trained.append(a[1]) or pytest.fail("retrained"))
+    again = run_comparison(out, "tiny", overrides, ["moe", "aoe"], [5], progress=False, lr_sweep=[1e-4, 3e-3],
+                           sweep_steps=2)
+    assert trained == [] and again["sweep"]["chosen"] == sweep["chosen"]
+    with pytest.raises(ConfigError, match="learning-rate sweep|--lr-sweep"):
+        run_comparison(out, "tiny", overrides, ["moe"], [5], progress=False, lr_sweep=[1e-4], sweep_steps=2)
+    with pytest.raises(ConfigError, match="--lr-sweep"):
+        run_comparison(out, "tiny", overrides, ["moe"], [5], progress=False)
+
+
+def test_sweep_records_a_diverged_run_and_does_not_retry_it(tmp_path):
+    from aoe.compare.sweep import SweepPlan, choose_lr, run_sweep
+    from aoe.train.trainer import TrainingError
+
+    variants = resolve_variants(["moe"], ModelConfig())
+    calls = []
+
+    def train(cfg, run_dir):
+        calls.append(cfg.train.lr)
+        if cfg.train.lr > 1:
+            raise TrainingError("non-finite loss at step 1")
+        return {"step": cfg.train.max_steps, "val_loss": 5.0 - cfg.train.lr}
+
+    plan = SweepPlan((0.5, 2.0), 3, 0)
+    first = run_sweep(plan, variants, "tiny", ["model.vocab_size=4096"], tmp_path, train, progress=False)
+    assert [r["status"] for r in first["runs"]] == ["done", "diverged"] and first["chosen"] == {"moe": 0.5}
+    calls.clear()
+    again = run_sweep(plan, variants, "tiny", ["model.vocab_size=4096"], tmp_path, train, previous=first, progress=False)
+    assert calls == [0.5] and again["runs"][1]["status"] == "diverged"  # 0.5 has no summary.json here: trained again
+    runs = [{"variant": "a", "lr": lr, "status": "done", "val_loss": v} for lr, v in ((1.0, 2.0), (0.1, 2.0), (3.0, None))]
+    assert choose_lr(runs, "a") == 0.1  # a tie goes to the smaller lr; None is no result
+    for bad in ((), (0.0,), (1.0, 1.0), (float("nan"),)):
+        with pytest.raises(ConfigError):
+            SweepPlan(bad, 3, 0)

@@ -3,6 +3,7 @@
     OUT/results.json        every run's numbers (schema in ``aoe.compare.report``)
     OUT/report.md, plots/   the report
     OUT/<variant>-s<seed>/  one ordinary training run each (checkpoints, metrics.jsonl, summary.json)
+    OUT/sweep/<variant>-lr<lr>/  with --lr-sweep: the short runs that choose each variant's lr
 
 Interrupted comparisons resume: a run whose summary.json shows it finished is not trained again, a
 run with checkpoints continues from its newest good one, and results.json is rewritten after each run.
@@ -22,6 +23,7 @@ import torch
 
 from aoe.config import ConfigError, RunConfig, config_to_dict, load_config
 from aoe.data import TokenData, unigram_cross_entropy, unigram_entropy
+from aoe.compare.sweep import SweepPlan, run_sweep
 from aoe.compare.variants import Variant, resolve_variants
 from aoe.train.checkpoint import list_checkpoints
 from aoe.train.trainer import Trainer, prepare_data
@@ -72,9 +74,10 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _run_entry(variant: Variant, seed: int, run_dir: str, summary: dict[str, Any], peak: int | None) -> dict[str, Any]:
+def _run_entry(variant: Variant, seed: int, run_dir: str, summary: dict[str, Any], peak: int | None,
+               lr: float) -> dict[str, Any]:
     return {
-        "variant": variant.name, "seed": seed, "status": "done", "run_dir": run_dir,
+        "variant": variant.name, "seed": seed, "status": "done", "run_dir": run_dir, "lr": lr,
         "val_loss": summary["val_loss"], "perplexity": summary["perplexity"], "bits_per_byte": summary["bits_per_byte"],
         "params_total": summary["params_total"], "params_active": summary["params_active"],
         "flops_per_token": summary["flops_per_token"], "tokens_per_s": summary["tokens_per_s"],
@@ -83,15 +86,47 @@ def _run_entry(variant: Variant, seed: int, run_dir: str, summary: dict[str, Any
     }
 
 
-def _train_one(cfg: RunConfig, run_dir: Path, data: TokenData, progress: bool) -> tuple[dict[str, Any], int]:
+def _fit(cfg: RunConfig, run_dir: Path, data: TokenData, progress: bool) -> tuple[dict[str, Any], Trainer]:
+    """Train one run to its end (continuing from its newest good checkpoint if it has one)."""
     resume = bool(list_checkpoints(run_dir))
     trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, data=data)
-    summary = trainer.fit()
+    return trainer.fit(), trainer
+
+
+def _train_one(cfg: RunConfig, run_dir: Path, data: TokenData, progress: bool) -> tuple[dict[str, Any], int]:
+    summary, trainer = _fit(cfg, run_dir, data, progress)
     x, y = trainer.sampler.batch(0)
     micro = cfg.train.micro_batch
     device = trainer.device
     peak = training_step_peak_bytes(trainer.model, x[:micro].to(device), y[:micro].to(device), trainer._autocast())
     return summary, peak
+
+
+def _previous_results(path: Path, base: RunConfig, plan: SweepPlan | None) -> dict[str, Any]:
+    """The stored results.json of an interrupted comparison ({} if none), refused when it was made
+    with another base config or another learning-rate sweep."""
+    if not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())
+    if not same_config(previous.get("config") or {}, config_to_dict(base)):
+        raise ConfigError(f"{str(path)!r} was made with another base config; use another --out (nothing was overwritten)")
+    stored = previous.get("sweep")
+    if (plan is None) != (stored is None) or (plan is not None and not plan.same_as(stored)):
+        made = "no learning-rate sweep" if stored is None else f"--lr-sweep {stored.get('lrs')} --sweep-steps {stored.get('steps')}"
+        raise ConfigError(f"{str(path)!r} was made with {made}; use the same options or another --out (nothing was overwritten)")
+    return previous
+
+
+def _reusable(prior: dict[str, Any] | None, run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """A stored run entry that needs no training: done, at this config's max_steps and lr."""
+    summary_file = run_dir / "summary.json"
+    if prior is None or not summary_file.is_file():
+        return None
+    if json.loads(summary_file.read_text()).get("step") != cfg.train.max_steps:
+        return None
+    if prior.get("lr", cfg.train.lr) != cfg.train.lr:
+        return None
+    return prior
 
 
 def run_comparison(
@@ -104,9 +139,15 @@ def run_comparison(
     progress: bool = True,
     command: str | None = None,
     report: bool = True,
+    lr_sweep: list[float] | tuple[float, ...] | None = None,
+    sweep_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train ``variants`` x ``seeds`` (see ``aoe.compare.variants``) on the base config
     ``config`` + ``overrides`` and write OUT/results.json and the report. Returns the results dict.
+
+    ``lr_sweep``: learning rates to try first (``aoe.compare.sweep``): each variant trains
+    ``sweep_steps`` steps (default: the base max_steps) at each, with the first seed, and its main
+    runs use the one with the lowest validation loss.
 
     Peak memory per run: one micro-batch forward + backward after training
     (``aoe.utils.memory.training_step_peak_bytes``: parameters + activations + gradients).
@@ -118,16 +159,17 @@ def run_comparison(
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds lists a seed twice: {list(seeds)}")
     chosen = resolve_variants(variants, base.model)
-    cfgs = {(v.name, s): load_config(config, [*overrides, *v.overrides, f"train.seed={s}"]) for v in chosen for s in seeds}
+    plan = None
+    if lr_sweep is not None:
+        plan = SweepPlan(tuple(float(lr) for lr in lr_sweep), sweep_steps or base.train.max_steps, seeds[0])
+    elif sweep_steps is not None:
+        raise ConfigError("--sweep-steps needs --lr-sweep")
+    for v in chosen:  # every variant's overrides are valid before anything trains
+        load_config(config, [*overrides, *v.overrides])
 
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
-    previous: dict[str, Any] = {}
-    if results_path.is_file():
-        previous = json.loads(results_path.read_text())
-        if not same_config(previous.get("config") or {}, config_to_dict(base)):
-            raise ConfigError(f"{str(results_path)!r} was made with another base config; use another --out "
-                              "(nothing was overwritten)")
+    previous = _previous_results(results_path, base, plan)
     done = {(r["variant"], r["seed"]): r for r in previous.get("runs", []) if r.get("status") == "done"}
 
     data = prepare_data(base)
@@ -137,11 +179,19 @@ def run_comparison(
         "machine": machine_info(),
         "config": config_to_dict(base),
         "corpus": corpus_info(data),
-        "variants": [{"name": v.name, "label": v.label, "description": v.description, "overrides": list(v.overrides)}
-                     for v in chosen],
+        "variants": [{**v.as_dict(), "lr": None} for v in chosen],
         "seeds": list(seeds),
         "runs": [],
     }
+    lrs = {v.name: base.train.lr for v in chosen}
+    if plan is not None:
+        results["sweep"] = run_sweep(plan, chosen, config, overrides, out,
+                                     lambda cfg, run_dir: _fit(cfg, run_dir, data, progress)[0],
+                                     previous.get("sweep"), progress)
+        lrs = results["sweep"]["chosen"]
+        for entry in results["variants"]:
+            entry["lr"] = lrs[entry["name"]]
+        _write_json(results_path, results)
     total = len(chosen) * len(seeds)
     i = 0
     for seed in seeds:
@@ -149,20 +199,17 @@ def run_comparison(
             i += 1
             run_name = f"{v.name}-s{seed}"
             run_dir = out / run_name
-            summary_file = run_dir / "summary.json"
-            cfg = cfgs[(v.name, seed)]
-            prior = done.get((v.name, seed))
-            if prior is not None and summary_file.is_file():
-                summary = json.loads(summary_file.read_text())
-                if summary.get("step") == cfg.train.max_steps:
-                    if progress:
-                        print(f"[{i}/{total}] {run_name}: already done (val_loss {summary['val_loss']:.4f})", file=sys.stderr)
-                    results["runs"].append(prior)
-                    continue
+            cfg = load_config(config, [*overrides, *v.overrides, f"train.seed={seed}", f"train.lr={lrs[v.name]!r}"])
+            prior = _reusable(done.get((v.name, seed)), run_dir, cfg)
+            if prior is not None:
+                if progress:
+                    print(f"[{i}/{total}] {run_name}: already done (val_loss {prior['val_loss']:.4f})", file=sys.stderr)
+                results["runs"].append(prior)
+                continue
             if progress:
                 print(f"[{i}/{total}] {run_name}: {v.description}", file=sys.stderr)
             summary, peak = _train_one(cfg, run_dir, data, progress)
-            results["runs"].append(_run_entry(v, seed, run_name, summary, peak))
+            results["runs"].append(_run_entry(v, seed, run_name, summary, peak, cfg.train.lr))
             _write_json(results_path, results)
     _write_json(results_path, results)
     if report:

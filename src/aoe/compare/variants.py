@@ -1,9 +1,16 @@
 """The variants of the paper's study, each a label, a sentence and config overrides on a base recipe.
 
-Every variant shares the base config's data, seed, token budget and schedule; only ``model.*``
-keys change. Parameter matching: MoE and AoE variants have the same total parameters within 1%
-(AoE's d_wide comes from ``aoe.nn.match_d_wide``); the dense baseline's FFN is n_experts x d_ffn
-wide, so its total parameters match too (every one of them active).
+Every variant shares the base config's data, seed, token budget, learning rate and schedule; only
+``model.*`` keys and the factorized gates' optimizer settings (``train.factor_*``) change (an
+``aoe compare --lr-sweep`` gives each variant its own learning rate). Parameter matching: MoE and AoE
+variants have the same total parameters within 1% (AoE's d_wide comes from ``aoe.nn.match_d_wide``);
+the dense baseline's FFN is n_experts x d_ffn wide, so its total parameters match too (every one of
+them active). The two "active" dense variants are the control of the factorized gate with no
+selection at all: a SwiGLU of MoE's active FFN width top_k x d_ffn, and the same with its gate
+factorized at rank d_low (width matched by the same rule as AoE's).
+
+Each variant names its ``kind`` (the FFN: "dense", "moe" or "aoe") and its ``baseline`` (the variant
+the report compares it with; None for the references themselves).
 """
 
 from __future__ import annotations
@@ -20,6 +27,12 @@ class Variant:
     label: str
     description: str
     overrides: tuple[str, ...]
+    kind: str
+    baseline: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "label": self.label, "description": self.description,
+                "overrides": list(self.overrides), "kind": self.kind, "baseline": self.baseline}
 
 
 def large_router_shape(m: ModelConfig) -> tuple[int, int]:
@@ -37,47 +50,85 @@ def _variants(m: ModelConfig) -> list[Variant]:
     sparse = f"top-{k} of {E} experts"
     hidden, router_ffn = large_router_shape(m)
     factorized_ffn = match_d_wide(m.d_model, f, m.d_low)
+    active = k * f
+    active_factorized = match_d_wide(m.d_model, active, m.d_low)
+    moe_fact = ("model.ffn=moe", f"model.moe_gate_rank={m.d_low}", f"model.d_ffn={factorized_ffn}")
+    balanced, no_wd = "model.gate_init=balanced", "train.factor_weight_decay=0.0"
     return [
         Variant("dense", "Dense", f"SwiGLU FFN of width {E * f} (= n_experts x d_ffn: total parameters matched, all active)",
-                ("model.ffn=dense", f"model.dense_d_ffn={E * f}")),
+                ("model.ffn=dense", f"model.dense_d_ffn={E * f}"), "dense"),
         Variant("moe", "MoE", f"router MoE, {sparse}, renormalized gate weights, no balancing loss",
-                ("model.ffn=moe", "model.aux_loss_coef=0.0")),
+                ("model.ffn=moe", "model.aux_loss_coef=0.0"), "moe"),
         Variant("moe_aux", "MoE + L_aux", f"router MoE, {sparse}, load-balancing loss 0.01",
-                ("model.ffn=moe", "model.aux_loss_coef=0.01")),
+                ("model.ffn=moe", "model.aux_loss_coef=0.01"), "moe", "moe"),
         Variant("aoe", "AoE", f"Autonomy-of-Experts, {sparse}, d_low={m.d_low}, L2 norm, no balancing loss",
-                ("model.ffn=aoe", "model.aux_loss_coef=0.0")),
+                ("model.ffn=aoe", "model.aux_loss_coef=0.0"), "aoe", "moe"),
         Variant("aoe_aux", "AoE + L_aux", f"Autonomy-of-Experts, {sparse}, d_low={m.d_low}, load-balancing loss 0.01",
-                ("model.ffn=aoe", "model.aux_loss_coef=0.01")),
+                ("model.ffn=aoe", "model.aux_loss_coef=0.01"), "aoe", "moe_aux"),
         # ablations (on request)
         Variant("moe_factorized", "MoE + factorized W_g",
                 f"router MoE with AoE's experts: gate = (x @ w_down) @ w_up at rank {m.d_low}, width {factorized_ffn}",
-                ("model.ffn=moe", f"model.moe_gate_rank={m.d_low}", f"model.d_ffn={factorized_ffn}")),
+                moe_fact, "moe", "moe"),
         Variant("moe_large_router", "MoE + large router",
                 f"router MoE with a two-layer router {m.d_model}->{hidden}->{E} (about AoE's w_down), experts "
-                f"of width {router_ffn}", ("model.ffn=moe", f"model.moe_router_hidden={hidden}", f"model.d_ffn={router_ffn}")),
-        Variant("aoe_l1", "AoE (L1)", "AoE ranking experts by the L1 norm", ("model.ffn=aoe", "model.norm=l1")),
+                f"of width {router_ffn}", ("model.ffn=moe", f"model.moe_router_hidden={hidden}", f"model.d_ffn={router_ffn}"),
+                "moe", "moe"),
+        Variant("aoe_l1", "AoE (L1)", "AoE ranking experts by the L1 norm", ("model.ffn=aoe", "model.norm=l1"), "aoe", "aoe"),
         Variant("aoe_linf", "AoE (L-inf)", "AoE ranking experts by the L-infinity norm",
-                ("model.ffn=aoe", "model.norm=linf")),
+                ("model.ffn=aoe", "model.norm=linf"), "aoe", "aoe"),
         Variant("aoe_renorm", "AoE (renormalized)", "AoE with the chosen gate weights divided by their sum",
-                ("model.ffn=aoe", "model.renormalize=true")),
+                ("model.ffn=aoe", "model.renormalize=true"), "aoe", "aoe"),
         Variant("aoe_bias", "AoE + bias balancing", "AoE with aux-loss-free balancing (selection bias, rate 1e-3)",
-                ("model.ffn=aoe", "model.bias_update_rate=0.001")),
+                ("model.ffn=aoe", "model.bias_update_rate=0.001"), "aoe", "aoe"),
         Variant("moe_bias", "MoE + bias balancing", "router MoE with aux-loss-free balancing (selection bias, rate 1e-3)",
-                ("model.ffn=moe", "model.bias_update_rate=0.001")),
-        *(
-            Variant(f"aoe_dlow{r}", f"AoE (d_low={r})", f"AoE with rank d_low={r}", ("model.ffn=aoe", f"model.d_low={r}"))
-            for r in sorted({max(1, m.d_low // 2), m.d_low * 2})
-        ),
+                ("model.ffn=moe", "model.bias_update_rate=0.001"), "moe", "moe"),
+        # the factorized gate's own knobs
+        Variant("aoe_balanced", "AoE (balanced gate init)",
+                "AoE with w_up ~ N(0, 1/d_low): the gate w_down @ w_up starts at an unfactorized gate's scale",
+                ("model.ffn=aoe", balanced), "aoe", "aoe"),
+        Variant("aoe_factor_nowd", "AoE (no decay on w_down, w_up)", "AoE without weight decay on the gate factors",
+                ("model.ffn=aoe", no_wd), "aoe", "aoe"),
+        Variant("moe_factorized_balanced", "MoE + factorized W_g (balanced init)",
+                "MoE + factorized W_g with w_up ~ N(0, 1/d_low)", (*moe_fact, balanced), "moe", "moe_factorized"),
+        Variant("moe_factorized_nowd", "MoE + factorized W_g (no decay on factors)",
+                "MoE + factorized W_g without weight decay on w_down, w_up", (*moe_fact, no_wd), "moe", "moe_factorized"),
+        Variant("dense_active", "Dense (MoE's active width)",
+                f"SwiGLU FFN of width {active} (= top_k x d_ffn: MoE's active FFN parameters)",
+                ("model.ffn=dense", f"model.dense_d_ffn={active}"), "dense"),
+        Variant("dense_factorized", "Dense + factorized W_g",
+                f"SwiGLU FFN with its gate factorized at rank {m.d_low}, width {active_factorized} (parameters of "
+                f"dense_active)", ("model.ffn=dense", f"model.dense_d_ffn={active_factorized}",
+                                   f"model.dense_gate_rank={m.d_low}"), "dense", "dense_active"),
+        *(_dlow_variant(r) for r in sorted({max(1, m.d_low // 2), m.d_low * 2})),
     ]
+
+
+def _dlow_variant(r: int) -> Variant:
+    return Variant(f"aoe_dlow{r}", f"AoE (d_low={r})", f"AoE with rank d_low={r}", ("model.ffn=aoe", f"model.d_low={r}"),
+                   "aoe", "aoe")
+
+
+def _factor_lr_variant(scale: str) -> Variant:
+    return Variant(f"aoe_factorlr{scale}", f"AoE (gate factors at {scale} x lr)",
+                   f"AoE with the learning rate of w_down and w_up multiplied by {scale}",
+                   ("model.ffn=aoe", f"train.factor_lr_scale={scale}"), "aoe", "aoe")
 
 
 DEFAULT_VARIANTS = ("dense", "moe", "moe_aux", "aoe", "aoe_aux")
 
 
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0 and text.strip() == text and text.lower() not in ("inf", "infinity", "nan")
+    except ValueError:
+        return False
+
+
 def resolve_variants(names: list[str] | None, model: ModelConfig) -> list[Variant]:
     """The named variants (default ``DEFAULT_VARIANTS``), in the given order.
 
-    Besides the listed names, ``aoe_dlowR`` for any positive R is accepted (a d_low sweep).
+    Besides the listed names, ``aoe_dlowR`` for any positive R (a d_low sweep) and
+    ``aoe_factorlrM`` for any positive number M (the gate factors' learning-rate multiplier) are accepted.
     """
     known = {v.name: v for v in _variants(model)}
     out = []
@@ -85,10 +136,12 @@ def resolve_variants(names: list[str] | None, model: ModelConfig) -> list[Varian
         if name in known:
             out.append(known[name])
         elif name.startswith("aoe_dlow") and name[8:].isdigit() and int(name[8:]) > 0:
-            r = int(name[8:])
-            out.append(Variant(name, f"AoE (d_low={r})", f"AoE with rank d_low={r}", ("model.ffn=aoe", f"model.d_low={r}")))
+            out.append(_dlow_variant(int(name[8:])))
+        elif name.startswith("aoe_factorlr") and _positive_number(name[12:]):
+            out.append(_factor_lr_variant(name[12:]))
         else:
-            raise ConfigError(f"unknown variant {name!r}; known: {', '.join(known)} (and aoe_dlowR for any rank R)")
+            raise ConfigError(f"unknown variant {name!r}; known: {', '.join(known)} (and aoe_dlowR for any rank R, "
+                              "aoe_factorlrM for any multiplier M)")
     if len({v.name for v in out}) != len(out):
         raise ConfigError(f"a variant is listed twice: {names}")
     return out
@@ -99,6 +152,7 @@ def describe_variants(model: ModelConfig | None = None) -> str:
     lines = []
     for v in _variants(model):
         mark = "*" if v.name in DEFAULT_VARIANTS else " "
-        lines.append(f"{mark} {v.name:<17} {v.description}   [{' '.join(v.overrides)}]")
-    lines.append("(* = default suite; shown for the default model config; aoe_dlowR for any rank R)")
+        lines.append(f"{mark} {v.name:<24} {v.description}   [{' '.join(v.overrides)}]")
+    lines.append("(* = default suite; shown for the default model config; aoe_dlowR for any rank R, "
+                 "aoe_factorlrM for any lr multiplier M of w_down and w_up)")
     return "\n".join(lines)
