@@ -1,14 +1,24 @@
-"""File helpers: atomic writes (a temporary sibling, fsync, then ``os.replace``), fsync, SHA-256, locks.
+"""File helpers: atomic writes (a temporary sibling, fsync, then ``os.replace``), fsync, SHA-256, locks,
+and clear errors when the system refuses a write.
 
 A crash at any point leaves either the old file or the new one, never a half-written file
-under the final name.
+under the final name. A write the system refuses (disk full, quota, read-only file system,
+permissions) is reported as a ``WriteError`` naming the path and the cause
+(``reporting_write_errors``), and a sequence of renames can be shielded from SIGINT/SIGTERM
+(``signals_deferred``) so that it is never cut in half.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import re
+import signal
+import threading
 from pathlib import Path
+from typing import Callable, Iterator
 
 
 def tmp_sibling(path: str | os.PathLike) -> Path:
@@ -98,3 +108,135 @@ class file_lock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writes the system refuses
+# ---------------------------------------------------------------------------------------------
+class WriteError(OSError):
+    """Writing a file or directory failed for a reason of the system (disk full, quota, read-only
+    file system, permissions). The message names the path, the cause and what to do; ``errno``
+    is the system's error number. Whoever raises it has removed its temporary files and left the
+    previous state as it was."""
+
+
+# Writers implemented in Rust or C++ (safetensors, tokenizers) report the errno only in their message.
+_ERRNO_IN_MESSAGE = re.compile(r"os error (\d+)|\[Errno (\d+)\]|code: (\d+)")
+
+
+def os_error_code(exc: BaseException) -> int | None:
+    """The system error number behind ``exc`` (an OSError, or a writer's error whose message or
+    cause carries one, e.g. safetensors' "... (os error 28)"); None when there is none."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        match = _ERRNO_IN_MESSAGE.search(str(exc))
+        if match:
+            return int(next(g for g in match.groups() if g))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_error(code: int) -> str:
+    """A lower-case cause for a message: ``errno.ENOSPC`` -> "no space left on device"."""
+    text = os.strerror(code)
+    return text[:1].lower() + text[1:]
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: str | os.PathLike, advice: str | Callable[[], str] = "",
+                           error_type: type[WriteError] = WriteError) -> Iterator[None]:
+    """Turn an error of the system inside the block into one ``error_type`` (a WriteError) whose
+    message reads "<cause> while writing <path>: <advice>".
+
+    advice: what was (not) lost and what to do; a callable is called only on failure (e.g. to
+    look up the newest good checkpoint). Errors that carry no system error number, and
+    WriteErrors already raised inside, pass through unchanged.
+    """
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        code = os_error_code(e)
+        if code is None:
+            raise
+        text = advice() if callable(advice) else advice
+        err = error_type(f"{describe_os_error(code)} while writing {str(path)!r}" + (f": {text}" if text else ""))
+        err.errno = code
+        raise err from e
+
+
+class _WholeWrites(io.RawIOBase):
+    """A raw file (owning ``fd``) whose ``write`` writes all of its bytes or raises the system's OSError.
+
+    A buffered file reports a short count when the disk fills in the middle of a write; writers
+    that check the count (torch.save) then fail with a message that hides the cause.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        return len(view)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+@contextlib.contextmanager
+def open_for_writing(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
+    """A new binary file at ``path`` whose writes either complete or raise the system's OSError
+    (ENOSPC, EDQUOT...); flushed and fsync'ed at the end of the block, closed in any case."""
+    raw = _WholeWrites(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    f = io.BufferedWriter(raw, buffer_size=1 << 20)
+    try:
+        yield f
+        f.flush()
+        os.fsync(raw.fileno())
+    finally:
+        with contextlib.suppress(OSError):  # after a failed write the buffer cannot be flushed either
+            f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold back ``signums`` for the duration of the block: one that arrives is delivered (to the
+    handler that was in place) when the block ends. Shields a short sequence of renames from a
+    Ctrl-C or a second SIGTERM. A no-op outside the main thread, and for a signal whose handler
+    was not installed from Python."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {}
+    for signum in signums:
+        handler = signal.getsignal(signum)
+        if handler is None:
+            continue
+        previous[signum] = handler
+        signal.signal(signum, lambda received, frame: pending.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
