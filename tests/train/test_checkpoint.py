@@ -1,4 +1,8 @@
+import errno
 import json
+import os
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,8 +10,8 @@ import torch
 from aoe.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from aoe.model import Transformer
 from aoe.train.checkpoint import (
-    CheckpointError, find_latest_checkpoint, list_checkpoints, load_model, load_trainer_state, save_checkpoint,
-    verify_checkpoint,
+    CheckpointError, CheckpointWriteError, find_latest_checkpoint, list_checkpoints, load_model, load_trainer_state,
+    save_checkpoint, verify_checkpoint,
 )
 
 
@@ -85,3 +89,124 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         load_model(tmp_path)
+
+
+def _steps(run_dir):
+    return [p.name for p in list_checkpoints(run_dir)]
+
+
+def test_retention_counts_only_checkpoints_that_verify(tmp_path):
+    model, cfg = _model_and_cfg()
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, model, cfg, {"step": step})
+    junk = tmp_path / "checkpoints" / "step_99999999"
+    junk.mkdir()
+    (junk / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="moved it to .*step_99999999.corrupt"):
+        save_checkpoint(tmp_path, 8, model, cfg, {"step": 8}, keep=2)
+    assert _steps(tmp_path) == ["step_00000006", "step_00000008"]  # the bad one took no place
+    aside = tmp_path / "checkpoints" / "step_99999999.corrupt"
+    assert (aside / "model.safetensors").read_bytes() == b"not a checkpoint"
+    for path in list_checkpoints(tmp_path):
+        verify_checkpoint(path)
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_never_overwritten(tmp_path):
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 6, model, cfg, {"step": 6})
+    for n, suffix in ((1, ".corrupt"), (2, ".corrupt-2")):
+        (path / "trainer_state.pt").write_bytes(b"garbage %d" % n)
+        with pytest.warns(UserWarning, match=f"moved it to .*step_00000006{suffix}'"):
+            assert save_checkpoint(tmp_path, 6, model, cfg, {"step": 6}) == path
+        assert (path.with_name("step_00000006" + suffix) / "trainer_state.pt").read_bytes() == b"garbage %d" % n
+        verify_checkpoint(path)  # the new one is in place
+    save_checkpoint(tmp_path, 6, model, cfg, {"step": 6, "again": 1})  # a good one is simply replaced
+    assert load_trainer_state(path)["again"] == 1
+    assert _steps(tmp_path) == ["step_00000006"]
+
+
+def test_finding_the_latest_moves_a_corrupt_one_aside_only_when_asked(tmp_path):
+    model, cfg = _model_and_cfg()
+    good = save_checkpoint(tmp_path, 1, model, cfg, {"step": 1})
+    bad = save_checkpoint(tmp_path, 2, model, cfg, {"step": 2})
+    (bad / "checkpoint.json").write_text("{")
+    with pytest.warns(UserWarning, match="skipping a bad checkpoint"):
+        assert find_latest_checkpoint(tmp_path) == good
+    assert bad.is_dir()  # reading changes nothing
+    with pytest.warns(UserWarning, match="skipping a bad checkpoint.*moved it to .*step_00000002.corrupt"):
+        assert find_latest_checkpoint(tmp_path, move_aside=True) == good
+    assert not bad.exists() and bad.with_name("step_00000002.corrupt").is_dir()
+
+
+def test_retention_does_not_hash_again_what_it_wrote(tmp_path, monkeypatch):
+    import aoe.train.checkpoint as ckpt
+
+    model, cfg = _model_and_cfg()
+    calls = []
+    real = ckpt.file_sha256
+    monkeypatch.setattr(ckpt, "file_sha256", lambda path: calls.append(path) or real(path))
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step, model, cfg, {"step": step}, keep=2)
+    assert len(calls) == 5 * 3  # three files hashed once each, as they were written
+    assert _steps(tmp_path) == ["step_00000004", "step_00000005"]
+    (tmp_path / "checkpoints" / "step_00000005" / "trainer_state.pt").write_bytes(b"changed")
+    with pytest.warns(UserWarning, match="step_00000005.corrupt"):  # a changed file is noticed
+        save_checkpoint(tmp_path, 6, model, cfg, {"step": 6}, keep=2)
+    assert _steps(tmp_path) == ["step_00000004", "step_00000006"]
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["weights", "trainer_state"])
+def test_disk_full_while_saving_names_the_cause_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, where):
+    import aoe.train.checkpoint as ckpt
+
+    model, cfg = _model_and_cfg()
+    good = save_checkpoint(tmp_path, 1, model, cfg, {"step": 1})
+    if where == "weights":  # safetensors writes half the file, then the disk is full
+        def save_file(state, filename, metadata=None):
+            Path(filename).write_bytes(b"\0" * 100)
+            _no_space()
+        monkeypatch.setattr(ckpt, "save_file", save_file)
+    else:  # every low-level write fails, as on a full disk
+        monkeypatch.setattr(os, "write", _no_space)
+    with pytest.raises(CheckpointWriteError) as info:
+        save_checkpoint(tmp_path, 2, model, cfg, {"step": 2}, retry_hint="free space and run with --resume")
+    message = str(info.value)
+    assert message.startswith("no space left on device while writing ") and "step_00000002" in message
+    assert f"the newest good checkpoint is {str(good)!r}" in message and message.endswith("run with --resume")
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert _steps(tmp_path) == ["step_00000001"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]  # no temporary left
+    verify_checkpoint(good)
+
+
+def test_a_signal_during_the_final_renames_waits_until_they_are_done(tmp_path, monkeypatch):
+    import aoe.train.checkpoint as ckpt
+
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 3, model, cfg, {"step": 3})
+    real = os.replace
+
+    def replace_then_interrupt(src, dst):  # Ctrl-C right after the old checkpoint was renamed away
+        real(src, dst)
+        monkeypatch.setattr(ckpt.os, "replace", real)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, model, cfg, {"step": 3, "new": True})
+    assert load_trainer_state(path)["new"] is True and verify_checkpoint(path)
+    assert _steps(tmp_path) == ["step_00000003"]
+
+
+def test_a_replacement_cut_short_is_put_back(tmp_path):
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 5, model, cfg, {"step": 5})
+    path.rename(path.with_name(".tmp-old-step_00000005-1234abcd"))  # killed between the two renames
+    save_checkpoint(tmp_path, 6, model, cfg, {"step": 6})
+    assert _steps(tmp_path) == ["step_00000005", "step_00000006"]
+    verify_checkpoint(path)
