@@ -1,8 +1,12 @@
-"""The trainer end to end on a real (small) corpus: determinism, resume after SIGKILL, DDP, NaN policy."""
+"""The trainer end to end on a real (small) corpus: determinism, resume after SIGKILL, SIGTERM, DDP, NaN
+policy, retention and a full disk."""
 
+import errno
 import json
 import math
+import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +16,8 @@ import torch
 
 from aoe.config import ConfigError
 from aoe.train import CheckpointError, Trainer, TrainingError, list_checkpoints, read_metrics, train, verify_checkpoint
-from aoe.train.checkpoint import load_model
+from aoe.train.checkpoint import load_model, load_trainer_state
+from aoe.train.trainer import TrainingInterrupted, TrainingWriteError
 
 from .conftest import PYTHON, cli_env, tiny_overrides
 
@@ -80,10 +85,21 @@ def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: fl
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
-def test_sigkill_then_resume_logs_the_same_losses(tmp_path, cache_dir):
+CLI_TRAIN = [PYTHON, "-m", "aoe.cli", "train", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache_dir):
+    """A 60-step run through the CLI, uninterrupted: (its overrides, its run directory)."""
     args = tiny_overrides(cache_dir, **{"train.max_steps": 60, "train.checkpoint_every": 5, "train.eval_every": 30})
-    cmd = [PYTHON, "-m", "aoe.cli", "train", "--quiet"]
-    subprocess.run([*cmd, "--out", str(tmp_path / "full"), *args], check=True, env=cli_env(), capture_output=True)
+    out = tmp_path_factory.mktemp("full") / "run"
+    subprocess.run([*CLI_TRAIN, "--out", str(out), *args], check=True, env=cli_env(), capture_output=True)
+    return args, out
+
+
+def test_sigkill_then_resume_logs_the_same_losses(tmp_path, full_run):
+    args, full_dir = full_run
+    cmd = CLI_TRAIN
     proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed"), *args], env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for_step(tmp_path / "killed" / "metrics.jsonl", 7, proc)
@@ -95,9 +111,168 @@ def test_sigkill_then_resume_logs_the_same_losses(tmp_path, cache_dir):
         verify_checkpoint(ckpt)  # only complete checkpoints are visible
     subprocess.run([*cmd, "--out", str(tmp_path / "killed"), "--resume", *args], check=True, env=cli_env(),
                    capture_output=True)
-    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    full, resumed = _losses(full_dir), _losses(tmp_path / "killed")
     assert sorted(resumed) == list(range(1, 61))
     assert resumed == full
+
+
+def test_sigterm_saves_the_step_reached_and_resume_logs_the_same_losses(tmp_path, full_run):
+    args, full_dir = full_run
+    out = tmp_path / "term"
+    proc = subprocess.Popen([*CLI_TRAIN, "--out", str(out), *args, "train.checkpoint_every=0"], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for_step(out / "metrics.jsonl", 7, proc)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    reached = max(_losses(out))
+    assert reached < 60, "the run finished before it could be stopped"
+    saved = out / "checkpoints" / f"step_{reached:08d}"
+    assert list_checkpoints(out) == [saved]  # checkpoint_every=0: written because of the signal
+    verify_checkpoint(saved)
+    assert f"stopped by SIGTERM after step {reached} of 60" in err and str(saved) in err and "--resume" in err
+    subprocess.run([*CLI_TRAIN, "--out", str(out), "--resume", *args], check=True, env=cli_env(), capture_output=True)
+    assert _losses(out) == _losses(full_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, cache_dir):
+    args = tiny_overrides(cache_dir, **{"train.max_steps": 500, "train.checkpoint_every": 0, "train.eval_every": 0})
+    out, port = tmp_path / "ddp", _free_port()
+    procs = []
+    for rank in (0, 1):  # the environment torchrun gives its workers
+        env = {**cli_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([*CLI_TRAIN, "--out", str(out), *args], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    try:
+        _wait_for_step(out / "metrics.jsonl", 3, procs[0])
+        procs[1].send_signal(signal.SIGTERM)  # the signal reaches one rank only
+        errs = [p.communicate(timeout=120)[1].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, errs[0][-2000:] + errs[1][-2000:]
+    reached = max(_losses(out))
+    saved = out / "checkpoints" / f"step_{reached:08d}"
+    assert reached < 500 and list_checkpoints(out) == [saved]
+    verify_checkpoint(saved)
+    state = load_trainer_state(saved)
+    assert state["step"] == reached and state["world_size"] == 2
+    assert f"stopped by SIGTERM after step {reached}" in errs[0]
+
+
+def test_a_stop_signal_in_process_saves_and_a_second_one_is_ignored(tmp_path, make_cfg, monkeypatch):
+    import aoe.train.checkpoint as ckpt
+
+    trainer = Trainer(make_cfg(**{"train.checkpoint_every": 0, "train.eval_every": 0}), tmp_path / "run",
+                      progress=False)
+    real_step, real_save = trainer._train_step, ckpt.save_file
+
+    def step_then_signal(collect_routing):
+        out = real_step(collect_routing)
+        if trainer.state.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    def save_file_during_a_second_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: the run is already stopping
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    monkeypatch.setattr(ckpt, "save_file", save_file_during_a_second_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.code == 128 + signal.SIGUSR1 and info.value.step == 3
+    assert info.value.checkpoint == tmp_path / "run" / "checkpoints" / "step_00000003"
+    verify_checkpoint(info.value.checkpoint)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are given back
+
+
+def test_resume_keeps_the_good_checkpoints_when_a_newer_one_is_bad(tmp_path, make_cfg):
+    run = tmp_path / "run"
+    base = {"train.checkpoint_every": 2, "train.eval_every": 0}
+    train(make_cfg(**base, **{"train.max_steps": 6, "train.keep_checkpoints": 0}), run, progress=False)
+    junk = run / "checkpoints" / "step_99999999"
+    junk.mkdir()
+    (junk / "checkpoint.json").write_text("not json")
+    with pytest.warns(UserWarning, match="moved it to .*step_99999999.corrupt"):
+        train(make_cfg(**base, **{"train.max_steps": 8, "train.keep_checkpoints": 2}), run, resume=True,
+              progress=False)
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000006", "step_00000008"]
+    assert (run / "checkpoints" / "step_99999999.corrupt" / "checkpoint.json").read_text() == "not json"
+
+
+def test_a_checkpoint_skipped_on_resume_is_kept_not_overwritten(tmp_path, make_cfg):
+    run = tmp_path / "run"
+    cfg = make_cfg(**{"train.max_steps": 8, "train.eval_every": 0})
+    train(cfg, run, progress=False)
+    newest = list_checkpoints(run)[-1]
+    (newest / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="skipping a bad checkpoint.*moved it to .*step_00000008.corrupt"):
+        train(cfg, run, resume=True, progress=False)
+    assert (run / "checkpoints" / "step_00000008.corrupt" / "trainer_state.pt").read_bytes() == b"garbage"
+    verify_checkpoint(newest)  # the resumed run's own step 8
+
+
+def test_disk_full_while_saving_is_one_line_from_the_cli(tmp_path, cache_dir, monkeypatch, capsys):
+    import aoe.train.checkpoint as ckpt
+    from aoe.cli import main
+
+    real = ckpt.save_file
+
+    def save_file(state, filename, metadata=None):  # the disk fills up during the second checkpoint
+        if (Path(filename).parent.name).startswith(".tmp-step_00000008"):
+            Path(filename).write_bytes(b"\0" * 64)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(state, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    run = tmp_path / "run"
+    args = tiny_overrides(cache_dir, **{"train.max_steps": 8, "train.eval_every": 0})
+    assert main(["train", "--quiet", "--out", str(run), *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    good = run / "checkpoints" / "step_00000004"
+    assert line.startswith("error: no space left on device while writing ") and "step_00000008" in line
+    assert f"the newest good checkpoint is {str(good)!r}" in line and "--resume" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000004"]  # no temporary left
+    verify_checkpoint(good)
+
+
+def test_disk_full_while_logging_names_the_metrics_file(tmp_path, make_cfg, monkeypatch):
+    from aoe.train.metrics import MetricsLogger
+
+    real = MetricsLogger.log
+
+    def log(self, entry):
+        if entry["step"] == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, entry)
+
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingWriteError, match="no space left on device while writing .*metrics.jsonl.*"
+                                                 "the newest good checkpoint is .*step_00000004.*--resume"):
+        train(make_cfg(**{"train.eval_every": 0}), run, progress=False)
+
+
+def test_skipped_steps_are_reported(tmp_path, cache_dir, capsys):
+    from aoe.cli import main
+
+    args = tiny_overrides(cache_dir, **{"train.lr": 1e30, "train.warmup_steps": 0, "train.nan_policy": "skip",
+                                        "train.max_steps": 6, "train.checkpoint_every": 0, "train.eval_every": 0})
+    assert main(["train", "--quiet", "--out", str(tmp_path / "run"), *args]) == 0
+    assert "5 of the 6 steps were skipped" in capsys.readouterr().err
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, cache_dir):

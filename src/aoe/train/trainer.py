@@ -11,6 +11,13 @@ layers' auxiliary losses) are averaged by gradient accumulation; gradients are c
 Determinism: on CPU, a run with the same config, seed and thread count computes the same losses,
 and a run resumed from a checkpoint continues exactly where the uninterrupted run would be (the
 checkpoint holds the weights, optimizer moments, step, data position and RNG states).
+
+Stopping early: SIGTERM (the preemption signal of cluster schedulers) or SIGUSR1 lets the current
+step finish, then every rank stops after the same step (the ranks agree at each step boundary, as
+the signal may reach only one of them), a checkpoint is saved, and ``TrainingInterrupted`` ends the
+process with exit code 128 + the signal's number (143 for SIGTERM). A write the system refuses
+(disk full...) stops the run with a ``CheckpointWriteError`` or ``TrainingWriteError`` naming the
+path, the cause and the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +43,70 @@ from aoe.data import BatchSampler, DataError, TokenData, prepare_tokens, unigram
 from aoe.model import Transformer
 from aoe.nn.sparse import update_selection_biases
 from aoe.train import checkpoint as ckpt
-from aoe.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from aoe.train.distributed import (
+    DistInfo, all_reduce_max, all_reduce_sum, broadcast_object, init_distributed, shutdown_distributed,
+)
 from aoe.train.evaluate import evaluate
 from aoe.train.metrics import MetricsLogger, RoutingStats, measure_matmul_flops
 from aoe.train.optim import build_optimizer, lr_at, set_lr
+from aoe.utils.files import WriteError, atomic_write_text, reporting_write_errors, tmp_sibling
 
 MAX_CONSECUTIVE_SKIPS = 10
+#: Signals that make the trainer finish its step, save a checkpoint and exit with 128 + the signal's number.
+STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss under nan_policy=stop, too many skipped steps...)."""
+
+
+class TrainingWriteError(TrainingError, WriteError):
+    """The system refused to write the run's config, metrics or summary (disk full, quota...)."""
+
+
+class TrainingInterrupted(SystemExit):
+    """A stop signal ended training early, after a checkpoint of the step reached was saved.
+
+    A SystemExit: uncaught, it ends the process with ``code`` = 128 + the signal's number (143 for
+    SIGTERM), the status the signal itself would have given, so schedulers and scripts read it
+    as "terminated", yet after the checkpoint and through every ``finally``. ``str()`` is the
+    message; ``signum``, ``step`` and ``checkpoint`` (None on ranks other than 0) say where it stopped.
+    """
+
+    def __init__(self, message: str, signum: int, step: int, checkpoint: Path | None):
+        super().__init__(128 + signum)
+        self.message, self.signum, self.step, self.checkpoint = message, signum, step, checkpoint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class StopSignals:
+    """While entered (in the main thread), records the first of ``signums`` received instead of
+    dying of it; the trainer acts on ``received`` at its next step boundary. Later signals (a
+    second SIGTERM while the checkpoint is written) are ignored. The previous handlers are
+    restored on exit."""
+
+    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS):
+        self.signums = tuple(signums)
+        self.received = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        self.received = 0
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signums:
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum: int, frame) -> None:
+        if not self.received:
+            self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
 
 
 def resolve_device(name: str, dist_info: DistInfo, set_current: bool = True) -> torch.device:
@@ -102,11 +165,16 @@ class Trainer:
     ``out_dir/summary.json``). With ``resume=True`` the newest good checkpoint in ``out_dir`` is
     loaded (an error if there is none); without it, an ``out_dir`` that already holds checkpoints
     is refused rather than overwritten.
+
+    ``stop_signals``: the signals on which ``fit`` finishes the current step, saves a checkpoint
+    and raises ``TrainingInterrupted`` (default ``STOP_SIGNALS``: SIGTERM and SIGUSR1; ``()``
+    leaves the signals' handling alone).
     """
 
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-                 data: TokenData | None = None):
+                 data: TokenData | None = None, stop_signals: tuple[int, ...] = STOP_SIGNALS):
         cfg.validate()
+        self.stop_signals = StopSignals(stop_signals)
         self.out_dir = Path(out_dir)
         self.dist = init_distributed(resolve_device(cfg.train.device, DistInfo(), set_current=False))
         self.device = resolve_device(cfg.train.device, self.dist)
@@ -139,8 +207,7 @@ class Trainer:
                 "or choose another --out (nothing was overwritten)"
             )
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.out_dir / "config.yaml")
+            self._write_config()
 
         self.step_model: torch.nn.Module = self.model
         if self.dist.enabled:
@@ -174,6 +241,18 @@ class Trainer:
                 f"train.seq_len={t.seq_len}: use a larger corpus or a smaller seq_len"
             )
 
+    def _write_config(self) -> None:
+        """``out_dir/config.yaml``, replaced atomically (a full disk leaves the previous one)."""
+        config_file = self.out_dir / "config.yaml"
+        with self._writing(config_file):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = tmp_sibling(config_file)
+            try:
+                save_config(self.cfg, tmp)
+                os.replace(tmp, config_file)
+            finally:
+                tmp.unlink(missing_ok=True)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
@@ -194,15 +273,46 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        path = None
+        """Write a checkpoint of the current step (rank 0) and return its path (None on other ranks).
+        Every rank returns only once it is written, and every rank raises if it could not be."""
+        path, error = None, None
         if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, self._trainer_state(),
-                                        tokenizer=self.data.tokenizer, keep=self.cfg.train.keep_checkpoints)
-        barrier(self.dist)
+            try:
+                path = ckpt.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, self._trainer_state(),
+                                            tokenizer=self.data.tokenizer, keep=self.cfg.train.keep_checkpoints,
+                                            retry_hint="free some space, then continue with --resume")
+            except Exception as e:
+                error = e
+        failed = self._any_rank(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise ckpt.CheckpointError(f"rank 0 could not save the checkpoint of step {self.state.step} "
+                                       "(its message says why); stopping")
         return path
 
+    def _any_rank(self, flag: bool | int) -> int:
+        """The largest of every rank's ``flag`` (0 when none is set): the same answer on all ranks."""
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        value = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+        return int(all_reduce_max(value, self.dist)[0])
+
+    def _writing(self, path: Path) -> contextlib.AbstractContextManager:
+        """Report a write the system refuses (disk full...) as a TrainingWriteError naming ``path``,
+        the checkpoint that is safe, and what to do."""
+        return reporting_write_errors(path, self._where_to_resume, TrainingWriteError)
+
+    def _where_to_resume(self) -> str:
+        latest = ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None
+        if latest is None:
+            return "no checkpoint holds this run yet; free some space, then run again"
+        return f"the newest good checkpoint is {str(latest)!r}; free some space, then continue with --resume"
+
     def _resume(self) -> None:
-        path = ckpt.find_latest_checkpoint(self.out_dir)
+        path = None
+        if self.dist.is_main:  # one rank looks (and moves a corrupt checkpoint aside); all load the same one
+            path = ckpt.find_latest_checkpoint(self.out_dir, move_aside=True)
+        path = broadcast_object(path, self.dist)
         if path is None:
             raise ckpt.CheckpointError(f"--resume: {str(self.out_dir)!r} holds no complete checkpoint to resume from")
         saved = ckpt.load_run_config(path)
@@ -223,7 +333,8 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.state = TrainState(step=state["step"], tokens=state["tokens"], train_time_s=state["train_time_s"],
                                 skipped_steps=state["skipped_steps"])
-        self.logger.truncate_after(self.state.step)
+        with self._writing(self.logger.path):
+            self.logger.truncate_after(self.state.step)
         self.resumed_from = path
 
     # -- one optimizer step ------------------------------------------------------------------------
@@ -292,6 +403,15 @@ class Trainer:
                         autocast=self._autocast(), dist_info=self.dist)
 
     def fit(self) -> dict[str, Any]:
+        """Train up to ``train.max_steps`` and return the summary.
+
+        Raises TrainingInterrupted (exit code 128 + signal) when a stop signal arrives: the step
+        under way finishes, is logged, validated and checkpointed as usual, then the run stops.
+        """
+        with self.stop_signals:
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         t = self.cfg.train
         bar = None
         if self.progress:
@@ -300,6 +420,7 @@ class Trainer:
             bar = tqdm(total=t.max_steps, initial=self.state.step, desc=f"train {self.cfg.model.ffn}",
                        unit="step", dynamic_ncols=True, file=sys.stderr)
         last_val: dict[str, Any] | None = None
+        stopped: TrainingInterrupted | None = None
         window_tokens, window_time = 0, 0.0
         self.model.train()
         try:
@@ -322,31 +443,57 @@ class Trainer:
                              "mfu": self.flops_per_token * tps / self.peak_flops,
                              "layers": self.routing.summary(self.dist)}
                     self.routing.reset()
-                    self.logger.log(entry)
+                    with self._writing(self.logger.path):
+                        self.logger.log(entry)
                     window_tokens, window_time = 0, 0.0
                     if bar is not None:
                         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
                 if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
                     last_val = self.validate()
-                    self.logger.log({"step": step, **{k: v for k, v in last_val.items() if k != "layers"}})
+                    with self._writing(self.logger.path):
+                        self.logger.log({"step": step, **{k: v for k, v in last_val.items() if k != "layers"}})
                     if bar is not None:
                         bar.write(f"step {step}: val_loss {last_val['val_loss']:.4f}")
-                if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
-                    self.save()
+                checkpoint = None
+                save_now = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps
+                if save_now:
+                    checkpoint = self.save()
                 if bar is not None:
                     bar.update(1)
+                signum = self._any_rank(self.stop_signals.received)  # every rank stops after the same step
+                if signum and step < t.max_steps:
+                    stopped = self._stop(signum, checkpoint if save_now else self.save())
+                    break
         finally:
             if bar is not None:
                 bar.close()
             self.logger.close()
+        if stopped is not None:
+            if self.dist.is_main:
+                print(stopped, file=sys.stderr)
+            raise stopped
         if last_val is None:  # no periodic validation (eval_every=0), or nothing trained in this call
             last_val = self.validate()
         summary = self._summary(last_val)
         if self.dist.is_main:
-            tmp = self.out_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2, default=float))
-            os.replace(tmp, self.out_dir / "summary.json")
+            self._report_skipped()
+            summary_file = self.out_dir / "summary.json"
+            with self._writing(summary_file):
+                atomic_write_text(summary_file, json.dumps(summary, indent=2, default=float))
         return summary
+
+    def _stop(self, signum: int, saved: Path | None) -> TrainingInterrupted:
+        """The exception that ends the run after a stop signal, once ``saved`` (this step's checkpoint) is written."""
+        name = signal.Signals(signum).name
+        message = (f"stopped by {name} after step {self.state.step} of {self.cfg.train.max_steps}: "
+                   f"saved checkpoint {str(saved)!r}; continue with --resume (exit code {128 + signum})")
+        return TrainingInterrupted(message, signum, self.state.step, saved)
+
+    def _report_skipped(self) -> None:
+        skipped, step = self.state.skipped_steps, self.state.step
+        if skipped:
+            print(f"warning: {skipped} of the {step} steps were skipped (non-finite loss or gradient, "
+                  f"train.nan_policy=skip): the weights were updated {step - skipped} times", file=sys.stderr)
 
     def _summary(self, val: dict[str, Any]) -> dict[str, Any]:
         s = self.state
