@@ -106,3 +106,57 @@ def test_cli_export_round_trip_through_native_checkpoints(tmp_path, tiny_tokeniz
     text = "the quick brown fox, hello there"
     assert tok is not None and tok.encode(text) == tiny_tokenizer.encode(text) and tok.eos_id == tiny_tokenizer.eos_id
     assert main(["export", "--to-native", str(tmp_path / "hf"), str(tmp_path / "back")]) == 1  # never overwrites
+
+
+def test_a_training_run_or_the_source_is_never_replaced(tmp_path, tiny_tokenizer, capsys):
+    from aoe.cli import main
+    from aoe.train.checkpoint import list_checkpoints, save_model_checkpoint, verify_checkpoint
+
+    model = native_model(vocab_size=tiny_tokenizer.vocab_size)
+    run = tmp_path / "run"
+    save_model_checkpoint(run, model, tiny_tokenizer)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(ValueError, match="holds a training run or native checkpoint.*even with --overwrite"):
+        export_checkpoint(run, run, overwrite=True)
+    [ckpt] = list_checkpoints(run)
+    with pytest.raises(ValueError, match="is or contains the source"):
+        export_checkpoint(ckpt, ckpt.parent, overwrite=True)
+    with pytest.raises(ValueError, match="holds a training run or native checkpoint"):
+        export_to_hf(model, ckpt, overwrite=True)  # a checkpoint directory itself
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="metrics.jsonl"):
+        export_to_hf(model, other, overwrite=True)
+    assert main(["export", str(run), str(run), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "never replaced" in err and "Traceback" not in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    verify_checkpoint(ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "run"]  # no temporary directory left
+
+
+def test_disk_full_while_exporting_names_the_cause_and_changes_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import transformers.modeling_utils as modeling_utils
+
+    from aoe.utils.files import WriteError
+
+    model = native_model()
+    dst = export_to_hf(model, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+
+    def no_space(state, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", no_space)
+    with pytest.raises(WriteError, match=r"^no space left on device while writing .*hf.*nothing was changed") as info:
+        export_to_hf(native_model(), dst, overwrite=True)
+    assert info.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directory left

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from aoe.hf._io import atomic_directory
+from aoe.hf._io import atomic_directory, check_destination
 from aoe.hf.configuration import AoEConfig
 from aoe.hf.modeling import AoEForCausalLM
 from aoe.model.transformer import Transformer
@@ -69,6 +69,7 @@ def export_to_hf(
     *,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    sources: tuple[str | os.PathLike, ...] = (),
 ) -> Path:
     """Save a native ``Transformer`` as an HF directory loadable with
     ``AutoModelForCausalLM.from_pretrained(dst_dir)`` after ``import aoe.hf``.
@@ -76,7 +77,10 @@ def export_to_hf(
     tokenizer: an ``aoe.data.Tokenizer`` to save beside the weights (its eos id becomes the
     config's eos/pad token id). dtype: cast the weights (default: keep the model's dtype).
     The directory is written to a temporary sibling and renamed at the end; an existing
-    non-empty ``dst_dir`` is refused unless ``overwrite``.
+    non-empty ``dst_dir`` is refused unless ``overwrite``, and one that holds a training run or
+    native checkpoints, or is or contains one of ``sources`` (paths the model was read from), is
+    always refused (ValueError). A write the system refuses (disk full...) raises
+    ``aoe.utils.files.WriteError`` naming ``dst_dir`` and the cause; ``dst_dir`` is then untouched.
     """
     if not isinstance(model, Transformer):
         raise TypeError(f"export_to_hf takes a native aoe Transformer, got {type(model).__name__}")
@@ -86,7 +90,7 @@ def export_to_hf(
     hf = AoEForCausalLM.from_native(model, **kwargs)
     if dtype is not None:
         hf = hf.to(dtype)
-    with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(dst_dir, overwrite=overwrite, sources=sources) as tmp:
         hf.save_pretrained(str(tmp))
         if tokenizer is not None:
             save_hf_tokenizer(tokenizer, tmp)
@@ -96,11 +100,13 @@ def export_to_hf(
 def export_checkpoint(src_checkpoint_dir: str | os.PathLike, dst_hf_dir: str | os.PathLike, *,
                       dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """A native checkpoint (or run directory: its newest good checkpoint) -> HF directory, with
-    its tokenizer when the checkpoint has one."""
+    its tokenizer when the checkpoint has one. ``dst_hf_dir`` is checked (see ``export_to_hf``;
+    it may not be or contain the source) before anything is loaded."""
     from aoe.train.checkpoint import load_model
 
+    check_destination(dst_hf_dir, overwrite, sources=(src_checkpoint_dir,))
     model, _, tokenizer = load_model(src_checkpoint_dir, device="cpu")
-    return export_to_hf(model, dst_hf_dir, tokenizer, dtype=dtype, overwrite=overwrite)
+    return export_to_hf(model, dst_hf_dir, tokenizer, dtype=dtype, overwrite=overwrite, sources=(src_checkpoint_dir,))
 
 
 def hf_to_native_state(hf) -> dict[str, torch.Tensor]:
