@@ -163,14 +163,27 @@ class MetricsLogger:
             self._tb.close()
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The entries of a metrics.jsonl (a line cut by a crash is skipped)."""
+def read_metrics(path: str | os.PathLike, skipped: list[int] | None = None) -> list[dict[str, Any]]:
+    """The entries of a metrics.jsonl, in file order: the project's one reader of that format.
+
+    A line that is not a JSON object (one cut by a crash, say) is skipped; its 1-based line number
+    is appended to ``skipped`` when a list is given. Blank lines are ignored. Bytes that are not
+    UTF-8 (a character cut in half) are replaced, not fatal. A missing or unreadable file raises
+    the ``OSError``.
+    """
     out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
             continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict):
+            out.append(entry)
+        elif skipped is not None:
+            skipped.append(number)
     return out
 
 
