@@ -1,0 +1,28 @@
+"""The report's sections, each a function of the study (and the drawn figures) returning markdown lines.
+
+``render`` puts them in the report's order; a section without data returns no lines.
+"""
+
+from __future__ import annotations
+
+from aoe.compare.figures import Figures
+from aoe.compare.sections.definitions import definitions, notes
+from aoe.compare.sections.setup import command, configuration, corpus, machine, title
+from aoe.compare.sections.sweep import learning_rate_sweep
+from aoe.compare.sections.tables import headline, per_layer, runs
+from aoe.compare.sections.training import over_training
+from aoe.compare.sections.verdict import verdict
+from aoe.compare.study import Study
+
+
+def render(study: Study, figures: Figures) -> str:
+    """The whole report.md. Notes come last: every other section may add to them."""
+    lines = [
+        *title(study), *command(study), *machine(study), *corpus(study), *configuration(study),
+        *learning_rate_sweep(study, figures), *headline(study), *runs(study), *per_layer(study, figures),
+        *verdict(study), *over_training(study, figures), *definitions(study, figures),
+    ]
+    return "\n".join(lines + notes(study))
+
+
+__all__ = ["render"]

@@ -1,0 +1,25 @@
+"""Drawing primitives: one color per variant, valid PNGs."""
+
+import pytest
+
+from aoe.compare.curves import Band
+from aoe.compare.figures import safe_name
+from aoe.compare.plots import Palette, Series, line_plot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+colormaps = pytest.importorskip("matplotlib").colormaps
+
+
+def test_palette_gives_each_variant_one_color_in_order():
+    tab10 = colormaps["tab10"]
+    palette = Palette(["dense", "moe", "aoe"])
+    assert palette("aoe") == tab10(2) and palette("dense") == tab10(0)
+    assert palette("new") == tab10(3) and palette("new") == tab10(3)
+
+
+def test_line_plot_with_log_axis_and_star(tmp_path):
+    band = Band((1e-3, 3e-3, 1e-2), (4.8, 4.5, 4.7), (4.8, 4.5, 4.7), (4.8, 4.5, 4.7))
+    path = line_plot([Series("MoE", "C1", band, star=(3e-3, 4.5))], tmp_path / "sweep.png", "sweep", "val loss",
+                     xlabel="lr", markers=True, logx=True)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert safe_name("moe/x y") == "moe_x_y"
