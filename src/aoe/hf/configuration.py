@@ -14,7 +14,7 @@ default", as in ``ModelConfig``).
     norm_topk_prob = renormalize     expert_score_norm = norm ("l2" | "l1" | "linf")
     router_aux_loss_coef = aux_loss_coef   router_z_loss_coef = z_loss_coef
     dense_intermediate_size = dense_d_ffn  (d_low, d_wide, rope_theta, qk_norm ("none" | "head" |
-    "full"), dense_layers, bias_update_rate, recompute_scores, recompute_gate, backward_chunks,
+    "full"), dense_layers, dense_gate_rank, gate_init, bias_update_rate, recompute_scores, recompute_gate, backward_chunks,
     grouped_mm keep their names)
 """
 
@@ -59,6 +59,8 @@ HF_TO_NATIVE: tuple[tuple[str, str], ...] = (
     ("moe_gate_rank", "moe_gate_rank"),
     ("moe_router_hidden", "moe_router_hidden"),
     ("dense_intermediate_size", "dense_d_ffn"),
+    ("dense_gate_rank", "dense_gate_rank"),
+    ("gate_init", "gate_init"),
     ("dense_layers", "dense_layers"),
     ("grouped_mm", "grouped_mm"),
 )
@@ -107,6 +109,8 @@ class AoEConfig(PretrainedConfig):
     moe_gate_rank: int | None = None
     moe_router_hidden: int | None = None
     dense_intermediate_size: int | None = None
+    dense_gate_rank: int | None = None
+    gate_init: str = "normal"
     dense_layers: list[int] = field(default_factory=list)
     grouped_mm: str = "auto"
     use_cache: bool = True

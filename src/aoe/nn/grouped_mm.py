@@ -43,11 +43,13 @@ _KERNEL_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
 def _torch_kernel_supports(device_type: str, dtype: torch.dtype) -> bool:
     key = (device_type, dtype)
     if key not in _KERNEL_SUPPORT:
-        _KERNEL_SUPPORT[key] = _probe_torch_kernel(device_type, dtype)
+        probe = _probe_torch_kernel
+        if torch.compiler.is_compiling():  # run the probe eagerly, outside the graph being traced
+            probe = torch.compiler.disable(probe)  # (imports torch._dynamo: only here, where it is loaded already)
+        _KERNEL_SUPPORT[key] = probe(device_type, dtype)
     return _KERNEL_SUPPORT[key]
 
 
-@torch.compiler.disable
 def _probe_torch_kernel(device_type: str, dtype: torch.dtype) -> bool:
     """Try torch._grouped_mm once for this device type and dtype (all three call forms)."""
     if not hasattr(torch, "_grouped_mm"):

@@ -1,0 +1,28 @@
+"""`import aoe` stays light (no transformers, no torch._dynamo) and still registers the HF classes."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+_CHECK_AUTO = ("from transformers import AutoConfig, AutoModelForCausalLM\n"
+               "cfg = AutoConfig.for_model('aoe', vocab_size=64)\n"
+               "print(type(cfg).__name__, type(AutoModelForCausalLM.from_config(cfg)).__name__)\n")
+
+
+def _run(code: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("\n")[:-1]
+
+
+def test_import_aoe_is_light_and_transformers_imported_later_knows_aoe():
+    lines = _run("import sys, aoe\nprint('transformers' in sys.modules, 'torch._dynamo' in sys.modules)\n" + _CHECK_AUTO)
+    assert lines == ["False False", "AoEConfig AoEForCausalLM"]
+
+
+def test_transformers_imported_first_knows_aoe_too():
+    assert _run("import transformers, aoe\n" + _CHECK_AUTO) == ["AoEConfig AoEForCausalLM"]
