@@ -1,7 +1,9 @@
 import json
+import logging
 import os
 import sysconfig
 
+import numpy as np
 import pytest
 
 from aoe.data import DataError, DocStats, Source, iter_documents, open_source
@@ -153,3 +155,42 @@ def test_fingerprint_detects_changes(corpus):
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     assert Source(corpus).fingerprint != fp_added
     assert Source(corpus, fingerprint_mode="content").fingerprint == c1  # content mode ignores mtimes
+
+
+def _write_binary_lookalikes(root):
+    """Text files, a text file with one bad byte, and three binary files with text suffixes."""
+    root.mkdir(exist_ok=True)
+    (root / "a.txt").write_text("good text " * 20)
+    (root / "fewbad.txt").write_bytes(b"mostly fine text " * 10 + b"\xff")  # text with a slip: decoded
+    (root / "nul.txt").write_bytes(b"looks like text\x00" + b"x" * 100)
+    (root / "latin.txt").write_bytes(bytes(range(0x80, 0x100)) * 40)  # 5 KB, none of it UTF-8
+    (root / "rows.jsonl").write_bytes(b'{"text": "a"}\n' + bytes(range(256)))
+
+
+@pytest.mark.parametrize("read_bytes", [1 << 20, 64])  # read whole / streamed
+def test_binary_files_skipped_with_a_warning(tmp_path, caplog, read_bytes):
+    _write_binary_lookalikes(tmp_path)
+    stats = DocStats()
+    with caplog.at_level(logging.WARNING, logger="aoe.data"):
+        docs = [d.text() for d in Source(tmp_path).stream(stats=stats, read_bytes=read_bytes)]
+    assert docs == ["good text " * 20, "mostly fine text " * 10 + "\ufffd"]
+    assert stats.binary_skipped == 3 and stats.decode_replaced == 1 and stats.documents == 2
+    for name in ("nul.txt", "latin.txt", "rows.jsonl"):
+        assert f"skipping source file '{tmp_path / name}': it looks binary" in caplog.text
+    assert "fewbad" not in caplog.text and "a.txt" not in caplog.text
+
+
+def test_binary_files_counted_in_manifest_and_error(tmp_path):
+    from aoe.data import prepare_tokens
+
+    _write_binary_lookalikes(tmp_path / "c")
+    data = prepare_tokens(tmp_path / "c", tmp_path / "out", vocab_size=300, cache_dir=tmp_path / "cache")
+    assert data.manifest["binary_files_skipped"] == 3 and data.manifest["documents"]["total"] == 2
+    text = data.tokenizer.decode(np.concatenate([data.train, data.val]))
+    assert "\x00" not in text and "good text" in text
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "blob.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=r"no non-empty documents \(0 empty, 0 skipped for undecodable bytes, "
+                                        r"1 binary files skipped\)"):
+        list(Source(only).documents())

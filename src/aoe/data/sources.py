@@ -27,19 +27,32 @@ bytes is either decoded with U+FFFD replacements (``on_decode_error="replace"``,
 dropped (``"skip"``); both are counted in :class:`DocStats`. Whitespace-only documents are
 dropped and counted as ``empty``. A source without any non-empty document raises
 :class:`DataError`.
+
+Binary files: a file (of any suffix, ``.jsonl`` included) whose first 8 KiB hold a NUL byte, or
+whose first 8 KiB decode to at least 64 characters of which more than a quarter are replacements
+for bytes that are not UTF-8, is skipped with a warning naming it and counted as
+``binary_skipped``: it is not text, or is text in another encoding (UTF-16; a mostly non-Latin
+8-bit code page). A text file with a few bad bytes is still decoded as described above.
+
+Streaming: :meth:`Source.stream` yields :class:`Document` objects whose text comes in chunks of at
+most ``read_bytes`` bytes, so a file of any size is never held whole. A file larger than one chunk
+is read twice: once to check its bytes (decode errors, whitespace only, UTF-8 size), once to
+yield its text.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob as _glob
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from aoe.utils.files import file_sha256
 
@@ -48,17 +61,29 @@ from aoe.data.errors import DataError
 __all__ = [
     "DEFAULT_EXTENSIONS",
     "STDLIB_SKIP_DIRS",
+    "READER_VERSION",
     "DocStats",
+    "Document",
     "Source",
     "open_source",
     "iter_documents",
 ]
 
+log = logging.getLogger(__name__)
+
+#: What a source yields for given files and settings; part of the cache keys of tokenizers and
+#: token files. 2: files that look binary are skipped.
+READER_VERSION = 2
 DEFAULT_EXTENSIONS: tuple[str, ...] = (".txt", ".md", ".rst", ".py", ".jsonl")
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 DECODE_ERROR_MODES = ("replace", "skip")
 FINGERPRINT_MODES = ("stat", "content")
 _GLOB_CHARS = "*?["
+READ_BYTES = 1 << 20
+SNIFF_BYTES = 8192  # the head of a file that is checked for being binary
+SNIFF_MIN_CHARS = 64  # a shorter head is too small a sample for the undecodable share
+SNIFF_MAX_UNDECODABLE = 0.25  # share of U+FFFD (from bad bytes) in the decoded head above which a file is binary
+_REPLACEMENT_UTF8 = "\ufffd".encode("utf-8")
 
 
 @dataclass
@@ -67,7 +92,8 @@ class DocStats:
 
     documents: non-empty documents yielded; bytes: their total UTF-8 size; empty: whitespace-only
     documents dropped; decode_replaced / decode_skipped: documents with undecodable bytes that
-    were decoded with U+FFFD / dropped; capped: iteration stopped early at ``max_bytes``.
+    were decoded with U+FFFD / dropped; binary_skipped: files skipped because they look binary;
+    capped: iteration stopped early at ``max_bytes``.
     """
 
     documents: int = 0
@@ -76,6 +102,7 @@ class DocStats:
     decode_replaced: int = 0
     decode_skipped: int = 0
     capped: bool = False
+    binary_skipped: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -229,40 +256,99 @@ class Source:
         bytes of earlier documents (the document crossing the cap is kept whole, later files are
         not even read). stats: a :class:`DocStats` to fill (counts accumulate into it).
         Raises DataError (naming the spec) at the end if no non-empty document was found.
+        Each document is one ``str``: use :meth:`stream` for documents too large for memory.
         """
-        for text, _ in self.documents_with_size(max_bytes, stats):
-            yield text
+        for doc in self.stream(max_bytes, stats):
+            yield doc.text()
 
     def documents_with_size(
         self, max_bytes: int | None = None, stats: DocStats | None = None
     ) -> Iterator[tuple[str, int]]:
         """Like :meth:`documents` but yields ``(text, utf8_byte_count)`` pairs."""
+        for doc in self.stream(max_bytes, stats):
+            yield doc.text(), doc.nbytes
+
+    def stream(self, max_bytes: int | None = None, stats: DocStats | None = None, *,
+               read_bytes: int = READ_BYTES) -> Iterator["Document"]:
+        """The documents of :meth:`documents` as :class:`Document` objects, whose text is read in
+        chunks of at most ``read_bytes`` bytes. Read a document's chunks (or not at all) before
+        asking for the next one."""
         max_bytes = check_max_bytes(max_bytes)
+        if isinstance(read_bytes, bool) or not isinstance(read_bytes, int) or read_bytes < 1:
+            raise DataError(f"read_bytes must be a positive int, got {read_bytes!r}")
         stats = DocStats() if stats is None else stats
         start_docs, start_bytes = stats.documents, stats.bytes
-        raw = self._raw()
+        candidates = self._candidates(stats, read_bytes)
         while True:
             if max_bytes is not None and stats.bytes - start_bytes >= max_bytes:
                 stats.capped = True
                 break
             try:
-                value, bad_bytes = next(raw)
+                doc = next(candidates)
             except StopIteration:
                 break
-            text, nbytes = self._decode(value, bad_bytes, stats)
-            if text is None:
+            if doc is None:
                 continue
             stats.documents += 1
-            stats.bytes += nbytes
-            yield text, nbytes
+            stats.bytes += doc.nbytes
+            yield doc
         if stats.documents == start_docs:
             raise DataError(
                 f"source {self.spec!r} has no non-empty documents "
-                f"({stats.empty} empty, {stats.decode_skipped} skipped for undecodable bytes)"
+                f"({stats.empty} empty, {stats.decode_skipped} skipped for undecodable bytes, "
+                f"{stats.binary_skipped} binary files skipped)"
             )
 
     def __iter__(self) -> Iterator[str]:
         return self.documents()
+
+    def _candidates(self, stats: DocStats, read_bytes: int) -> Iterator["Document | None"]:
+        """Per candidate document, lazily (nothing read ahead): a Document, or None for one that
+        was dropped (counted in ``stats``)."""
+        if self.kind == "hf":
+            for where, value, bad in self._raw_hf():
+                yield self._value_document(where, value, bad, stats)
+            return
+        for path in self.files:
+            if path.suffix.lower() == ".jsonl":
+                for where, value, bad in self._raw_jsonl(path, stats):
+                    yield self._value_document(where, value, bad, stats)
+            else:
+                yield self._file_document(path, stats, read_bytes)
+
+    def _value_document(self, where: str, value: bytes | str | None, bad: bool, stats: DocStats) -> "Document | None":
+        text, nbytes = self._decode(value, bad, stats)
+        return None if text is None else Document.from_text(where, text, nbytes)
+
+    def _file_document(self, path: Path, stats: DocStats, read_bytes: int) -> "Document | None":
+        """A text file as one document: read whole when it fits in one read, else checked in a
+        first pass and streamed in a second (see the module docstring)."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(read_bytes)
+        except OSError as e:
+            raise DataError(f"cannot read source file {str(path)!r}: {e}") from e
+        reason = binary_reason(head)
+        if reason is not None:
+            _skip_binary(path, reason, stats)
+            return None
+        if len(head) < read_bytes:  # the whole file
+            return self._value_document(str(path), head, False, stats)
+        size = _file_size(path)
+        errors = "strict"
+        try:
+            nbytes, has_text = _scan(path, errors, read_bytes)
+        except UnicodeDecodeError:
+            if self.on_decode_error == "skip":
+                stats.decode_skipped += 1
+                return None
+            errors = "replace"
+            nbytes, has_text = _scan(path, errors, read_bytes)
+            stats.decode_replaced += 1
+        if not has_text:
+            stats.empty += 1
+            return None
+        return Document(str(path), nbytes, lambda: _decoded_chunks(path, errors, read_bytes, expect_size=size))
 
     def _decode(self, value: bytes | str | None, bad_bytes: bool, stats: DocStats) -> tuple[str | None, int]:
         """(text, utf8 size), or (None, 0) for a dropped document; updates the counters.
@@ -294,27 +380,18 @@ class Source:
             return None, 0
         return value, len(value.encode("utf-8"))
 
-    def _raw(self) -> Iterator[tuple[bytes | str | None, bool]]:
-        """(bytes | str | None, bad_bytes) per candidate document, lazily (nothing read ahead)."""
-        if self.kind == "hf":
-            yield from self._raw_hf()
-            return
-        for path in self.files:
-            if path.suffix.lower() == ".jsonl":
-                yield from self._raw_jsonl(path)
-            else:
-                try:
-                    data = path.read_bytes()
-                except OSError as e:
-                    raise DataError(f"cannot read source file {str(path)!r}: {e}") from e
-                yield data, False
-
-    def _raw_jsonl(self, path: Path) -> Iterator[tuple[bytes | str | None, bool]]:
+    def _raw_jsonl(self, path: Path, stats: DocStats) -> Iterator[tuple[str, str | None, bool]]:
+        """(where, text or None, bad_bytes) per non-blank line; nothing for a binary file."""
         try:
             f = open(path, "rb")
         except OSError as e:
             raise DataError(f"cannot read source file {str(path)!r}: {e}") from e
         with f:
+            reason = binary_reason(f.read(SNIFF_BYTES))
+            if reason is not None:
+                _skip_binary(path, reason, stats)
+                return
+            f.seek(0)
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -323,10 +400,10 @@ class Source:
                     line_text, bad = line.decode("utf-8-sig" if lineno == 1 else "utf-8"), False
                 except UnicodeDecodeError:
                     if self.on_decode_error == "skip":
-                        yield None, True  # counted as skipped, the line is not parsed
+                        yield where, None, True  # counted as skipped, the line is not parsed
                         continue
                     line_text, bad = line.decode("utf-8", errors="replace"), True
-                yield self._json_text(where, line_text), bad
+                yield where, self._json_text(where, line_text), bad
 
     def _json_text(self, where: str, line: str) -> str | None:
         try:
@@ -343,7 +420,7 @@ class Source:
             raise DataError(f"{where}: field {self.text_field!r} is {type(value).__name__}, expected a string")
         return value
 
-    def _raw_hf(self) -> Iterator[tuple[bytes | str | None, bool]]:
+    def _raw_hf(self) -> Iterator[tuple[str, str | None, bool]]:
         import datasets  # optional dependency, presence checked in __init__
 
         name, config, split = self._hf
@@ -355,7 +432,96 @@ class Source:
             value = row[self.text_field]
             if value is not None and not isinstance(value, str):
                 raise DataError(f"{where}: field {self.text_field!r} is {type(value).__name__}, expected a string")
-            yield value, False
+            yield where, value, False
+
+
+class Document:
+    """One non-empty document of a source.
+
+    name: where it comes from (a path, ``path:line`` or ``spec[i]``), for messages. nbytes: the
+    UTF-8 size of its text. :meth:`chunks`: its text as consecutive non-empty strings (a file is
+    read again on every call); :meth:`text`: the whole text as one string.
+    """
+
+    __slots__ = ("name", "nbytes", "_chunks")
+
+    def __init__(self, name: str, nbytes: int, chunks: Callable[[], Iterable[str]]) -> None:
+        self.name = name
+        self.nbytes = nbytes
+        self._chunks = chunks
+
+    @classmethod
+    def from_text(cls, name: str, text: str, nbytes: int) -> "Document":
+        return cls(name, nbytes, lambda: (text,))
+
+    def chunks(self) -> Iterator[str]:
+        return iter(self._chunks())
+
+    def text(self) -> str:
+        return "".join(self.chunks())
+
+    def __repr__(self) -> str:
+        return f"Document(name={self.name!r}, nbytes={self.nbytes})"
+
+
+def binary_reason(head: bytes) -> str | None:
+    """Why a file that starts with ``head`` looks binary (see the module docstring), or None."""
+    sample = head[:SNIFF_BYTES]
+    if b"\x00" in sample:
+        return f"a NUL byte in its first {len(sample)} bytes"
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(sample)  # a character cut at the end is no error
+    if len(text) < SNIFF_MIN_CHARS:
+        return None
+    undecodable = text.count("\ufffd") - sample.count(_REPLACEMENT_UTF8)
+    if undecodable > SNIFF_MAX_UNDECODABLE * len(text):
+        return f"{undecodable} of the first {len(text)} characters are not valid UTF-8"
+    return None
+
+
+def _skip_binary(path: Path, reason: str, stats: DocStats) -> None:
+    stats.binary_skipped += 1
+    log.warning("skipping source file %r: it looks binary (%s); convert it to UTF-8 text or remove it",
+                str(path), reason)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise DataError(f"cannot stat source file {str(path)!r}: {e}") from e
+
+
+def _decoded_chunks(path: Path, errors: str, read_bytes: int, expect_size: int | None = None) -> Iterator[str]:
+    """The text of a file decoded as UTF-8 (BOM dropped; ``errors`` "strict" or "replace"), as
+    strings of at most ``read_bytes`` characters. expect_size: the file's size in bytes when it
+    was checked; a file that has changed size since then raises DataError."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors)
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while raw := f.read(read_bytes):
+                size += len(raw)
+                text = decoder.decode(raw)
+                if text:
+                    yield text
+    except OSError as e:
+        raise DataError(f"cannot read source file {str(path)!r}: {e}") from e
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+    if expect_size is not None and size != expect_size:
+        raise DataError(f"source file {str(path)!r} changed while it was being read ({expect_size} bytes, "
+                        f"then {size}): run again")
+
+
+def _scan(path: Path, errors: str, read_bytes: int) -> tuple[int, bool]:
+    """(UTF-8 size of the decoded text, whether it holds any non-whitespace) of a file;
+    raises UnicodeDecodeError with ``errors="strict"`` on the first undecodable byte."""
+    nbytes, has_text = 0, False
+    for text in _decoded_chunks(path, errors, read_bytes):
+        nbytes += len(text.encode("utf-8"))
+        has_text = has_text or not text.isspace()
+    return nbytes, has_text
 
 
 def _walk(root: Path, extensions: tuple[str, ...], *, skip_dirs: frozenset, skip_hidden: bool = False) -> list[Path]:
