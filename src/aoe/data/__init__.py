@@ -8,17 +8,21 @@ Typical use::
     for x, y in iter_eval_batches(data.val, 32, 256, max_batches=10): ...
 """
 
+from aoe.data.chunks import DEFAULT_CHUNK_SIZES, ChunkSizes
 from aoe.data.errors import DataError
 from aoe.data.loader import BatchSampler, iter_eval_batches, num_eval_windows
-from aoe.data.sources import DEFAULT_EXTENSIONS, DocStats, Source, iter_documents, open_source
+from aoe.data.sources import DEFAULT_EXTENSIONS, DocStats, Document, Source, iter_documents, open_source
 from aoe.data.stats import bits_per_byte, token_counts, unigram_cross_entropy, unigram_entropy
 from aoe.data.tokenizer import EOS_TOKEN, Tokenizer, default_cache_dir, load_or_train_tokenizer, train_tokenizer
 from aoe.data.tokens import TokenData, check_token_ids, default_token_dir, prepare_tokens, token_dtype
 
 __all__ = [
     "DataError",
+    "ChunkSizes",
+    "DEFAULT_CHUNK_SIZES",
     "DEFAULT_EXTENSIONS",
     "DocStats",
+    "Document",
     "Source",
     "open_source",
     "iter_documents",

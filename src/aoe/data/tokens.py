@@ -17,6 +17,14 @@ is split inside the document instead (first ``1 - val_fraction`` of its tokens t
 Files are written under temporary names and moved into place with ``os.replace``; the old
 manifest is deleted first and the new one is written last, so a crash never leaves a manifest
 describing files other than the ones on disk.
+
+Streaming: the corpus is read in chunks (``ChunkSizes.read_bytes``), long documents are cut into
+pieces where the tokenizer's pre-tokenizer cuts anyway (``aoe.data.chunks``; for a tokenizer
+where that is not proven exact, see ``Tokenizer.piecewise``, documents are encoded whole), pieces
+are encoded in batches by the library's thread pool and the ids are appended to the files as they
+come. Memory is bounded by the chunk sizes, not by the corpus or document size, and the files are
+byte-identical to encoding every document whole (except after a *forced* cut, counted in the
+manifest as ``forced_cuts``; see ``aoe.data.chunks``).
 """
 
 from __future__ import annotations
@@ -28,13 +36,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from aoe.utils.files import atomic_write_text, file_lock, fsync_file, tmp_sibling
+from aoe.data.chunks import DEFAULT_CHUNK_SIZES, ChunkSizes, ForcedCuts, split_pieces
 from aoe.data.errors import DataError
-from aoe.data.sources import DocStats, Source, check_max_bytes, open_source
+from aoe.data.sources import READER_VERSION, DocStats, Document, Source, check_max_bytes, open_source
 from aoe.data.tokenizer import (TOKENIZER_FILE, Tokenizer, check_vocab_size, default_cache_dir,
                                 load_or_train_tokenizer)
 
@@ -48,9 +57,8 @@ SPLITS = ("train", "val")
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".prepare.lock"
 _SPLIT_RULE = "blake2b-doc-index-v1"
-_ENCODE_BATCH_DOCS = 512
-_ENCODE_BATCH_BYTES = 8 << 20
 _CHECK_CHUNK = 1 << 24
+_COPY_TOKENS = 1 << 22  # tokens per read when token files are copied
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -190,52 +198,116 @@ def _up_to_date(out_dir: Path, manifest: dict | None, fingerprint: str, settings
 
 
 class _SplitWriter:
-    """Appends documents' token arrays to a temporary file, holding the latest one back in memory
-    so it can still be moved to the other split at the end."""
+    """Appends token ids to a temporary file, document by document. The last complete document
+    can be moved to another split and a one-document file cut down, both by copying in chunks,
+    so no document is ever held in memory whole.
 
-    def __init__(self, path: Path) -> None:
+    Counters: documents, tokens, bytes (UTF-8 bytes of the documents' text).
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
         self.path = path
-        self.file = open(path, "wb", buffering=1 << 20)
-        self.held: tuple[np.ndarray, int] | None = None
+        self.dtype = dtype
+        self.file = open(path, "w+b", buffering=1 << 20)
         self.documents = 0
         self.tokens = 0
         self.bytes = 0
+        self._doc_start = 0  # token offset of the document being written
+        self._last: tuple[int, int] | None = None  # (first token, nbytes) of the last complete document
 
-    def add(self, ids: np.ndarray, nbytes: int) -> None:
-        if self.held is not None:
-            self.file.write(self.held[0].tobytes())
-        self.held = (ids, nbytes)
-        self.documents += 1
+    def write(self, ids: np.ndarray) -> None:
+        """Append ``ids`` (1-D, ``self.dtype``) to the document being written."""
+        self.file.write(np.ascontiguousarray(ids, dtype=self.dtype).data)
         self.tokens += len(ids)
+
+    def end_document(self, nbytes: int) -> None:
+        """The document being written is complete; its text had ``nbytes`` UTF-8 bytes."""
+        self._last = (self._doc_start, nbytes)
+        self._doc_start = self.tokens
+        self.documents += 1
         self.bytes += nbytes
 
-    def pop_held(self) -> tuple[np.ndarray, int]:
-        ids, nbytes = self.held
-        self.held = None
+    def copy_to(self, other: "_SplitWriter", start: int, stop: int) -> None:
+        """Append tokens [start, stop) of this file to the document ``other`` is writing."""
+        itemsize = self.dtype.itemsize
+        self.file.flush()
+        for lo in range(start, stop, _COPY_TOKENS):
+            self.file.seek(lo * itemsize)
+            raw = self.file.read((min(lo + _COPY_TOKENS, stop) - lo) * itemsize)
+            other.write(np.frombuffer(raw, dtype=self.dtype))
+        self.file.seek(0, os.SEEK_END)
+
+    def move_last_to(self, other: "_SplitWriter") -> None:
+        """Move the last complete document to the end of ``other``."""
+        start, nbytes = self._last
+        self.copy_to(other, start, self.tokens)
+        other.end_document(nbytes)
+        self._truncate(start)
         self.documents -= 1
-        self.tokens -= len(ids)
         self.bytes -= nbytes
-        return ids, nbytes
+        self._last = None
+
+    def keep_only(self, start: int, stop: int, nbytes: int) -> None:
+        """Make the file tokens [start, stop) of itself, as one document of ``nbytes`` bytes."""
+        itemsize = self.dtype.itemsize
+        self.file.flush()
+        for lo in range(start, stop, _COPY_TOKENS):  # shift left in place: reads stay ahead of writes
+            self.file.seek(lo * itemsize)
+            raw = self.file.read((min(lo + _COPY_TOKENS, stop) - lo) * itemsize)
+            self.file.seek((lo - start) * itemsize)
+            self.file.write(raw)
+        self._truncate(stop - start)
+        self.documents, self.bytes, self._last = 1, nbytes, (0, nbytes)
+
+    def _truncate(self, tokens: int) -> None:
+        self.file.flush()
+        self.file.truncate(tokens * self.dtype.itemsize)
+        self.file.seek(0, os.SEEK_END)
+        self.tokens = self._doc_start = tokens
 
     def close(self) -> None:
-        if self.held is not None:
-            self.file.write(self.held[0].tobytes())
-            self.held = None
         self.file.close()
         fsync_file(self.path)
 
 
-def _batches(docs: Iterator[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
-    batch: list[tuple[str, int]] = []
-    size = 0
-    for doc in docs:
-        batch.append(doc)
-        size += doc[1]
-        if len(batch) >= _ENCODE_BATCH_DOCS or size >= _ENCODE_BATCH_BYTES:
+Piece = tuple[int, str, "int | None"]  # (document index, text, the document's nbytes on its last piece else None)
+
+
+def _pieces(docs: Iterator[Document], tok: Tokenizer, sizes: ChunkSizes, forced: ForcedCuts) -> Iterator[Piece]:
+    """Every document's text in order, as pieces that encode to the document's ids (a tokenizer
+    that is not ``piecewise`` gets every document whole)."""
+    for index, doc in enumerate(docs):
+        if tok.piecewise:
+            pieces = split_pieces(doc.chunks(), sizes, forced.callback(doc.name))
+        else:
+            pieces = iter((doc.text(),))
+        piece = next(pieces)
+        for following in pieces:
+            yield index, piece, None
+            piece = following
+        yield index, piece, doc.nbytes
+
+
+def _batches(pieces: Iterator[Piece], sizes: ChunkSizes) -> Iterator[list[Piece]]:
+    """Consecutive pieces grouped up to ``sizes.batch_pieces`` pieces or ``sizes.batch_chars`` characters."""
+    batch: list[Piece] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[1])
+        if len(batch) >= sizes.batch_pieces or chars >= sizes.batch_chars:
             yield batch
-            batch, size = [], 0
+            batch, chars = [], 0
     if batch:
         yield batch
+
+
+def _batch_encoder(tok: Tokenizer) -> Callable[[list[str]], list]:
+    """texts -> one ``tokenizers.Encoding`` per text (``.ids``; no special tokens added), encoded
+    in parallel by the library's thread pool; without offsets where the library can skip them."""
+    backend = tok.backend
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return lambda texts: encode(texts, add_special_tokens=False)
 
 
 def _set_workers(num_workers: int | None) -> dict:
@@ -274,6 +346,7 @@ def prepare_tokens(
     on_decode_error: str = "replace",
     num_workers: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    chunk_sizes: ChunkSizes | None = None,
 ) -> TokenData:
     """Tokenize ``source`` into ``out_dir`` (see the module docstring) and open the result.
 
@@ -284,7 +357,9 @@ def prepare_tokens(
     same documents as ``max_bytes``). num_workers: threads of tokenizers' Rust pool (None: its
     default, all cores; 1: no parallelism; other values only take effect if the pool has not
     started yet in this process). cache_dir: where trained tokenizers are cached (default
-    :func:`default_cache_dir`). out_dir None: :func:`default_token_dir`.
+    :func:`default_cache_dir`). out_dir None: :func:`default_token_dir`. chunk_sizes: how much
+    text is read, cut and encoded at once (default ``aoe.data.chunks.DEFAULT_CHUNK_SIZES``; the
+    files do not depend on it, bar forced cuts).
 
     If ``out_dir`` already holds a manifest with the same source fingerprint, tokenizer hash and
     settings and files of the recorded sizes, nothing is re-tokenized (``result.reused``).
@@ -309,11 +384,12 @@ def prepare_tokens(
     with file_lock(out_dir / LOCK_FILE):
         return _prepare_locked(src, out_dir, vocab_size=vocab_size, tokenizer_path=tokenizer_path,
                                val_fraction=val_fraction, max_bytes=max_bytes,
-                               tokenizer_max_bytes=tokenizer_max_bytes, num_workers=num_workers, cache_dir=cache_dir)
+                               tokenizer_max_bytes=tokenizer_max_bytes, num_workers=num_workers, cache_dir=cache_dir,
+                               sizes=chunk_sizes or DEFAULT_CHUNK_SIZES)
 
 
 def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, val_fraction, max_bytes,
-                    tokenizer_max_bytes, num_workers, cache_dir) -> TokenData:
+                    tokenizer_max_bytes, num_workers, cache_dir, sizes: ChunkSizes) -> TokenData:
     fingerprint = src.fingerprint
     train_cap = max_bytes if tokenizer_max_bytes is None else tokenizer_max_bytes
     settings = {
@@ -325,6 +401,7 @@ def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, v
         "text_field": src.text_field,
         "on_decode_error": src.on_decode_error,
         "split_rule": _SPLIT_RULE,
+        "reader": READER_VERSION,
     }
     try:
         manifest = _read_manifest(out_dir)
@@ -338,7 +415,7 @@ def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, v
     elif _up_to_date(out_dir, manifest, fingerprint, settings, None):
         tok = Tokenizer.load(out_dir / TOKENIZER_FILE)  # the manifest's own tokenizer, checked below
     else:
-        tok = load_or_train_tokenizer(src, cache_dir, vocab_size=vocab_size, max_bytes=train_cap)
+        tok = load_or_train_tokenizer(src, cache_dir, vocab_size=vocab_size, max_bytes=train_cap, chunk_sizes=sizes)
     tokenizer_seconds = time.perf_counter() - t0
 
     if _up_to_date(out_dir, manifest, fingerprint, settings, tok):
@@ -347,28 +424,23 @@ def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, v
 
     t1 = time.perf_counter()
     dtype = token_dtype(tok.vocab_size)
-    eos = np.array([tok.eos_id], dtype=dtype)
     stats = DocStats()
+    forced = ForcedCuts(sizes)
     tmp = {s: tmp_sibling(out_dir / f"{s}.bin") for s in SPLITS}
     saved_env = _set_workers(num_workers)
     writers: dict[str, _SplitWriter] = {}
     try:
         for s in SPLITS:
-            writers[s] = _SplitWriter(tmp[s])
-        index = 0
-        for batch in _batches(src.documents_with_size(max_bytes=max_bytes, stats=stats)):
-            encoded = tok.encode_batch([text for text, _ in batch])
-            for (_, nbytes), ids in zip(batch, encoded):
-                arr = np.concatenate([np.asarray(ids, dtype=dtype), eos])
-                writers["val" if _is_val(index, val_fraction) else "train"].add(arr, nbytes)
-                index += 1
-        single_document = index == 1 and val_fraction > 0
+            writers[s] = _SplitWriter(tmp[s], dtype)
+        docs = src.stream(max_bytes=max_bytes, stats=stats, read_bytes=sizes.read_bytes)
+        n_docs = _write_tokens(_pieces(docs, tok, sizes, forced), tok, writers, val_fraction, sizes)
+        single_document = n_docs == 1 and val_fraction > 0
         if single_document:
             _split_single_document(writers, val_fraction)
         elif val_fraction > 0:
             for empty, other in (("val", "train"), ("train", "val")):
                 if writers[empty].documents == 0 and writers[other].documents >= 2:
-                    writers[empty].add(*writers[other].pop_held())
+                    writers[other].move_last_to(writers[empty])
         for w in writers.values():
             w.close()
         # commit: drop the old manifest first, then move the files, then write the new manifest
@@ -389,6 +461,8 @@ def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, v
                        for s in SPLITS},
             "documents": {"total": stats.documents, "empty": stats.empty, "decode_replaced": stats.decode_replaced,
                           "decode_skipped": stats.decode_skipped, "capped": stats.capped},
+            "binary_files_skipped": stats.binary_skipped,
+            "forced_cuts": forced.count,
             "single_document_split": single_document,
             "timings": {"tokenizer_s": round(tokenizer_seconds, 3), "tokenize_s": round(tokenize_seconds, 3)},
             "created_unix": round(time.time(), 3),
@@ -419,11 +493,38 @@ def default_token_dir(source: Source, cache_dir: str | os.PathLike | None = None
     return cache_dir / "tokens" / key
 
 
-def _split_single_document(writers: dict, val_fraction: float) -> None:
-    """Split the only document (held back by its writer) at the token level."""
-    owner = writers["train"] if writers["train"].documents else writers["val"]
-    ids, nbytes = owner.pop_held()
-    cut = min(max(1, round(len(ids) * (1.0 - val_fraction))), len(ids) - 1)
-    train_bytes = round(nbytes * cut / len(ids))
-    writers["train"].add(ids[:cut], train_bytes)
-    writers["val"].add(ids[cut:], nbytes - train_bytes)
+def _write_tokens(pieces: Iterator[Piece], tok: Tokenizer, writers: dict[str, _SplitWriter], val_fraction: float,
+                  sizes: ChunkSizes) -> int:
+    """Encode the pieces batch by batch and append each document's ids plus EOS to its split's
+    writer; returns the number of documents."""
+    encode = _batch_encoder(tok)
+    dtype = writers["train"].dtype
+    eos = np.array([tok.eos_id], dtype=dtype)
+    n_docs, writer = 0, None
+    for batch in _batches(pieces, sizes):
+        for (index, _, nbytes), encoding in zip(batch, encode([text for _, text, _ in batch])):
+            if writer is None:
+                writer = writers["val" if _is_val(index, val_fraction) else "train"]
+            writer.write(np.array(encoding.ids, dtype=dtype))
+            if nbytes is not None:
+                writer.write(eos)
+                writer.end_document(nbytes)
+                n_docs, writer = index + 1, None
+    return n_docs
+
+
+def _split_single_document(writers: dict[str, _SplitWriter], val_fraction: float) -> None:
+    """Split the only document at the token level: its first ``1 - val_fraction`` to train."""
+    train, val = writers["train"], writers["val"]
+    owner = train if train.documents else val
+    n, nbytes = owner.tokens, owner.bytes
+    cut = min(max(1, round(n * (1.0 - val_fraction))), n - 1)
+    train_bytes = round(nbytes * cut / n)
+    if owner is train:
+        train.copy_to(val, cut, n)
+        val.end_document(nbytes - train_bytes)
+        train.keep_only(0, cut, train_bytes)
+    else:
+        val.copy_to(train, 0, cut)
+        train.end_document(train_bytes)
+        val.keep_only(cut, n, nbytes - train_bytes)
