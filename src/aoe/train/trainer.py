@@ -228,6 +228,17 @@ class Trainer:
         vocab = data.vocab_size
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = vocab
+            if cfg.data.tokenizer is None and vocab < cfg.data.vocab_size:
+                # A small corpus runs out of byte pairs to merge before data.vocab_size. Record the
+                # size the tokenizer really has, so the resolved config (saved with the run) is
+                # consistent: trained again with it, the same corpus gives the same tokenizer.
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "the tokenizer trained on data.source=%r has %d tokens, fewer than data.vocab_size=%d "
+                    "(the corpus has no more byte pairs seen twice); the model uses %d and the saved config "
+                    "records data.vocab_size=%d", cfg.data.source, vocab, cfg.data.vocab_size, vocab, vocab)
+                cfg.data.vocab_size = vocab
         elif cfg.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
         cfg.validate()
