@@ -272,6 +272,28 @@ class ModelConfig(_Section):
         """The FFN kind of block ``layer``: "dense" for the indices in dense_layers, else ffn."""
         return "dense" if layer in self.dense_layers else self.ffn
 
+    def ffn_config(self, layer: int):
+        """The layer config (``aoe.nn.configs``: ``DenseFFNConfig`` | ``MoEFFNConfig`` |
+        ``AoEFFNConfig``) of block ``layer``'s FFN. The flat fields above map onto the layer's
+        arguments here and only here; a None that means "the layer's default" is left out, so the
+        default comes from the layer."""
+        from aoe.nn.configs import AoEFFNConfig, DenseFFNConfig, MoEFFNConfig
+
+        kind = self.ffn_kind(layer)
+        optional = {"renormalize": self.renormalize, "recompute_gate": self.recompute_gate}
+        optional = {k: v for k, v in optional.items() if v is not None}
+        sparse = dict(n_experts=self.n_experts, top_k=self.top_k, aux_loss_coef=self.aux_loss_coef,
+                      bias_update_rate=self.bias_update_rate, grouped_mm=self.grouped_mm,
+                      backward_chunks=self.backward_chunks, gate_init=self.gate_init, **optional)
+        if kind == "dense":
+            return DenseFFNConfig(self.d_model, self.ffn_width_dense, gate_rank=self.dense_gate_rank,
+                                  gate_init=self.gate_init)
+        if kind == "moe":
+            return MoEFFNConfig(self.d_model, self.d_ffn, z_loss_coef=self.z_loss_coef, gate_rank=self.moe_gate_rank,
+                                router_hidden=self.moe_router_hidden, **sparse)
+        return AoEFFNConfig(self.d_model, self.d_low, d_wide=self.resolved_d_wide, norm=self.norm,
+                            recompute_scores=self.recompute_scores, **sparse)
+
     def _check(self) -> None:
         self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
                        "d_ffn", "n_experts", "top_k", "d_low", "d_wide", "dense_d_ffn", "backward_chunks",

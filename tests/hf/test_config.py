@@ -54,3 +54,9 @@ def test_auto_config_registered(tmp_path):
     AoEConfig(vocab_size=50).save_pretrained(tmp_path)
     cfg = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(cfg, AoEConfig) and cfg.vocab_size == 50
+
+
+def test_defaults_are_model_configs():
+    hf, native = AoEConfig(), ModelConfig()
+    for hf_name, native_name in HF_TO_NATIVE:
+        assert getattr(hf, hf_name) == getattr(native, native_name), hf_name

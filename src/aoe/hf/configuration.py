@@ -67,6 +67,9 @@ HF_TO_NATIVE: tuple[tuple[str, str], ...] = (
 
 
 
+_DEFAULTS = ModelConfig()  # the defaults live there; AoEConfig's are read from it
+
+
 def _unmapped_native_fields() -> list[str]:
     """ModelConfig fields without an HF name (added after this module): carried under their own name."""
     mapped = {n for _, n in HF_TO_NATIVE}
@@ -74,45 +77,45 @@ def _unmapped_native_fields() -> list[str]:
 
 
 class AoEConfig(PretrainedConfig):
-    """Configuration of ``AoEForCausalLM``; the defaults are ``ModelConfig``'s. When vocab_size is
-    set the values are validated by building the ``ModelConfig`` (``aoe.config.ConfigError``, a
-    ``ValueError``, on a bad value)."""
+    """Configuration of ``AoEForCausalLM``; the defaults are ``ModelConfig``'s (read from it). When
+    vocab_size is set the values are validated by building the ``ModelConfig``
+    (``aoe.config.ConfigError``, a ``ValueError``, on a bad value)."""
 
     model_type = "aoe"
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    vocab_size: int | None = None
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 256
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    qk_norm: str = "none"
-    tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
-    ffn_type: str = "aoe"
-    intermediate_size: int = 256
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    d_low: int = 32
-    d_wide: int | None = None
-    norm_topk_prob: bool | None = None
-    expert_score_norm: str = "l2"
-    router_aux_loss_coef: float = 0.0
-    router_z_loss_coef: float = 0.0
-    bias_update_rate: float = 0.0
-    recompute_scores: bool = False
-    recompute_gate: bool | None = None
-    backward_chunks: int | None = None
-    moe_gate_rank: int | None = None
-    moe_router_hidden: int | None = None
-    dense_intermediate_size: int | None = None
-    dense_gate_rank: int | None = None
-    gate_init: str = "normal"
-    dense_layers: list[int] = field(default_factory=list)
-    grouped_mm: str = "auto"
+    vocab_size: int | None = _DEFAULTS.vocab_size
+    hidden_size: int = _DEFAULTS.d_model
+    num_hidden_layers: int = _DEFAULTS.n_layers
+    num_attention_heads: int = _DEFAULTS.n_heads
+    num_key_value_heads: int | None = _DEFAULTS.n_kv_heads
+    max_position_embeddings: int = _DEFAULTS.max_seq_len
+    rope_theta: float = _DEFAULTS.rope_theta
+    rms_norm_eps: float = _DEFAULTS.norm_eps
+    qk_norm: str = _DEFAULTS.qk_norm
+    tie_word_embeddings: bool = _DEFAULTS.tie_embeddings
+    initializer_range: float = _DEFAULTS.init_std
+    ffn_type: str = _DEFAULTS.ffn
+    intermediate_size: int = _DEFAULTS.d_ffn
+    num_experts: int = _DEFAULTS.n_experts
+    num_experts_per_tok: int = _DEFAULTS.top_k
+    d_low: int = _DEFAULTS.d_low
+    d_wide: int | None = _DEFAULTS.d_wide
+    norm_topk_prob: bool | None = _DEFAULTS.renormalize
+    expert_score_norm: str = _DEFAULTS.norm
+    router_aux_loss_coef: float = _DEFAULTS.aux_loss_coef
+    router_z_loss_coef: float = _DEFAULTS.z_loss_coef
+    bias_update_rate: float = _DEFAULTS.bias_update_rate
+    recompute_scores: bool = _DEFAULTS.recompute_scores
+    recompute_gate: bool | None = _DEFAULTS.recompute_gate
+    backward_chunks: int | None = _DEFAULTS.backward_chunks
+    moe_gate_rank: int | None = _DEFAULTS.moe_gate_rank
+    moe_router_hidden: int | None = _DEFAULTS.moe_router_hidden
+    dense_intermediate_size: int | None = _DEFAULTS.dense_d_ffn
+    dense_gate_rank: int | None = _DEFAULTS.dense_gate_rank
+    gate_init: str = _DEFAULTS.gate_init
+    dense_layers: list[int] = field(default_factory=lambda: list(_DEFAULTS.dense_layers))
+    grouped_mm: str = _DEFAULTS.grouped_mm
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

@@ -23,14 +23,7 @@ from torch import nn
 from aoe.config import ConfigError, ModelConfig
 from aoe.model.attention import Attention, KVCache, RotaryEmbedding
 from aoe.model.norm import RMSNorm
-from aoe.nn import AoE, DenseFFN, MoE
-from aoe.nn.sparse import SparseFFN, total_aux_loss
-
-# Expert weights of a sparse layer that only the k chosen experts use for a token (plus an MoE's
-# factorized-gate w_down); every other parameter of a sparse layer (MoE router, AoE w_down: all
-# experts' low-rank activations) is active.
-_CHOSEN_EXPERT_WEIGHTS = ("w_gate", "w_in", "w_up", "w_out")
-
+from aoe.nn.sparse import total_aux_loss
 
 @dataclass
 class ModelOutput:
@@ -48,29 +41,9 @@ class ModelOutput:
 
 
 def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
-    """The FFN of block ``layer``: ``DenseFFN`` for ffn="dense" or a layer in dense_layers
-    (width dense_d_ffn, else d_ffn), else ``MoE`` / ``AoE`` with the config's options."""
-    kind = cfg.ffn_kind(layer)
-    if kind == "dense":
-        return DenseFFN(cfg.d_model, cfg.ffn_width_dense, gate_rank=cfg.dense_gate_rank, gate_init=cfg.gate_init)
-    if kind == "moe":
-        return MoE(
-            cfg.d_model, cfg.d_ffn, cfg.n_experts, cfg.top_k,
-            renormalize=True if cfg.renormalize is None else cfg.renormalize,
-            aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef,
-            bias_update_rate=cfg.bias_update_rate, grouped_mm=cfg.grouped_mm,
-            recompute_gate=False if cfg.recompute_gate is None else cfg.recompute_gate,
-            backward_chunks=cfg.backward_chunks, gate_rank=cfg.moe_gate_rank, router_hidden=cfg.moe_router_hidden,
-            gate_init=cfg.gate_init,
-        )
-    return AoE(
-        cfg.d_model, cfg.d_low, cfg.n_experts, cfg.top_k, d_wide=cfg.resolved_d_wide,
-        renormalize=False if cfg.renormalize is None else cfg.renormalize, norm=cfg.norm,
-        aux_loss_coef=cfg.aux_loss_coef, bias_update_rate=cfg.bias_update_rate,
-        recompute_scores=cfg.recompute_scores, grouped_mm=cfg.grouped_mm,
-        recompute_gate=True if cfg.recompute_gate is None else cfg.recompute_gate,
-        backward_chunks=cfg.backward_chunks, gate_init=cfg.gate_init,
-    )
+    """The FFN of block ``layer``: ``cfg.ffn_config(layer).build()`` (``DenseFFN`` for ffn="dense" or
+    a layer in dense_layers, else ``MoE`` / ``AoE`` with the config's options)."""
+    return cfg.ffn_config(layer).build()
 
 
 def ffn_forward_flops(ffn: nn.Module) -> int:
@@ -221,27 +194,23 @@ class Transformer(nn.Module):
     def num_params(self, active: bool = False, include_embedding: bool = True) -> int:
         """Number of parameters (a tied embedding counted once).
 
-        active=True: the parameters one token uses. In a sparse layer only top_k of the n_experts
-        experts' expert weights count (MoE w_gate/w_in/w_out; AoE w_up/w_in/w_out); the MoE router
-        and AoE's w_down of ALL experts count in full (every AoE expert computes its low-rank
-        activation for every token). include_embedding=False leaves out the token embedding and
+        active=True: the parameters one token uses (each FFN's ``num_active_params()``). In a
+        sparse layer only top_k of the n_experts experts' expert weights count (MoE w_gate/w_in/w_out;
+        AoE w_up/w_in/w_out); the MoE router and AoE's w_down of ALL experts count in full (every
+        AoE expert computes its low-rank activation for every token). include_embedding=False leaves out the token embedding and
         an untied lm_head (the vocabulary tables).
         """
         vocab_tables = {id(self.embed_tokens.weight), id(self.lm_head.weight)}
+        ffns = {id(block.ffn) for block in self.layers}
         seen: set[int] = set()
         total = 0
         for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if not include_embedding and id(p) in vocab_tables:
-                    continue
-                n = p.numel()
-                if active and isinstance(module, SparseFFN) and (
-                        name in _CHOSEN_EXPERT_WEIGHTS or (isinstance(module, MoE) and name == "w_down")):
-                    n = n // module.n_experts * module.top_k
-                total += n
+            params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if active and id(module) in ffns:  # the layer knows what one token uses
+                total += module.num_active_params()
+                continue
+            total += sum(p.numel() for p in params if include_embedding or id(p) not in vocab_tables)
         return total
 
     def flops_per_token(self, seq_len: int | None = None, *, backward: bool = True, causal: bool = False) -> int:

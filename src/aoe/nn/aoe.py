@@ -80,6 +80,8 @@ class AoE(SparseFFN):
             scale); see ``aoe.nn.factorized``.
     """
 
+    CHOSEN_EXPERT_PARAMS = ("w_up", "w_in", "w_out")  # w_down: every expert scores every token
+
     def __init__(
         self,
         d_model: int,

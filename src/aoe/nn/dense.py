@@ -56,6 +56,10 @@ class DenseFFN(nn.Module):
         gate = x @ self.w_gate if self.gate_rank is None else (x @ self.w_down) @ self.w_up
         return (F.silu(gate) * (x @ self.w_in)) @ self.w_out
 
+    def num_active_params(self) -> int:
+        """Every parameter of a dense layer is used by every token."""
+        return sum(p.numel() for p in self.parameters())
+
     def forward_flops(self) -> int:
         """Matmul FLOPs (2 x multiply-adds) per token of the forward pass."""
         D, F_ = self.d_model, self.d_ffn

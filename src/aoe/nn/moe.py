@@ -51,6 +51,8 @@ class MoE(SparseFFN):
             ~ N(0, init_std)) or "balanced" (w_up ~ N(0, 1/gate_rank)); see ``aoe.nn.factorized``.
     """
 
+    CHOSEN_EXPERT_PARAMS = ("w_gate", "w_down", "w_up", "w_in", "w_out")
+
     def __init__(
         self,
         d_model: int,

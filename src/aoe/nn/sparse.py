@@ -126,6 +126,18 @@ class SparseFFN(nn.Module):
         if self.training and self.bias_update_rate > 0:
             self.load_since_update += counts_E.to(self.load_since_update.dtype)
 
+    #: Names of the parameters stacked per expert ([E, ...]) that only a token's k chosen experts
+    #: use; every other parameter (a router, AoE's w_down of all experts) is used by every token.
+    CHOSEN_EXPERT_PARAMS: tuple[str, ...] = ()
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: the shared ones in full, the chosen experts' k / E share of
+        ``CHOSEN_EXPERT_PARAMS``."""
+        total = 0
+        for name, p in self.named_parameters(recurse=False):
+            total += p.numel() // self.n_experts * self.top_k if name in self.CHOSEN_EXPERT_PARAMS else p.numel()
+        return total
+
     def update_selection_bias(self) -> None:
         """Aux-loss-free balancing: move the selection bias toward equal load (call after optimizer.step())."""
         if self.bias_update_rate > 0:
