@@ -153,14 +153,14 @@ def _commit(tmp: Path, final: Path) -> None:
     """Rename the complete ``tmp`` to ``final``, uninterrupted by SIGINT/SIGTERM. A checkpoint
     already at ``final`` is replaced if it verifies, else moved aside; never overwritten unseen."""
     root = final.parent
+    if final.exists():
+        try:
+            verify_checkpoint_cached(final)
+        except CheckpointError as e:
+            aside = quarantine_checkpoint(final)
+            warnings.warn(f"checkpoint {str(final)!r} does not verify ({e}); moved it to {str(aside)!r} "
+                          "and saved the new one in its place", stacklevel=3)
     with signals_deferred():
-        if final.exists():
-            try:
-                verify_checkpoint_cached(final)
-            except CheckpointError as e:
-                aside = quarantine_checkpoint(final)
-                warnings.warn(f"checkpoint {str(final)!r} does not verify ({e}); moved it to {str(aside)!r} "
-                              "and saved the new one in its place", stacklevel=3)
         if final.exists():  # a good checkpoint of the same step (e.g. a model saved again): replace it now
             old = root / f"{_TMP_OLD}{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
@@ -213,9 +213,11 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int, current: Path | Non
         try:
             verify_checkpoint_cached(path)
         except CheckpointError as e:
-            aside = quarantine_checkpoint(path)
-            warnings.warn(f"a bad checkpoint takes no place among the {keep} kept: {e}; "
-                          f"moved it to {str(aside)!r}", stacklevel=3)
+            try:
+                where = f"moved it to {str(quarantine_checkpoint(path))!r}"
+            except CheckpointError as failed:  # left in place, still not counted
+                where = str(failed)
+            warnings.warn(f"a bad checkpoint takes no place among the {keep} kept: {e}; {where}", stacklevel=3)
             continue
         kept += 1
 
