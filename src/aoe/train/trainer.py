@@ -60,8 +60,12 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss under nan_policy=stop, too many skipped steps...)."""
 
 
-class TrainingWriteError(TrainingError, WriteError):
-    """The system refused to write the run's config, metrics or summary (disk full, quota...)."""
+class TrainingWriteError(WriteError):
+    """The system refused to write the run's config, metrics or summary (disk full, quota...).
+
+    An OSError, not a TrainingError: the run did not go wrong (a TrainingError means it diverged),
+    its disk did, and it continues from its newest checkpoint once there is space.
+    """
 
 
 class TrainingInterrupted(SystemExit):
