@@ -173,10 +173,10 @@ def test_disk_full_while_saving_names_the_cause_and_keeps_the_last_good_checkpoi
     else:  # every low-level write fails, as on a full disk
         monkeypatch.setattr(os, "write", _no_space)
     with pytest.raises(CheckpointWriteError) as info:
-        save_checkpoint(tmp_path, 2, model, cfg, {"step": 2}, retry_hint="free space and run with --resume")
+        save_checkpoint(tmp_path, 2, model, cfg, {"step": 2})
     message = str(info.value)
     assert message.startswith("no space left on device while writing ") and "step_00000002" in message
-    assert f"the newest good checkpoint is {str(good)!r}" in message and message.endswith("run with --resume")
+    assert f"the newest good checkpoint is {str(good)!r}" in message and message.endswith("then try again")
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
     monkeypatch.undo()
     assert _steps(tmp_path) == ["step_00000001"]
@@ -210,3 +210,27 @@ def test_a_replacement_cut_short_is_put_back(tmp_path):
     save_checkpoint(tmp_path, 6, model, cfg, {"step": 6})
     assert _steps(tmp_path) == ["step_00000005", "step_00000006"]
     verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("big", ["weights", "trainer_state"])
+def test_a_real_refused_write_is_reported_with_its_cause(tmp_path, big):
+    """The system itself refuses the write (a file-size limit: EFBIG), in safetensors or torch.save."""
+    import resource
+
+    model, cfg = _model_and_cfg()
+    good = save_checkpoint(tmp_path, 1, model, cfg, {"step": 1})
+    weights = (good / "model.safetensors").stat().st_size
+    limit = weights // 2 if big == "weights" else weights + 4096
+    state = {"step": 2, "big": torch.zeros(4 * weights)}  # larger than the limit in both cases
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(CheckpointWriteError, match="^file too large while writing .*step_00000002.*"
+                                                        "the newest good checkpoint is"):
+            save_checkpoint(tmp_path, 2, model, cfg, state)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
+    verify_checkpoint(good)

@@ -121,7 +121,7 @@ class WriteError(OSError):
 
 
 # Writers implemented in Rust or C++ (safetensors, tokenizers) report the errno only in their message.
-_ERRNO_IN_MESSAGE = re.compile(r"os error (\d+)|\[Errno (\d+)\]|code: (\d+)")
+_ERRNO_IN_MESSAGE = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)|\[Errno (\d+)\]")
 
 
 def os_error_code(exc: BaseException) -> int | None:
