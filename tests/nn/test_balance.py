@@ -131,3 +131,17 @@ def test_statistics_definitions():
     assert confidence_entropy(uniform) == pytest.approx(math.log(5))
     onehot = torch.eye(5)[:3]
     assert confidence_entropy(onehot) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+def test_forward_with_aux_returns_what_forward_keeps(kind):
+    from aoe import AoE, DenseFFN, MoE
+
+    torch.manual_seed(0)
+    layer = MoE(16, 24, 4, 2, aux_loss_coef=0.01, z_loss_coef=0.001) if kind == "moe" else AoE(16, 4, 4, 2, d_wide=24, aux_loss_coef=0.01)
+    x = torch.randn(3, 5, 16)
+    y, aux = layer.forward_with_aux(x)
+    assert torch.equal(layer(x), y) and torch.equal(layer.aux_loss, aux) and aux.requires_grad and aux > 0
+    dense = DenseFFN(16, 24)
+    y, aux = dense.forward_with_aux(x)
+    assert torch.equal(y, dense(x)) and float(aux) == 0.0

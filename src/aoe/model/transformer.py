@@ -23,7 +23,6 @@ from torch import nn
 from aoe.config import ConfigError, ModelConfig
 from aoe.model.attention import Attention, KVCache, RotaryEmbedding
 from aoe.model.norm import RMSNorm
-from aoe.nn.sparse import total_aux_loss
 
 @dataclass
 class ModelOutput:
@@ -66,9 +65,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_idx)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the block's output and its FFN's auxiliary loss (a scalar; 0 for a dense FFN)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, self.layer_idx, start_pos)
-        return x + self.ffn(self.ffn_norm(x))
+        h, aux_loss = self.ffn.forward_with_aux(self.ffn_norm(x))
+        return x + h, aux_loss
 
 
 class Transformer(nn.Module):
@@ -151,13 +152,15 @@ class Transformer(nn.Module):
         B, T = idx.shape
         cos, sin = self.rotary(start_pos, T, idx.device)
         x = self.embed_tokens(idx)
+        aux_losses = []
         for block in self.layers:
-            x = block(x, cos, sin, kv_cache, start_pos)
+            x, aux_loss = block(x, cos, sin, kv_cache, start_pos)
+            aux_losses.append(aux_loss.float())
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
-        aux_loss = total_aux_loss(self).to(logits.device)
+        aux_loss = torch.stack(aux_losses).sum().to(logits.device)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss)
 
     def _check_input(self, idx, targets, kv_cache, start_pos) -> None:

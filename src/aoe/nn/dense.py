@@ -56,6 +56,10 @@ class DenseFFN(nn.Module):
         gate = x @ self.w_gate if self.gate_rank is None else (x @ self.w_down) @ self.w_up
         return (F.silu(gate) * (x @ self.w_in)) @ self.w_out
 
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x), 0)``: a dense layer has no auxiliary loss (the sparse layers' interface)."""
+        return self(x), x.new_zeros((), dtype=torch.float32)
+
     def num_active_params(self) -> int:
         """Every parameter of a dense layer is used by every token."""
         return sum(p.numel() for p in self.parameters())

@@ -4,10 +4,12 @@
       -> SwiGLU experts on sorted rows (grouped matmuls) -> combine -> [..., D]
 
 A subclass says how experts are scored (``expert_scores``) and what feeds each expert's gate
-(``expert_outputs``). The last forward's auxiliary loss is ``layer.aux_loss`` (a scalar tensor in
-the graph, already multiplied by its coefficients; add it to your loss) and its decisions are
-``layer.last_routing`` (a detached ``RoutingInfo``). ``total_aux_loss(model)`` sums the former
-over a model; ``update_selection_biases(model)`` steps the aux-loss-free balancing of every layer.
+(``expert_outputs``). ``forward_with_aux(x)`` returns the output and the auxiliary loss (a scalar
+tensor in the graph, already multiplied by its coefficients): the decoder LM sums these up its
+blocks. ``forward(x)`` returns the output only and keeps the loss in ``layer.aux_loss``, for a
+layer dropped into another model (``total_aux_loss(model)`` sums them). Either way the decisions
+are ``layer.last_routing`` (a detached ``RoutingInfo``); ``update_selection_biases(model)`` steps
+the aux-loss-free balancing of every layer.
 
 Shape legend: T tokens, D model dim, E experts, K chosen per token, S = T*K sorted slots.
 """
@@ -90,6 +92,14 @@ class SparseFFN(nn.Module):
 
     # -- the shared forward ------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., D] -> [..., D]``; this call's auxiliary loss is left in ``self.aux_loss``."""
+        y, self.aux_loss = self.forward_with_aux(x)
+        return y
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[..., D] -> ([..., D], aux_loss)``: the output and this call's weighted auxiliary loss
+        (a scalar in the graph; 0 when no balancing loss is on), returned rather than kept, for a
+        model that sums its layers' losses itself. ``last_routing`` is updated either way."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"input's last dim is {x.shape[-1]}, expected d_model={self.d_model}")
         dtype = compute_dtype(x)
@@ -101,9 +111,8 @@ class SparseFFN(nn.Module):
         gate_weight_S = dispatch.sort_slots(selection.gate_weights_TK)
         y_SD = self.expert_outputs(x_TD, state, gate_weight_S, dispatch, dtype)
         out_TD = dispatch.combine(y_SD)
-        self.aux_loss = self._aux_loss(scores_TE, selection, dispatch)
         self._record(selection, dispatch)
-        return out_TD.view(*x.shape[:-1], self.d_model)
+        return out_TD.view(*x.shape[:-1], self.d_model), self._aux_loss(scores_TE, selection, dispatch)
 
     def _aux_loss(self, scores_TE: torch.Tensor, selection: Selection, dispatch: Dispatch) -> torch.Tensor:
         loss = scores_TE.new_zeros(())
