@@ -46,3 +46,14 @@ def test_gate_weight_means_of_a_real_forward():
     top = layer.last_routing.gate_weights.sort(-1, descending=True).values.double().mean(0)
     assert row["gate_weight_mean"] == pytest.approx(top.tolist())
     assert row["gate_weight_mean"][0] >= row["gate_weight_mean"][1]
+
+
+def test_layer_indices_come_from_the_blocks():
+    from aoe.config import ModelConfig
+    from aoe.model import Transformer
+
+    model = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=3, n_heads=2, d_ffn=24, n_experts=4, top_k=2,
+                                    d_low=4, dense_layers=[1]))
+    stats = RoutingStats(model)
+    assert [i for i, _ in stats.layers] == [0, 2]
+    assert [layer for _, layer in stats.layers] == [model.layers[0].ffn, model.layers[2].ffn]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from aoe.nn.balance import confidence_entropy, imbalance, load_entropy
-from aoe.nn.sparse import SparseFFN
+from aoe.nn.sparse import SparseFFN, sparse_layers
 from aoe.train.distributed import DistInfo, all_reduce_sum
 
 
@@ -40,11 +40,12 @@ class RoutingStats:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.layers: list[tuple[int, SparseFFN]] = []
-        for name, module in model.named_modules():
-            if isinstance(module, SparseFFN):
-                idx = next((int(p) for p in name.split(".") if p.isdigit()), len(self.layers))
-                self.layers.append((idx, module))
+        # a block knows its index (``Block.layer_idx``); a sparse layer outside a block is numbered
+        # by its place among the sparse layers
+        block_of = {id(m.ffn): m.layer_idx for m in model.modules()
+                    if isinstance(getattr(m, "layer_idx", None), int) and isinstance(getattr(m, "ffn", None), SparseFFN)}
+        self.layers: list[tuple[int, SparseFFN]] = [
+            (block_of.get(id(layer), i), layer) for i, layer in enumerate(sparse_layers(model))]
         self.reset()
 
     def reset(self) -> None:
