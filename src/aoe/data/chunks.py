@@ -70,7 +70,7 @@ class ChunkSizes:
     read_bytes: int = 1 << 20
     piece_chars: int = 1 << 14
     max_piece_chars: int = 1 << 20
-    batch_chars: int = 4 << 20
+    batch_chars: int = 2 << 20
     batch_pieces: int = 1024
 
     def __post_init__(self) -> None:

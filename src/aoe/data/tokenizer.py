@@ -16,6 +16,7 @@ whole documents, in memory bounded by the piece size rather than the document si
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -80,7 +81,11 @@ class Tokenizer:
         self.eos_id: int = int(eos_id)
         self.hash: str = hashlib.sha256(self._json.encode("utf-8")).hexdigest()
         self.vocab_size: int = int(self._tok.get_vocab_size(with_added_tokens=True))
-        self.piecewise: bool = cuts_keep_ids(json.loads(self._json), getattr(self._tok, "encode_special_tokens", False))
+
+    @functools.cached_property
+    def piecewise(self) -> bool:
+        """Whether text cut at ``aoe.data.chunks.SAFE_CUT`` encodes to the ids of the whole text."""
+        return cuts_keep_ids(json.loads(self._json), getattr(self._tok, "encode_special_tokens", False))
 
     @property
     def backend(self) -> tokenizers.Tokenizer:

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -81,14 +82,26 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, name: str = "tokens") -
     """Raise DataError if any id in the 1-D array ``tokens`` is >= vocab_size (chunked max, so a
     memmap is scanned without loading it whole)."""
     for start in range(0, len(tokens), _CHECK_CHUNK):
-        chunk = np.asarray(tokens[start:start + _CHECK_CHUNK])
-        top = int(chunk.max())
-        if top >= vocab_size:
-            pos = start + int(np.argmax(chunk >= vocab_size))
-            raise DataError(
-                f"{name}: token id {int(tokens[pos])} at position {pos} is out of range for vocab_size={vocab_size} "
-                "(corrupt file, or produced by a different tokenizer)"
-            )
+        _check_chunk(np.asarray(tokens[start:start + _CHECK_CHUNK]), start, vocab_size, name)
+
+
+def _check_file_ids(file: Path, dtype: np.dtype, n: int, vocab_size: int) -> None:
+    """:func:`check_token_ids` on the ``n`` tokens of a token file, read in chunks with ordinary
+    reads: unlike a scan through a memory map, this leaves none of the file resident in the process."""
+    with open(file, "rb") as f:
+        for start in range(0, n, _CHECK_CHUNK):
+            chunk = np.fromfile(f, dtype=dtype, count=min(_CHECK_CHUNK, n - start))
+            _check_chunk(chunk, start, vocab_size, repr(str(file)))
+
+
+def _check_chunk(chunk: np.ndarray, start: int, vocab_size: int, name: str) -> None:
+    """Raise DataError naming the first id >= vocab_size in ``chunk`` (whose first token is at ``start``)."""
+    if len(chunk) and int(chunk.max()) >= vocab_size:
+        i = int(np.argmax(chunk >= vocab_size))
+        raise DataError(
+            f"{name}: token id {int(chunk[i])} at position {start + i} is out of range for vocab_size={vocab_size} "
+            "(corrupt file, or produced by a different tokenizer)"
+        )
 
 
 @dataclass
@@ -163,10 +176,9 @@ class TokenData:
                     f"{str(file)!r}: size {size} bytes, expected {n * dtype.itemsize} ({n} tokens of {dtype}) "
                     "from the manifest: re-run prepare_tokens"
                 )
-            arr = np.memmap(file, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
             if check_ids:
-                check_token_ids(arr, tokenizer.vocab_size, name=repr(str(file)))
-            arrays[split] = arr
+                _check_file_ids(file, dtype, n, tokenizer.vocab_size)
+            arrays[split] = np.memmap(file, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
         return cls(path=path, train=arrays["train"], val=arrays["val"], tokenizer=tokenizer, manifest=manifest,
                    reused=reused)
 
@@ -433,7 +445,8 @@ def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, v
         for s in SPLITS:
             writers[s] = _SplitWriter(tmp[s], dtype)
         docs = src.stream(max_bytes=max_bytes, stats=stats, read_bytes=sizes.read_bytes)
-        n_docs = _write_tokens(_pieces(docs, tok, sizes, forced), tok, writers, val_fraction, sizes)
+        n_docs = _write_tokens(_pieces(docs, tok, sizes, forced), tok, writers, val_fraction, sizes,
+                               ahead=num_workers != 1)
         single_document = n_docs == 1 and val_fraction > 0
         if single_document:
             _split_single_document(writers, val_fraction)
@@ -493,16 +506,37 @@ def default_token_dir(source: Source, cache_dir: str | os.PathLike | None = None
     return cache_dir / "tokens" / key
 
 
+def _encode_ahead(batches: Iterator[list[Piece]], encode: Callable[[list[str]], list],
+                  ahead: bool) -> Iterator[tuple[list[Piece], list]]:
+    """(batch, its encodings) in order. With ``ahead``, each batch is encoded in a worker thread
+    (the library releases the GIL) while the caller writes the previous one and the next one is
+    read and cut, so the library's threads are not idle during that Python work."""
+    if not ahead:
+        for batch in batches:
+            yield batch, encode([text for _, text, _ in batch])
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in batches:
+            future = pool.submit(encode, [text for _, text, _ in batch])
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (batch, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def _write_tokens(pieces: Iterator[Piece], tok: Tokenizer, writers: dict[str, _SplitWriter], val_fraction: float,
-                  sizes: ChunkSizes) -> int:
+                  sizes: ChunkSizes, ahead: bool = True) -> int:
     """Encode the pieces batch by batch and append each document's ids plus EOS to its split's
-    writer; returns the number of documents."""
+    writer; returns the number of documents. ahead: encode the next batch during the writing
+    (see :func:`_encode_ahead`)."""
     encode = _batch_encoder(tok)
     dtype = writers["train"].dtype
     eos = np.array([tok.eos_id], dtype=dtype)
     n_docs, writer = 0, None
-    for batch in _batches(pieces, sizes):
-        for (index, _, nbytes), encoding in zip(batch, encode([text for _, text, _ in batch])):
+    for batch, encodings in _encode_ahead(_batches(pieces, sizes), encode, ahead):
+        for (index, _, nbytes), encoding in zip(batch, encodings):
             if writer is None:
                 writer = writers["val" if _is_val(index, val_fraction) else "train"]
             writer.write(np.array(encoding.ids, dtype=dtype))
