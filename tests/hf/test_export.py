@@ -143,8 +143,6 @@ def test_disk_full_while_exporting_names_the_cause_and_changes_nothing(tmp_path,
 
     import transformers.modeling_utils as modeling_utils
 
-    from aoe.utils.files import WriteError
-
     model = native_model()
     dst = export_to_hf(model, tmp_path / "hf")
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
@@ -155,8 +153,10 @@ def test_disk_full_while_exporting_names_the_cause_and_changes_nothing(tmp_path,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(modeling_utils, "safe_save_file", no_space)
-    with pytest.raises(WriteError, match=r"^no space left on device while writing .*hf.*nothing was changed") as info:
+    with pytest.raises(OSError, match=r"^no space left on device while writing .*hf.*nothing was changed") as info:
         export_to_hf(native_model(), dst, overwrite=True)
-    assert info.value.errno == errno.ENOSPC
+    from aoe.utils.files import WriteError
+
+    assert isinstance(info.value, WriteError) and info.value.errno == errno.ENOSPC
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directory left
