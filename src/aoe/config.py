@@ -34,6 +34,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from aoe.errors import InputError, one_line, shown
+
 __all__ = [
     "ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "load_config",
     "config_to_dict", "config_from_dict", "save_config", "list_configs", "config_path", "apply_overrides",
@@ -49,8 +51,9 @@ QK_NORMS = ("none", "head", "full")
 GATE_INITS = ("normal", "balanced")  # aoe.nn.factorized.GATE_INITS
 
 
-class ConfigError(ValueError):
-    """An invalid, unknown or ill-typed configuration value (the message names the dotted key)."""
+class ConfigError(InputError):
+    """An invalid, unknown or ill-typed configuration value (the message names the dotted key), or
+    a config file that cannot be read as one (the message names the file). A ``ValueError``."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +68,32 @@ def _type_name(tp: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
+#: The largest magnitudes a config value may have: its integers end up in int64 tensors (seeds,
+#: sizes, steps), its numbers in float32 arithmetic (the learning rate times a gradient...).
+_INT64_MAX = 2**63 - 1
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _as_number(value: Any, bad: ConfigError) -> int | float:
+    """A float field's value as an int or float; strings such as ``3e-4`` (which YAML 1.1 reads as
+    text) are parsed. Anything else raises ``bad``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise bad from None
+    return value
+
+
+def _check_magnitude(value: int | float, limit: float, key: str, kind: str) -> None:
+    """Refuse a finite value beyond what ``kind`` holds (inf and nan are left to the sections' rules)."""
+    if (isinstance(value, int) or math.isfinite(value)) and abs(value) > limit:
+        raise ConfigError(f"{key}={shown(value, 40)} is out of range: it must fit {kind} "
+                          f"(magnitude at most {limit:.3g}); give a smaller value")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it normalized (int -> float for float
     fields, tuple -> list). Strings such as ``3e-4`` (which YAML 1.1 reads as text) are accepted
@@ -77,7 +106,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(inner) == 1:
             return _coerce(value, inner[0], key)
         raise ConfigError(f"{key}: unsupported annotation {tp}")  # pragma: no cover
-    bad = ConfigError(f"{key}={value!r} must be {_type_name(tp)}")
+    bad = ConfigError(f"{key}={shown(value)} must be {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise bad
@@ -89,18 +118,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        _check_magnitude(value, _INT64_MAX, key, "a 64-bit integer")
         return value
     if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        value = _as_number(value, bad)
+        _check_magnitude(value, _FLOAT32_MAX, key, "a 32-bit float")
+        return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -534,23 +557,39 @@ def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 def config_from_dict(d: dict[str, Any] | None) -> RunConfig:
     """Build a validated ``RunConfig`` from a (possibly partial) nested dict; missing keys keep their
     defaults; unknown keys raise ``ConfigError`` naming the dotted key."""
-    d = {} if d is None else d
+    sections = {name: SECTIONS[name](**values) for name, values in _checked_layout(d, "a config").items()}
+    return RunConfig(**sections)
+
+
+def _kind(value: Any) -> str:
+    """'a list', 'an integer'... for messages about a value of the wrong shape."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _checked_layout(d: Any, origin: str) -> dict[str, dict[str, Any]]:
+    """``d`` as ``{section: {key: value}}``: a mapping (or None) of known sections, each a mapping
+    (or None) of its known keys. ``origin`` starts the messages (e.g. "config file 'run.yaml'")."""
+    if d is None:
+        return {}
     if not isinstance(d, dict):
-        raise ConfigError(f"a config must be a mapping of sections {list(SECTIONS)}, got {type(d).__name__}")
-    sections = {}
+        raise ConfigError(f"{origin} must be a mapping of sections {list(SECTIONS)}, got {_kind(d)} "
+                          f"({shown(d, 60)}); e.g. write 'model: {{d_model: 128}}'")
+    out = {}
     for name, values in d.items():
         if name not in SECTIONS:
-            raise _unknown_key(str(name), SECTIONS, "the top level")
+            raise _unknown_key(shown(name) if not isinstance(name, str) else name, SECTIONS, "the top level")
         values = {} if values is None else values
         if not isinstance(values, dict):
-            raise ConfigError(f"config section {name!r} must be a mapping, got {type(values).__name__}")
-        cls = SECTIONS[name]
-        valid = _field_names(cls)
+            raise ConfigError(f"{origin}: section {name!r} must be a mapping of keys to values, got {_kind(values)} "
+                              f"({shown(values, 60)}); write it as '{name}: {{key: value}}' or one 'key: value' "
+                              "per indented line")
+        valid = _field_names(SECTIONS[name])
         for key in values:
             if key not in valid:
-                raise _unknown_key(f"{name}.{key}", valid, name)
-        sections[name] = cls(**values)
-    return RunConfig(**sections)
+                raise _unknown_key(f"{name}.{key if isinstance(key, str) else shown(key)}", valid, name)
+        out[name] = dict(values)
+    return out
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -562,10 +601,33 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {item!r}: the key must be section.key (e.g. model.d_model=256)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
+        value = _parse_yaml(raw) if raw.strip() else None
+    except ValueError as e:
+        raise ConfigError(f"override {shown(item)}: cannot parse the value ({e}); write it as YAML, e.g. 3e-4, "
+                          "true, null, [0, 1] or \"quoted text\"") from None
     return parts, value
+
+
+_TOO_DEEP = "lists or mappings nested too deeply"
+
+
+def _parse_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``; any failure of the parser on this text becomes a one-line
+    ``ValueError`` that says where."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark, problem = e.problem_mark, e.problem or e.context
+        if mark is None or not problem:
+            raise ValueError(one_line(e)) from None
+        raise ValueError(f"line {mark.line + 1}, column {mark.column + 1}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(one_line(e)) from None
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
+    except (ValueError, TypeError, AttributeError) as e:
+        # PyYAML's constructors fail this way on some malformed scalars (a date "2001-13-01", "!!int x")
+        raise ValueError(f"{type(e).__name__}: {one_line(e)}") from None
 
 
 def apply_overrides(d: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -573,7 +635,7 @@ def apply_overrides(d: dict[str, Any], overrides: Iterable[str]) -> dict[str, An
     (unknown keys refused; values type-checked when the config is built)."""
     if isinstance(overrides, str):
         overrides = [overrides]
-    out = {k: dict(v or {}) for k, v in d.items()}
+    out = _checked_layout(d, "a config")
     for item in overrides:
         parts, value = _parse_override(item)
         section, rest = parts[0], parts[1:]
@@ -604,20 +666,40 @@ def list_configs() -> list[str]:
         return []
 
 
+def _read_text(p: Path) -> str:
+    """The file's text; an unreadable or non-UTF-8 file raises ``ConfigError`` naming it."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+                          "save it as UTF-8") from None
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise ValueError(one_line(e)) from None
+
+
 def _read_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         p = config_path(str(path))
-    text = p.read_text(encoding="utf-8")
+    text = _read_text(p)
     try:
-        d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        d = _parse_json(text) if p.suffix == ".json" else _parse_yaml(text)
+    except ValueError as e:
         raise ConfigError(f"cannot parse config file {str(p)!r}: {e}") from None
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections {list(SECTIONS)}")
-    return d
+    return _checked_layout(d, f"config file {str(p)!r}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> RunConfig:
@@ -634,11 +716,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
             wrong type, or an invalid value.
     """
     d = _read_file(path) if path is not None else {}
-    if not isinstance(d, dict):  # pragma: no cover
-        raise ConfigError("a config must be a mapping")
-    for name in d:
-        if name not in SECTIONS:
-            raise _unknown_key(str(name), SECTIONS, "the top level")
     return config_from_dict(apply_overrides(d, overrides))
 
 

@@ -202,3 +202,62 @@ def test_resolved_d_wide_matches_the_layer_rule():
     m = ModelConfig()
     assert m.resolved_d_wide == match_d_wide(m.d_model, m.d_ffn, m.d_low)
     assert ModelConfig(d_wide=100).resolved_d_wide == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Input that is not a config: one ConfigError naming the file, section or key, on one line
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, shown", [("model: 5\n", "an integer (5)"),
+                                         ("model: [d_model, 128]\n", "a list (['d_model', 128])")])
+def test_a_section_that_is_not_a_mapping_names_the_file_and_the_section(tmp_path, text, shown):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg and "section 'model' must be a mapping" in msg and shown in msg
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"model:\n  d_model: 64\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml' is not UTF-8 text \(byte 0xe9 at offset 26\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=1e300", "train.lr=1e+300 is out of range"),
+    ("model.rope_theta=1e39", "model.rope_theta=1e+39 is out of range"),
+    ("train.weight_decay=" + "9" * 400, "train.weight_decay=9999"),  # an integer too large for a float
+    ("train.seed=18446744073709551616", "train.seed=18446744073709551616 is out of range"),
+])
+def test_numbers_beyond_what_the_tensors_hold_are_refused(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value) and "out of range" in str(e.value)
+    assert load_config(None, ["train.lr=3e38"]).train.lr == 3e38  # float32's range itself is fine
+
+
+@pytest.mark.parametrize("text", ["model: {d_model: [1, 2\n", "model: {d_model: 2001-13-01}\n", "[" * 3000])
+def test_yaml_the_parser_refuses_is_one_line_naming_the_file(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"cannot parse config file {str(path)!r}") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["model.dense_layers=[0", "model.d_model=2001-13-01", "model.d_model=!!int x"])
+def test_override_values_the_parser_refuses_are_one_line(override):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert override in str(e.value) and "cannot parse the value" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dicts_of_the_wrong_shape_are_config_errors():
+    from aoe.config import apply_overrides
+
+    with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
+        apply_overrides({"train": 3}, ["train.lr=1"])
+    with pytest.raises(ConfigError, match="must be a mapping of sections"):
+        config_from_dict(["model"])
