@@ -113,3 +113,29 @@ def test_stub_lm_hand_checked():
     assert out["acc_stderr"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
     with pytest.raises(MultipleChoiceFormatError, match="example 0: field 'label'=5"):
         score_multiple_choice(stub, [{"context": "q", "choices": ["aa", "b"], "label": 5}])
+
+
+def test_a_line_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", EXAMPLES[:1])
+    with open(path, "ab") as f:
+        f.write(b'{"context": "caf\xe9", "choices": ["a", "b"], "label": 0}\n')
+    with pytest.raises(MultipleChoiceFormatError, match=r"mc.jsonl:2: not UTF-8 text \(byte 0xe9 at column 17\)"):
+        load_multiple_choice(path)
+
+
+@pytest.mark.parametrize("line", ["[" * 5000, '{"label": 1' + "0" * 5000 + "}"])
+def test_json_the_parser_refuses_names_the_line(tmp_path, line):
+    path = write_jsonl(tmp_path / "mc.jsonl", EXAMPLES[:1], raw_lines=[line])
+    with pytest.raises(MultipleChoiceFormatError, match=r"mc.jsonl:2: invalid JSON"):
+        load_multiple_choice(path)
+
+
+def test_a_choice_longer_than_the_context_names_the_example(model, tokenizer):
+    lm = AoEHarnessLM(model, tokenizer, batch_size=2)
+    long_choice = " ".join(["because"] * 80)  # more tokens than max_seq_len=64
+    examples = [EXAMPLES[0], {"context": "red blue", "choices": ["green", long_choice], "label": 0}]
+    with pytest.raises(MultipleChoiceFormatError, match=r"mc.jsonl: example 1: choice 1 is \d+ tokens long, more than "
+                                                         r"the model's context of 64 tokens"):
+        score_multiple_choice(lm, examples, source="mc.jsonl")
+    with pytest.raises(MultipleChoiceFormatError, match="no examples"):
+        score_multiple_choice(lm, [])

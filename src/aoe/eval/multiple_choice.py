@@ -28,11 +28,14 @@ from typing import Any, Sequence
 
 from lm_eval.api.instance import Instance
 
+from aoe.errors import InputError, shown
+
 __all__ = ["MultipleChoiceFormatError", "load_multiple_choice", "validate_example", "score_multiple_choice"]
 
 
-class MultipleChoiceFormatError(ValueError):
-    """A malformed multiple-choice file or example (the message names the line and field)."""
+class MultipleChoiceFormatError(InputError):
+    """A malformed multiple-choice file or example (the message names the line and field), or an
+    example the model cannot score (a choice longer than its context). A ``ValueError``."""
 
 
 def validate_example(example: Any, where: str = "example") -> dict:
@@ -50,12 +53,12 @@ def validate_example(example: Any, where: str = "example") -> dict:
     if not isinstance(context, str):
         raise MultipleChoiceFormatError(f"{where}: field 'context' must be a string, got {type(context).__name__}")
     if not isinstance(choices, list) or len(choices) < 2:
-        raise MultipleChoiceFormatError(f"{where}: field 'choices' must be a list of at least 2 strings, got {choices!r}")
+        raise MultipleChoiceFormatError(f"{where}: field 'choices' must be a list of at least 2 strings, got {shown(choices)}")
     for j, choice in enumerate(choices):
         if not isinstance(choice, str) or not choice:
-            raise MultipleChoiceFormatError(f"{where}: field 'choices' item {j} must be a non-empty string, got {choice!r}")
+            raise MultipleChoiceFormatError(f"{where}: field 'choices' item {j} must be a non-empty string, got {shown(choice)}")
     if isinstance(label, bool) or not isinstance(label, int):
-        raise MultipleChoiceFormatError(f"{where}: field 'label' must be an integer index, got {label!r}")
+        raise MultipleChoiceFormatError(f"{where}: field 'label' must be an integer index, got {shown(label)}")
     if not 0 <= label < len(choices):
         raise MultipleChoiceFormatError(f"{where}: field 'label'={label} is out of range for {len(choices)} choices (0..{len(choices) - 1})")
     return dict(example)
@@ -65,25 +68,40 @@ def load_multiple_choice(path: str | os.PathLike) -> list[dict]:
     """Read and validate a JSON Lines multiple-choice file (format in the module docstring).
 
     Raises:
-        MultipleChoiceFormatError: invalid JSON or a bad field, naming ``path:line`` and the
-            field; or a file without examples.
-        FileNotFoundError: no such file.
+        MultipleChoiceFormatError: invalid JSON, a line that is not UTF-8, or a bad field, naming
+            ``path:line`` and the field; or a file without examples.
+        FileNotFoundError: no such file (OSError for a file that cannot be read).
     """
     path = Path(path)
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MultipleChoiceFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(validate_example(obj, where))
+            line = _decode_line(raw, where)
+            if line.strip():
+                examples.append(validate_example(_parse_line(line, where), where))
     if not examples:
         raise MultipleChoiceFormatError(f"{path}: no examples (the file is empty)")
     return examples
+
+
+def _decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MultipleChoiceFormatError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                        "save the file as UTF-8") from None
+
+
+def _parse_line(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise MultipleChoiceFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise MultipleChoiceFormatError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise MultipleChoiceFormatError(f"{where}: invalid JSON ({e})") from None
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -103,13 +121,38 @@ def _mean_stderr(scores: Sequence[float]) -> float:
     return math.sqrt(sum((x - mu) ** 2 for x in scores) / (n - 1)) / math.sqrt(n)
 
 
-def score_multiple_choice(lm, examples: Sequence[dict], target_delimiter: str = " ") -> dict:
+def _check_choices_fit(lm, examples: Sequence[dict], target_delimiter: str, where) -> None:
+    """Refuse a choice the model cannot score, naming its example and index: one of more tokens
+    than the model's context (``lm.max_length``), or none. Checked when ``lm`` tokenizes requests
+    with ``encode_pair`` (as ``AoEHarnessLM`` does); other LMs apply their own rules."""
+    encode, limit = getattr(lm, "encode_pair", None), getattr(lm, "max_length", None)
+    if not callable(encode) or isinstance(limit, bool) or not isinstance(limit, int):
+        return
+    for i, ex in enumerate(examples):
+        for j, choice in enumerate(ex["choices"]):
+            _, cont = encode(ex["context"], target_delimiter + choice)
+            if not cont:
+                raise MultipleChoiceFormatError(f"{where(i)}: choice {j} ({shown(choice, 40)}) leaves no token to score "
+                                                "after the context: give a choice with text of its own")
+            if len(cont) > limit:
+                raise MultipleChoiceFormatError(f"{where(i)}: choice {j} is {len(cont)} tokens long, more than the model's "
+                                                f"context of {limit} tokens: shorten it")
+
+
+def score_multiple_choice(lm, examples: Sequence[dict], target_delimiter: str = " ", *,
+                          source: str | None = None) -> dict:
     """Score examples with ``lm.loglikelihood`` as lm-eval's multiple_choice tasks do.
 
     Args:
         lm: an ``AoEHarnessLM`` (any lm-eval ``LM`` works).
         examples: dicts with context / choices / label (e.g. from ``load_multiple_choice``).
         target_delimiter: put between context and each choice (the harness default " ").
+        source: where the examples come from (e.g. the file's path), named in error messages.
+
+    Raises:
+        MultipleChoiceFormatError: an invalid example, no examples, or (with an ``lm`` that has
+            ``encode_pair`` and ``max_length``, as ``AoEHarnessLM``) a choice whose tokens do not
+            fit the model's context; the message names the example (its index) and the choice.
 
     Returns:
         {"n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "acc_bytes",
@@ -117,9 +160,13 @@ def score_multiple_choice(lm, examples: Sequence[dict], target_delimiter: str = 
         "pred_bytes", "loglikelihoods" (one per choice), "is_greedy" (one per choice), "correct",
         "correct_norm", "correct_bytes"}. Definitions in the module docstring.
     """
-    examples = [validate_example(ex, f"example {i}") for i, ex in enumerate(examples)]
+    def where(i: int) -> str:
+        return f"{source}: example {i}" if source else f"example {i}"
+
+    examples = [validate_example(ex, where(i)) for i, ex in enumerate(examples)]
     if not examples:
-        raise ValueError("score_multiple_choice: no examples")
+        raise MultipleChoiceFormatError(f"{source or 'score_multiple_choice'}: no examples")
+    _check_choices_fit(lm, examples, target_delimiter, where)
     requests, owner = [], []
     for i, ex in enumerate(examples):
         for j, choice in enumerate(ex["choices"]):
