@@ -374,3 +374,112 @@ def test_qk_norm_sources_reconstruction_error_decreases_with_rank(tmp_path, sour
     with pytest.raises(ValueError, match="num_experts"):
         convert_to_aoe(src, tmp_path / "bad", num_experts=8, verbose=False)
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources that cannot be used: a ConversionError naming the file or tensor, nothing written
+# ---------------------------------------------------------------------------------------------
+def _edit_config(src, **fields):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(fields)
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+@pytest.mark.parametrize("source,field,value,tensor", [
+    ("llama", "intermediate_size", 96, "layer 0's gate projection"),
+    ("llama", "vocab_size", 128, "model.embed_tokens.weight has shape [64, 32]"),
+    ("mixtral", "intermediate_size", 24, "layer 0's gate projection (native layout) has shape [4, 32, 48]"),
+    ("mixtral", "num_key_value_heads", 4, "model.layers.0.self_attn.k_proj.weight has shape [16, 32]"),
+    ("mixtral", "hidden_size", 16, "model.embed_tokens.weight has shape [64, 32]"),
+])
+def test_config_json_that_does_not_describe_the_weights_is_refused(tmp_path, llama_dir, source, field, value, tensor):
+    src = llama_dir() if source == "llama" else mixtral_dir(tmp_path / "mix")
+    _edit_config(src, **{field: value})
+    from aoe.hf.convert import ConversionError
+
+    with pytest.raises(ConversionError) as e:
+        convert_to_aoe(src, tmp_path / "out", verbose=False)
+    assert tensor in str(e.value) and f"{field}={value}" in str(e.value) and "config.json" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_experts_than_config_json_counts_is_refused(tmp_path):
+    src = _edit_config(mixtral_dir(tmp_path / "mix", E=4), num_local_experts=2, num_experts_per_tok=1)
+    with pytest.raises(ValueError, match="layer 0 holds 4 experts, but config.json has num_local_experts=2"):
+        convert_to_aoe(src, tmp_path / "out", verbose=False)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"model_type": "llama", ', r"config.json' is not valid JSON \(line 1, column 25"),
+    (b'{"model_type": "llama\xff"}', r"config.json' is not UTF-8 text"),
+    (b'["llama"]', r"config.json' must hold a JSON object"),
+    (b'{"model_type": "llama", "hidden_size": "wide"}', r"config.json' is not a valid llama config"),
+])
+def test_a_config_json_that_cannot_be_read_is_named(tmp_path, llama_dir, content, message):
+    src = llama_dir()
+    (src / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        convert_to_aoe(src, tmp_path / "out", verbose=False)
+
+
+def test_a_damaged_safetensors_file_is_named(tmp_path, llama_dir):
+    src = llama_dir()
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors' as safetensors .*damaged"):
+        convert_to_aoe(src, tmp_path / "out", verbose=False)
+
+
+def _run(argv):
+    import argparse
+
+    from aoe.hf.commands import add_convert_parser, add_export_parser
+
+    parser = argparse.ArgumentParser(prog="aoe")
+    sub = parser.add_subparsers()
+    add_convert_parser(sub)
+    add_export_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_convert_of_a_mismatched_source_is_a_one_line_error(tmp_path, llama_dir, capsys):
+    src = _edit_config(llama_dir(), intermediate_size=96)
+    capsys.readouterr()
+    assert _run(["convert", str(src), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aoe convert: error:") and "intermediate_size=96" in err and "\n" not in err
+
+
+def test_a_library_bug_in_convert_keeps_its_traceback(tmp_path, llama_dir, monkeypatch):
+    import aoe.hf.convert
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(aoe.hf.convert, "factorize_gate", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        _run(["convert", str(llama_dir()), str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "is not a Hugging Face directory (no config.json)"),
+    (b'{"model_type": "llama"}', "has model_type='llama', not 'aoe'"),
+    (b'[1]', "config.json' must hold a JSON object"),
+    (b'{"model_type": "aoe\xff"}', "config.json' is not UTF-8 text"),
+    ("hidden", "config.json' describes a model the native one cannot be: model.d_model='wide'"),
+])
+def test_export_to_native_names_a_source_it_cannot_read(tmp_path, llama_dir, capsys, content, message):
+    src = tmp_path / "hf"
+    convert_to_aoe(llama_dir(), src, verbose=False)
+    if content is None:
+        (src / "config.json").unlink()
+    elif content == "hidden":
+        _edit_config(src, hidden_size="wide")
+    else:
+        (src / "config.json").write_bytes(content)
+    capsys.readouterr()
+    assert _run(["export", "--to-native", str(src)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aoe export: error:") and message in err and "\n" not in err

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 import sys
 
+from aoe.errors import one_line
+
 __all__ = ["add_export_parser", "add_convert_parser", "run_export", "run_convert"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -57,9 +59,7 @@ def run_export(args) -> int:
 
     try:
         if args.to_native:
-            from aoe.hf.export import load_hf_as_native
-
-            model = load_hf_as_native(args.src)
+            model = _load_aoe_source(Path(args.src))
             print(f"{args.src}: native {model.extra_repr()}, {model.num_params():,} parameters")
             if args.dst:
                 from aoe.train.checkpoint import list_checkpoints, save_model_checkpoint
@@ -88,12 +88,40 @@ def run_export(args) -> int:
         print(f"exported {args.src} -> {args.dst}")
         return 0
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"aoe export: error: {e}", file=sys.stderr)
+        print(f"aoe export: error: {one_line(e)}", file=sys.stderr)
         return 1
 
 
+def _check_aoe_source(src: Path) -> None:
+    """The source of ``--to-native`` must be an HF ``aoe`` directory: a readable config.json of
+    model_type "aoe" (one of another type is converted first, with ``aoe convert``)."""
+    from aoe.hf.convert import ConversionError, read_config_json
+
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{str(src)!r} is not a Hugging Face directory (no config.json); --to-native reads "
+                              "one written by aoe export or aoe convert")
+    model_type = read_config_json(src).get("model_type")
+    if model_type != "aoe":
+        raise ConversionError(f"{str(src / 'config.json')!r} has model_type={model_type!r}, not 'aoe': --to-native "
+                              "reads a directory written by aoe export or aoe convert; convert this one first "
+                              "(aoe convert SRC DST)")
+
+
+def _load_aoe_source(src: Path):
+    """The native model of an HF aoe directory; a config.json it cannot be built from is named."""
+    from aoe.config import ConfigError
+    from aoe.hf.convert import ConversionError
+    from aoe.hf.export import load_hf_as_native
+
+    _check_aoe_source(src)
+    try:
+        return load_hf_as_native(src)
+    except ConfigError as e:
+        raise ConversionError(f"{str(src / 'config.json')!r} describes a model the native one cannot be: {e}") from None
+
+
 def run_convert(args) -> int:
-    from aoe.hf.convert import convert_to_aoe
+    from aoe.hf.convert import ConversionError, convert_to_aoe
 
     renorm = None if args.renormalize is None else args.renormalize == "yes"
     try:
@@ -102,6 +130,6 @@ def run_convert(args) -> int:
             upcycle=args.upcycle, renormalize=renorm, dtype=args.dtype, overwrite=args.overwrite,
         )
         return 0
-    except (ValueError, OSError) as e:
-        print(f"aoe convert: error: {e}", file=sys.stderr)
+    except (ConversionError, OSError) as e:  # the source, the options or the destination; anything else is a bug
+        print(f"aoe convert: error: {one_line(e)}", file=sys.stderr)
         return 1

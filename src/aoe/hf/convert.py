@@ -29,11 +29,14 @@ Sources (a local directory with ``config.json`` and ``*.safetensors``):
   E and k, at full rank. ``upcycle="slice"``: the hidden dimension F is cut into E slices of
   F / E (the experts together are the FFN: exact for E = top_k = 1 only, since AoE weights the
   experts by the softmax over their norms); renormalize defaults to the AoE default (False).
-* Refused with ``ValueError`` (the reason in the message): **Qwen2-MoE** (a shared expert with
-  its own sigmoid gate, and biases on q/k/v: the native model has neither), any other
-  model_type; and inside a supported type: a non-SiLU activation, attention or MLP biases, a
-  head_dim other than hidden_size / num_attention_heads, a RoPE scaling other than "default",
-  OLMoE's ``clip_qkv``, a Qwen3-MoE without any sparse layer.
+* Refused with ``ConversionError`` (a ``ValueError``; the reason in the message): **Qwen2-MoE**
+  (a shared expert with its own sigmoid gate, and biases on q/k/v: the native model has
+  neither), any other model_type; and inside a supported type: a non-SiLU activation, attention
+  or MLP biases, a head_dim other than hidden_size / num_attention_heads, a RoPE scaling other
+  than "default", OLMoE's ``clip_qkv``, a Qwen3-MoE without any sparse layer. So is a source
+  that cannot be read (an unreadable or invalid ``config.json``, a damaged safetensors file) or
+  whose weights do not have the shapes (or the number of experts) its ``config.json`` gives
+  them; each message names the file or tensor.
   A sliding window (Mistral, Mixtral, Qwen3-MoE with use_sliding_window) is kept exact by
   setting ``max_seq_len`` to min(max_position_embeddings, sliding_window): within that length
   the window never bites.
@@ -56,17 +59,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from aoe.config import ModelConfig
+from aoe.config import ConfigError, ModelConfig
+from aoe.errors import InputError, one_line
 from aoe.hf._io import atomic_directory, check_destination
 from aoe.hf.configuration import AoEConfig
 
-__all__ = ["convert_to_aoe", "factorize_gate", "ConversionReport", "SUPPORTED_SOURCES"]
+__all__ = ["convert_to_aoe", "factorize_gate", "ConversionReport", "ConversionError", "SUPPORTED_SOURCES"]
 
 SUPPORTED_SOURCES = ("mixtral", "qwen3_moe", "olmoe", "llama", "mistral")
 _MOE_SOURCES = ("mixtral", "qwen3_moe", "olmoe")
@@ -79,6 +84,11 @@ _REFUSED = {
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+
+
+class ConversionError(InputError):
+    """A source, destination or option ``convert_to_aoe`` cannot use; the message names the file,
+    tensor or option and says why. A ``ValueError``."""
 
 
 @dataclass
@@ -103,7 +113,7 @@ def factorize_gate(w_gate_EDF: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     """
     E, D, F = w_gate_EDF.shape
     if not 1 <= rank <= min(D, F):
-        raise ValueError(f"d_low={rank} must be in [1, min(hidden_size={D}, intermediate_size={F})={min(D, F)}]")
+        raise ConversionError(f"d_low={rank} must be in [1, min(hidden_size={D}, intermediate_size={F})={min(D, F)}]")
     w = w_gate_EDF.to(torch.float64)
     U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # [E, D, K], [E, K], [E, K, F]
     root = S[:, :rank].sqrt()
@@ -126,8 +136,12 @@ class _LazyState:
 
         files = sorted(src.glob("*.safetensors"))
         if not files:
-            raise ValueError(f"{str(src)!r} has no *.safetensors weights (only safetensors checkpoints are supported)")
-        self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+            raise ConversionError(f"{str(src)!r} has no *.safetensors weights (only safetensors checkpoints are supported)")
+        self._handles, self._file = [], {}
+        for f in files:
+            handle = _open_safetensors(f, safe_open)
+            self._handles.append(handle)
+            self._file[handle] = f
         self._where = {key: h for h in self._handles for key in h.keys()}
 
     def __contains__(self, key: str) -> bool:
@@ -137,7 +151,20 @@ class _LazyState:
         return iter(self._where)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        handle = self._where[key]
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:  # safetensors reports damaged data with its own exception types
+            raise ConversionError(f"cannot read tensor {key!r} of {str(self._file[handle])!r} ({one_line(e)}): "
+                                  "the file is damaged; download or save it again") from None
+
+
+def _open_safetensors(path: Path, safe_open):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors reports a bad header or a truncated file with its own exception types
+        raise ConversionError(f"cannot read {str(path)!r} as safetensors ({one_line(e)}): the file is damaged "
+                              "or not a safetensors file; download or save it again") from None
 
 
 class _ShardWriter:
@@ -184,22 +211,109 @@ class _ShardWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def read_config_json(src: Path) -> dict:
+    """The JSON object of ``src/config.json``; an unreadable, non-UTF-8 or invalid file, or one that
+    is not an object, raises ``ConversionError`` naming it."""
+    path = src / "config.json"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConversionError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{str(path)!r} is not UTF-8 text (offset {e.start}): save it as UTF-8 JSON") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{str(path)!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): "
+                              "fix the file or save the checkpoint again") from None
+    except (ValueError, RecursionError) as e:  # an integer of too many digits, very deep nesting
+        raise ConversionError(f"{str(path)!r} is not valid JSON ({type(e).__name__}): fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{str(path)!r} must hold a JSON object (a model config), got {type(raw).__name__}")
+    return raw
+
+
+def _hf_config(src: Path, model_type: str):
+    """transformers' config of the source; one it refuses raises ``ConversionError`` naming the file."""
+    from transformers import AutoConfig
+
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        StrictDataclassError = ValueError  # noqa: N806
+    try:
+        return AutoConfig.from_pretrained(str(src))
+    except (ValueError, TypeError, KeyError, OSError, StrictDataclassError) as e:
+        raise ConversionError(f"{str(src / 'config.json')!r} is not a valid {model_type} config: {one_line(e)}") from None
+
+
+def _check_destination(dst_dir, overwrite: bool) -> None:
+    try:
+        check_destination(dst_dir, overwrite)
+    except ValueError as e:  # check_destination refuses a destination with a ValueError naming it
+        raise ConversionError(str(e)) from None
+
+
+def _native_config(src: Path, **fields) -> ModelConfig:
+    """The native model the source's config.json describes; a value it cannot take is named."""
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise ConversionError(f"{str(src / 'config.json')!r} describes a model the native one cannot be: {e}") from None
+
+
+def _native_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of the native model (built on meta), by its HF key."""
+    from aoe.model.transformer import Transformer
+
+    with torch.device("meta"):
+        native = Transformer(model_cfg)
+    expected = {f"model.{k}": tuple(v.shape) for k, v in native.state_dict().items()}
+    if model_cfg.tie_embeddings:
+        expected.pop("model.lm_head.weight", None)
+    return expected
+
+
+def _check_shape(src: Path, name: str, shape: tuple[int, ...], expected: tuple[int, ...], fields: str) -> None:
+    """A source tensor must have the shape the source's config.json gives it."""
+    if tuple(shape) != tuple(expected):
+        raise ConversionError(
+            f"{str(src)!r}: {name} has shape {list(shape)}, but config.json ({fields}) implies {list(expected)}: "
+            "the config.json does not describe these weights; fix it or use the weights it belongs to")
+
+
+def _check_ffn_shapes(src: Path, layer: int, tensors, D: int, F: int, fields: str, E: int | None = None) -> None:
+    """Gate, up and down projections of layer ``layer`` in the native layout: [(E,) D, F], [(E,) D, F],
+    [(E,) F, D]."""
+    lead = () if E is None else (E,)
+    for what, t, shape in zip(("gate", "up", "down"), tensors, ((D, F), (D, F), (F, D))):
+        _check_shape(src, f"layer {layer}'s {what} projection (native layout)", tuple(t.shape), lead + shape, fields)
+
+
+def _check_expert_count(src: Path, layer: int, keys: list[str], E: int, field_name: str) -> None:
+    """The source must not hold more experts in a layer than its config.json counts."""
+    found = {int(m.group(1)) for k in keys if (m := re.search(r"\.experts\.(\d+)\.", k))}
+    if found and max(found) >= E:
+        raise ConversionError(f"{str(src)!r}: layer {layer} holds {max(found) + 1} experts, but config.json has "
+                              f"{field_name}={E}: fix config.json or use the weights it belongs to")
+
+
 def _check_common(cfg, src: Path) -> None:
     mt = cfg.model_type
     act = getattr(cfg, "hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise ValueError(f"{mt} source {str(src)!r}: hidden_act={act!r}; only SiLU (SwiGLU) FFNs are supported")
+        raise ConversionError(f"{mt} source {str(src)!r}: hidden_act={act!r}; only SiLU (SwiGLU) FFNs are supported")
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(cfg, flag, False):
-            raise ValueError(f"{mt} source {str(src)!r}: {flag}=True; the native model has no biases")
+            raise ConversionError(f"{mt} source {str(src)!r}: {flag}=True; the native model has no biases")
     head_dim = getattr(cfg, "head_dim", None)
     if head_dim is not None and head_dim * cfg.num_attention_heads != cfg.hidden_size:
-        raise ValueError(f"{mt} source {str(src)!r}: head_dim={head_dim} != hidden_size / num_attention_heads; "
+        raise ConversionError(f"{mt} source {str(src)!r}: head_dim={head_dim} != hidden_size / num_attention_heads; "
                          "the native attention requires head_dim = d_model / n_heads")
     rope = getattr(cfg, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type != "default":
-        raise ValueError(f"{mt} source {str(src)!r}: RoPE scaling {rope_type!r} is not supported (plain RoPE only)")
+        raise ConversionError(f"{mt} source {str(src)!r}: RoPE scaling {rope_type!r} is not supported (plain RoPE only)")
 
 
 def _rope_theta(cfg) -> float:
@@ -231,18 +345,18 @@ def _moe_experts(state, i: int, n_experts: int):
                     w_in = torch.stack([state[f"{p}.{e}.{u}.weight"].T for e in range(n_experts)])
                     w_out = torch.stack([state[f"{p}.{e}.{d}.weight"].T for e in range(n_experts)])
                 except KeyError as err:
-                    raise ValueError(f"layer {i}: missing expert weight {err} ({n_experts} experts expected)") from None
+                    raise ConversionError(f"layer {i}: missing expert weight {err} ({n_experts} experts expected)") from None
                 return w_gate, w_in, w_out, keys
         if f"{p}.gate_up_proj" in state:
             gate_up = state[f"{p}.gate_up_proj"]  # [E, 2F, D]: gate rows first, then up
             if gate_up.shape[0] != n_experts:
-                raise ValueError(f"layer {i}: {p}.gate_up_proj holds {gate_up.shape[0]} experts, expected {n_experts}")
+                raise ConversionError(f"layer {i}: {p}.gate_up_proj holds {gate_up.shape[0]} experts, expected {n_experts}")
             F = gate_up.shape[1] // 2
             w_gate = gate_up[:, :F, :].transpose(1, 2)
             w_in = gate_up[:, F:, :].transpose(1, 2)
             w_out = state[f"{p}.down_proj"].transpose(1, 2)  # [E, D, F] -> [E, F, D]
             return w_gate, w_in, w_out, keys
-    raise ValueError(f"layer {i}: no expert weights found (expected block_sparse_moe.experts.* or mlp.experts.*)")
+    raise ConversionError(f"layer {i}: no expert weights found (expected block_sparse_moe.experts.* or mlp.experts.*)")
 
 
 def _qwen3_dense_layers(cfg) -> list[int]:
@@ -260,7 +374,7 @@ def _llama_ffn(state: dict, i: int):
         w_in = state[f"{p}.up_proj.weight"].T
         w_out = state[f"{p}.down_proj.weight"].T
     except KeyError as e:
-        raise ValueError(f"layer {i}: missing dense FFN weight {e}") from None
+        raise ConversionError(f"layer {i}: missing dense FFN weight {e}") from None
     return w_gate, w_in, w_out, [k for k in state if k.startswith(f"{p}.")]
 
 
@@ -291,26 +405,25 @@ def convert_to_aoe(
     Qwen3-MoE and OLMoE, False for "slice"). dtype: of the written weights
     (default: the source's). max_shard_bytes: size of the written safetensors shards (one
     ``model.safetensors`` when everything fits, else HF-indexed shards). The source is read one
-    tensor at a time. Raises ValueError on an unsupported source or inconsistent options.
+    tensor at a time. Raises ConversionError (a ValueError) on an unsupported or unreadable source,
+    weights that do not fit the source's config.json, or inconsistent options.
     """
-    from transformers import AutoConfig
-
     src = Path(src_dir).expanduser()
     if not (src / "config.json").is_file():
-        raise ValueError(f"{str(src)!r} is not a Hugging Face checkpoint directory (no config.json)")
-    check_destination(dst_dir, overwrite)
-    raw = json.loads((src / "config.json").read_text())
+        raise ConversionError(f"{str(src)!r} is not a Hugging Face checkpoint directory (no config.json)")
+    _check_destination(dst_dir, overwrite)
+    raw = read_config_json(src)
     mt = raw.get("model_type")
     if mt in _REFUSED:
-        raise ValueError(f"cannot convert {mt!r} ({str(src)!r}): {_REFUSED[mt]}")
+        raise ConversionError(f"cannot convert {mt!r} ({str(src)!r}): {_REFUSED[mt]}")
     if mt not in SUPPORTED_SOURCES:
-        raise ValueError(f"cannot convert model_type={mt!r}: supported sources are {list(SUPPORTED_SOURCES)}")
+        raise ConversionError(f"cannot convert model_type={mt!r}: supported sources are {list(SUPPORTED_SOURCES)}")
     if upcycle not in ("copy", "slice"):
-        raise ValueError(f"upcycle={upcycle!r} must be 'copy' or 'slice'")
-    cfg = AutoConfig.from_pretrained(str(src))
+        raise ConversionError(f"upcycle={upcycle!r} must be 'copy' or 'slice'")
+    cfg = _hf_config(src, mt)
     _check_common(cfg, src)
     if mt == "olmoe" and getattr(cfg, "clip_qkv", None) is not None:
-        raise ValueError(f"olmoe source {str(src)!r}: clip_qkv={cfg.clip_qkv} (queries, keys and values clamped); "
+        raise ConversionError(f"olmoe source {str(src)!r}: clip_qkv={cfg.clip_qkv} (queries, keys and values clamped); "
                          "the native attention does not clip")
     qk_norm = _QK_NORM.get(mt, "none")
     if isinstance(dtype, str):
@@ -324,14 +437,14 @@ def convert_to_aoe(
     if is_moe:
         E_src = cfg.num_local_experts if mt == "mixtral" else cfg.num_experts
         if num_experts is not None and num_experts != E_src:
-            raise ValueError(f"num_experts={num_experts}: a {mt} source keeps its {E_src} experts (leave num_experts unset)")
+            raise ConversionError(f"num_experts={num_experts}: a {mt} source keeps its {E_src} experts (leave num_experts unset)")
         E = E_src
         if E < 1:
-            raise ValueError(f"{mt} source {str(src)!r}: num_experts={E}, no sparse layer to convert")
+            raise ConversionError(f"{mt} source {str(src)!r}: num_experts={E}, no sparse layer to convert")
         if mt == "qwen3_moe":
             dense_layers = _qwen3_dense_layers(cfg)
             if len(dense_layers) == n_layers:
-                raise ValueError(f"qwen3_moe source {str(src)!r}: every layer is dense (mlp_only_layers="
+                raise ConversionError(f"qwen3_moe source {str(src)!r}: every layer is dense (mlp_only_layers="
                                  f"{list(cfg.mlp_only_layers)}, decoder_sparse_step={cfg.decoder_sparse_step})")
         k = cfg.num_experts_per_tok if top_k is None else top_k
         F = cfg.moe_intermediate_size if mt == "qwen3_moe" else cfg.intermediate_size
@@ -344,24 +457,24 @@ def convert_to_aoe(
         k = 1 if top_k is None else top_k
         F_dense = cfg.intermediate_size
         if E < 1:
-            raise ValueError(f"num_experts={E} must be >= 1")
+            raise ConversionError(f"num_experts={E} must be >= 1")
         if upcycle == "slice" and F_dense % E:
-            raise ValueError(f"upcycle='slice': intermediate_size={F_dense} is not divisible by num_experts={E}")
+            raise ConversionError(f"upcycle='slice': intermediate_size={F_dense} is not divisible by num_experts={E}")
         F = F_dense // E if upcycle == "slice" else F_dense
         renorm = (upcycle == "copy") if renormalize is None else renormalize
     if not 1 <= k <= E:
-        raise ValueError(f"top_k={k} must be in [1, num_experts={E}]")
+        raise ConversionError(f"top_k={k} must be in [1, num_experts={E}]")
     R = min(D, F) if d_low is None else d_low
     if not isinstance(R, int) or not 1 <= R <= min(D, F):
-        raise ValueError(f"d_low={R} must be in [1, min(hidden_size={D}, expert width={F})={min(D, F)}]")
+        raise ConversionError(f"d_low={R} must be in [1, min(hidden_size={D}, expert width={F})={min(D, F)}]")
 
     max_seq_len = cfg.max_position_embeddings
     window = getattr(cfg, "sliding_window", None)
     if window is not None and window < max_seq_len:
         max_seq_len = window
     tie = bool(getattr(cfg, "tie_word_embeddings", False))
-    model_cfg = ModelConfig(
-        vocab_size=cfg.vocab_size, d_model=D, n_layers=n_layers, n_heads=cfg.num_attention_heads,
+    model_cfg = _native_config(
+        src, vocab_size=cfg.vocab_size, d_model=D, n_layers=n_layers, n_heads=cfg.num_attention_heads,
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, max_seq_len=max_seq_len,
         rope_theta=_rope_theta(cfg), norm_eps=float(cfg.rms_norm_eps), tie_embeddings=tie,
         init_std=float(getattr(cfg, "initializer_range", 0.02)), ffn="aoe", d_ffn=F, n_experts=E, top_k=k,
@@ -369,8 +482,15 @@ def convert_to_aoe(
         dense_d_ffn=cfg.intermediate_size if dense_layers else None,
     )
 
+    if "model.embed_tokens.weight" not in state:
+        raise ConversionError(f"source {str(src)!r} lacks 'model.embed_tokens.weight'")
     src_dtype = state["model.embed_tokens.weight"].dtype
     out_dtype = src_dtype if dtype is None else dtype
+    expected = _native_shapes(model_cfg)
+    dims = (f"vocab_size={cfg.vocab_size}, hidden_size={D}, num_attention_heads={model_cfg.n_heads}, "
+            f"num_key_value_heads={model_cfg.kv_heads}")
+    ffn_dims = f"hidden_size={D}, {'moe_intermediate_size' if mt == 'qwen3_moe' else 'intermediate_size'}={F}"
+    experts_field = "num_local_experts" if mt == "mixtral" else "num_experts"
     hf_config = AoEConfig.from_model_config(
         model_cfg,
         bos_token_id=getattr(cfg, "bos_token_id", None),
@@ -387,8 +507,10 @@ def convert_to_aoe(
 
         def put(dst_key: str, src_key: str) -> None:
             if src_key not in state:
-                raise ValueError(f"source {str(src)!r} lacks {src_key!r}")
-            writer.add(f"model.{dst_key}", state[src_key].to(out_dtype))
+                raise ConversionError(f"source {str(src)!r} lacks {src_key!r}")
+            tensor = state[src_key]
+            _check_shape(src, src_key, tuple(tensor.shape), expected[f"model.{dst_key}"], dims)
+            writer.add(f"model.{dst_key}", tensor.to(out_dtype))
             used.add(src_key)
 
         put("embed_tokens.weight", "model.embed_tokens.weight")
@@ -407,6 +529,8 @@ def convert_to_aoe(
             put(f"layers.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight")
             if i in dense_layers:  # a dense MLP of the MoE source stays a dense SwiGLU FFN, copied as is
                 g, u, d, keys = _llama_ffn(state, i)
+                _check_ffn_shapes(src, i, (g, u, d), D, cfg.intermediate_size, f"hidden_size={D}, "
+                                  f"intermediate_size={cfg.intermediate_size}")
                 used.update(keys)
                 for name, t in (("w_gate", g), ("w_in", u), ("w_out", d)):
                     writer.add(f"model.layers.{i}.ffn.{name}", t.to(out_dtype))
@@ -416,8 +540,11 @@ def convert_to_aoe(
                 continue
             if is_moe:
                 w_gate, w_in, w_out, keys = _moe_experts(state, i, E)
+                _check_expert_count(src, i, keys, E, experts_field)
+                _check_ffn_shapes(src, i, (w_gate, w_in, w_out), D, F, ffn_dims, E=E)
             else:
                 g, u, d, keys = _llama_ffn(state, i)
+                _check_ffn_shapes(src, i, (g, u, d), D, F_dense, f"hidden_size={D}, intermediate_size={F_dense}")
                 if upcycle == "copy":
                     w_gate, w_in, w_out = (t[None].expand(E, *t.shape) for t in (g, u, d))
                 else:
@@ -439,9 +566,9 @@ def convert_to_aoe(
 
         leftover = sorted(k for k in state if k not in used and not k.endswith("rotary_emb.inv_freq"))
         if leftover:
-            raise ValueError(f"{mt} source {str(src)!r} has weights this conversion does not understand: "
+            raise ConversionError(f"{mt} source {str(src)!r} has weights this conversion does not understand: "
                              f"{leftover[:8]}{' ...' if len(leftover) > 8 else ''}")
-        _check_against_native(model_cfg, writer.shapes)
+        _check_against_native(expected, writer.shapes)
         writer.close()
         hf_config.save_pretrained(str(tmp))
         for name in _TOKENIZER_FILES:
@@ -456,15 +583,9 @@ def convert_to_aoe(
     return report
 
 
-def _check_against_native(model_cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Every key and shape of the written state matches the native model's (built on meta)."""
-    from aoe.model.transformer import Transformer
-
-    with torch.device("meta"):
-        native = Transformer(model_cfg)
-    expected = {f"model.{k}": tuple(v.shape) for k, v in native.state_dict().items()}
-    if model_cfg.tie_embeddings:
-        expected.pop("model.lm_head.weight", None)
+def _check_against_native(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every key and shape of the written state matches the native model's (``_native_shapes``);
+    the source's shapes were checked as they were read, so a difference here is a bug."""
     got = dict(shapes)
     if expected != got:  # pragma: no cover - a bug in this module
         diff = sorted(set(expected.items()) ^ set(got.items()))
