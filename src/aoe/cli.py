@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from aoe.errors import InputError, one_line
+
 EXAMPLES = """\
 examples:
   aoe train --out runs/aoe                              # the tiny AoE recipe on the embedded corpus
@@ -26,8 +28,52 @@ recipes: tiny (default), small, paper-732m; override any key as section.key=valu
 """
 
 
-class CLIError(Exception):
+class CLIError(InputError):
     """A usage problem reported as ``error: ...`` with exit status 2."""
+
+
+def _reported_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions ``main`` reports as one ``error: ...`` line (exit status 2): the user's input
+    (``InputError``: ConfigError, CLIError, MultipleChoiceFormatError, ConversionError), a corpus or
+    tokenizer (DataError), a checkpoint (CheckpointError), a run that cannot go on (TrainingError),
+    and the system refusing a file operation (OSError: the message names the path). Anything else
+    is a bug and keeps its traceback."""
+    from aoe.data import DataError
+    from aoe.train.checkpoint import CheckpointError
+    from aoe.train.trainer import TrainingError
+
+    return (InputError, DataError, CheckpointError, TrainingError, OSError)
+
+
+def _check(ok: bool, flag: str, value, rule: str) -> None:
+    """Refuse a command-line value that breaks ``rule``, naming the flag."""
+    if not ok:
+        raise CLIError(f"{flag} {value} {rule}")
+
+
+def _device(name: str | None) -> str:
+    """The --device to use: the given torch device, checked, or cuda when available, else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name!r} is not a torch device: use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def _check_tokenizer(checkpoint, model, tokenizer) -> None:
+    """A checkpoint's tokenizer must exist and give ids its model has embeddings for."""
+    if tokenizer is None:
+        raise CLIError(f"{checkpoint} has no tokenizer.json: cannot encode text for this model")
+    vocab = model.config.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise CLIError(f"{checkpoint}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                       f"vocab_size={vocab}: the tokenizer.json does not belong to this model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,16 +107,60 @@ def _is_main_process() -> bool:
 # ---------------------------------------------------------------------------------------------
 # eval
 # ---------------------------------------------------------------------------------------------
-def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
+def _check_eval_args(args: argparse.Namespace) -> None:
+    _check(args.batch_size >= 1, "--batch-size", args.batch_size, "must be at least 1")
+    _check(args.seq_len is None or args.seq_len >= 1, "--seq-len", args.seq_len, "must be at least 1")
+    _check(args.max_batches is None or args.max_batches >= 1, "--max-batches", args.max_batches, "must be at least 1")
+    _check(args.num_fewshot >= 0, "--num-fewshot", args.num_fewshot, "must be >= 0")
+    _check(args.limit is None or args.limit >= 1, "--limit", args.limit, "must be at least 1")
+    if args.tasks is not None and not _task_names(args.tasks):
+        raise CLIError(f"--tasks {args.tasks!r} names no task: give comma-separated lm-eval tasks, e.g. piqa,arc_easy")
 
+
+def _task_names(tasks: str) -> list[str]:
+    return [t.strip() for t in tasks.split(",") if t.strip()]
+
+
+def _load_mc_files(paths: list[str]) -> dict[str, list[dict]]:
+    """Every --mc file read and checked before the model is loaded (a bad line fails fast)."""
+    from aoe.eval.multiple_choice import load_multiple_choice
+
+    loaded = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise CLIError(f"--mc {path}: no such file; give the path of a JSON Lines file of "
+                           "{context, choices, label} objects")
+        loaded[path] = load_multiple_choice(path)
+    return loaded
+
+
+def _run_tasks(lm, tokenizer, args: argparse.Namespace) -> dict:
+    """lm-eval tasks; an unknown task or unreachable task data is reported as a CLIError."""
+    from aoe.eval.harness import TaskDataUnavailableError, run_harness
+
+    try:
+        return run_harness(lm, tokenizer, _task_names(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit,
+                           batch_size=args.batch_size)
+    except TaskDataUnavailableError as e:
+        raise CLIError(str(e)) from None
+    except ValueError as e:  # run_harness documents this ValueError for a task name it does not know
+        if not str(e).startswith("unknown lm-eval task"):
+            raise
+        raise CLIError(f"--tasks: {e}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from aoe.data import prepare_tokens, unigram_entropy
     from aoe.train.checkpoint import load_model, resolve_checkpoint
     from aoe.train.evaluate import evaluate
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_eval_args(args)
+    device = _device(args.device)
+    mc_files = _load_mc_files(args.mc) if args.mc else {}
     ckpt = resolve_checkpoint(args.checkpoint)
     model, cfg, tokenizer = load_model(ckpt, device=device)
+    if args.mc or args.tasks:
+        _check_tokenizer(ckpt, model, tokenizer)
     results: dict = {"checkpoint": str(ckpt)}
     if not args.skip_loss:
         d = cfg.data
@@ -79,7 +169,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               val_fraction=d.val_fraction, max_bytes=d.max_bytes if args.data is None else None,
                               text_field=d.text_field, on_decode_error=d.on_decode_error, cache_dir=d.cache_dir)
         split = data.split(args.split)
-        seq_len = args.seq_len or cfg.train.seq_len
+        seq_len = cfg.train.seq_len if args.seq_len is None else args.seq_len
+        _check(seq_len <= model.config.max_seq_len, "--seq-len", seq_len,
+               f"exceeds the model's context (max_seq_len={model.config.max_seq_len})")
         val = evaluate(model, split, batch_size=args.batch_size, seq_len=seq_len, max_batches=args.max_batches,
                        bytes_per_token=data.bytes_per_token(args.split))
         results.update({"source": str(source), "split": args.split, "loss": val["val_loss"],
@@ -96,19 +188,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         lm = AoEHarnessLM(model, tokenizer, batch_size=args.batch_size, device=device)
         if args.mc:
-            from aoe.eval.multiple_choice import load_multiple_choice, score_multiple_choice
+            from aoe.eval.multiple_choice import score_multiple_choice
 
             results["multiple_choice"] = {}
-            for path in args.mc:
-                scores = score_multiple_choice(lm, load_multiple_choice(path))
+            for path, examples in mc_files.items():
+                scores = score_multiple_choice(lm, examples, source=str(path))
                 results["multiple_choice"][str(path)] = {k: v for k, v in scores.items() if k != "predictions"}
                 print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  (n={scores['n']})")
         if args.tasks:
-            from aoe.eval.harness import run_harness
-
-            tasks = [t for t in args.tasks.split(",") if t]
-            results["tasks"] = run_harness(lm, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                           batch_size=args.batch_size)
+            results["tasks"] = _run_tasks(lm, tokenizer, args)
             for task, metrics in results["tasks"].items():
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
                 print(f"{task}: {shown}")
@@ -120,22 +208,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+def _check_generate_args(args: argparse.Namespace) -> None:
+    _check(args.max_new_tokens >= 0, "--max-new-tokens", args.max_new_tokens, "must be >= 0")
+    _check(args.temperature >= 0, "--temperature", args.temperature, "must be >= 0 (0 = greedy)")
+    _check(args.top_k is None or args.top_k >= 1, "--top-k", args.top_k, "must be at least 1")
+    _check(args.top_p is None or 0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]")
 
+
+def _new_token_budget(requested: int, prompt_len: int, limit: int) -> int:
+    """``requested``, capped (with a warning on stderr) so that prompt and new tokens fit the context."""
+    room = limit - prompt_len
+    if requested > room:
+        print(f"warning: --max-new-tokens {requested} capped to {room}: the model's context (max_seq_len={limit}) "
+              f"holds the prompt's {prompt_len} token(s) and at most {room} new ones", file=sys.stderr)
+        return room
+    return requested
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from aoe.model import generate
     from aoe.train.checkpoint import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_generate_args(args)
+    device = _device(args.device)
     model, cfg, tokenizer = load_model(args.checkpoint, device=device)
-    if tokenizer is None:
-        raise CLIError(f"{args.checkpoint} has no tokenizer.json: cannot encode a text prompt")
-    prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
+    _check_tokenizer(args.checkpoint, model, tokenizer)
+    prompt_ids = (tokenizer.encode(args.prompt) if args.prompt else []) or [tokenizer.eos_id]
     limit = model.config.max_seq_len
     if len(prompt_ids) >= limit:
         raise CLIError(f"the prompt is {len(prompt_ids)} tokens long; the model's context (max_seq_len) is {limit}: "
                        "shorten the prompt")
-    max_new = min(args.max_new_tokens, limit - len(prompt_ids))
+    max_new = _new_token_budget(args.max_new_tokens, len(prompt_ids), limit)
     temperature = 0.0 if args.greedy else args.temperature
     out = generate(model, prompt_ids, max_new, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, eos_id=None if args.no_stop else tokenizer.eos_id)
@@ -220,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to add (default 100); capped, with a warning, where the prompt and the new tokens "
+                        "would pass the model's context (max_seq_len)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -265,33 +370,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from aoe.config import ConfigError
-    from aoe.data import DataError
-    from aoe.train.checkpoint import CheckpointError
-    from aoe.train.trainer import TrainingError
+def cmd_list_variants(args: argparse.Namespace) -> int:
+    from aoe.compare.variants import describe_variants
+    from aoe.config import load_config
 
+    _split_overrides(args)
+    print(describe_variants(load_config(args.config, args.overrides).model))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
     if getattr(args, "list_variants", False):
-        from aoe.compare.variants import describe_variants
-        from aoe.config import load_config
-
-        _split_overrides(args)
-        print(describe_variants(load_config(args.config, args.overrides).model))
-        return 0
+        args.func = cmd_list_variants
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    reported = _reported_errors()
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ConfigError, DataError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # bad values reaching the library (prompt ids, shapes): name them, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except reported as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -90,3 +90,99 @@ def test_quick_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo" / "report.md").is_file()
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [r["variant"] for r in results["runs"]] == ["moe", "aoe"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every refusal is one `error: ...` line (exit status 2); a bug keeps its traceback
+# ---------------------------------------------------------------------------------------------
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("content", [b"model: 5\n", b"model: [d_model, 128]\n", b"model:\n  d_model: 64\n# caf\xe9\n"])
+def test_a_config_file_that_is_no_config_is_named(tmp_path, capsys, content):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = _one_error_line(capsys)
+    assert str(path) in err and ("section 'model'" in err or "not UTF-8" in err)
+
+
+def test_a_learning_rate_beyond_float32_is_refused_before_training(tmp_path, capsys):
+    assert main(["train", "--quiet", "--out", str(tmp_path / "r"), "train.lr=1e300"]) == 2
+    assert "train.lr=1e+300 is out of range" in _one_error_line(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_multiple_choice_file_is_named(trained, tmp_path, capsys):
+    run, _ = trained
+    missing = tmp_path / "missing.jsonl"
+    assert main(["eval", str(run), "--skip-loss", "--mc", str(missing)]) == 2
+    assert f"--mc {missing}: no such file" in _one_error_line(capsys)
+
+
+def test_max_new_tokens_past_the_context_is_capped_with_a_warning(trained, capsys):
+    run, _ = trained
+    assert main(["generate", str(run), "--prompt", "import os", "--max-new-tokens", "500", "--greedy", "--no-stop"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("import os")
+    assert "warning: --max-new-tokens 500 capped to" in captured.err and "max_seq_len=32" in captured.err
+    assert captured.err.count("\n") == 1
+    assert main(["generate", str(run), "--max-new-tokens", "3", "--greedy"]) == 0
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "capped, with a warning" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "RUN", "--max-new-tokens", "-3"], "--max-new-tokens -3 must be >= 0"),
+    (["generate", "RUN", "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    (["generate", "RUN", "--top-k", "0"], "--top-k 0 must be at least 1"),
+    (["generate", "RUN", "--top-p", "2"], "--top-p 2.0 must be in (0, 1]"),
+    (["generate", "RUN", "--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+    (["eval", "RUN", "--seq-len", "100", "--max-batches", "1"], "--seq-len 100 exceeds the model's context"),
+    (["eval", "RUN", "--seq-len", "0"], "--seq-len 0 must be at least 1"),
+    (["eval", "RUN", "--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["eval", "RUN", "--skip-loss", "--tasks", ","], "--tasks ',' names no task"),
+    (["compare", "--list-variants", "model.d_modle=3"], "unknown config key 'model.d_modle'"),
+])
+def test_bad_option_values_are_one_line_messages(trained, capsys, args, message):
+    run, _ = trained
+    assert main([str(run) if a == "RUN" else a for a in args]) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_a_library_bug_keeps_its_traceback(trained, tmp_path, monkeypatch):
+    import aoe.config
+    import aoe.model
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(aoe.config, "load_config", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["train", "--out", str(tmp_path / "r")])
+    monkeypatch.setattr(aoe.model, "generate", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["generate", str(trained[0]), "--max-new-tokens", "2"])
+
+
+def test_an_unknown_harness_task_is_a_message_other_harness_errors_are_not(trained, monkeypatch, capsys):
+    import aoe.eval.harness
+
+    def unknown(*args, **kwargs):
+        raise ValueError("unknown lm-eval task 'nope': no such task")
+
+    monkeypatch.setattr(aoe.eval.harness, "run_harness", unknown)
+    assert main(["eval", str(trained[0]), "--skip-loss", "--tasks", "nope"]) == 2
+    assert "--tasks: unknown lm-eval task 'nope'" in _one_error_line(capsys)
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(aoe.eval.harness, "run_harness", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["eval", str(trained[0]), "--skip-loss", "--tasks", "piqa"])
