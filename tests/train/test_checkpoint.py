@@ -234,3 +234,18 @@ def test_a_real_refused_write_is_reported_with_its_cause(tmp_path, big):
         signal.signal(signal.SIGXFSZ, previous)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
     verify_checkpoint(good)
+
+
+def test_save_model_checkpoint_leaves_the_callers_model_as_it_is(tmp_path):
+    """A bf16 model is saved as fp32 weights (the native format) without being converted in place."""
+    from aoe.config import ModelConfig
+    from aoe.model import Transformer
+    from aoe.train.checkpoint import load_model, save_model_checkpoint
+
+    model = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ffn=24, n_experts=2,
+                                    top_k=1, d_low=4, max_seq_len=16)).to(torch.bfloat16)
+    save_model_checkpoint(tmp_path / "run", model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    loaded, _, _ = load_model(tmp_path / "run")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert b.dtype == torch.float32 and torch.equal(a.float(), b), name

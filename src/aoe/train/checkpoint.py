@@ -67,12 +67,14 @@ class CheckpointWriteError(CheckpointError, WriteError):
 # Low-level helpers
 # ---------------------------------------------------------------------------------------------
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict, contiguous, with a tied ``lm_head.weight`` left out (stored once)."""
+    """The model's state dict as a native checkpoint stores it: contiguous, floating tensors in
+    fp32 (copies where the model holds another dtype; the model itself is left as it is), with a
+    tied ``lm_head.weight`` left out (stored once)."""
     state = model.state_dict()
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     if tied:
         state.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in state.items()}
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous() for k, v in state.items()}
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -458,4 +460,4 @@ def save_model_checkpoint(run_dir: str | os.PathLike, model: torch.nn.Module, to
     mcfg = copy.deepcopy(model.config)
     data = DataConfig(vocab_size=mcfg.vocab_size if tokenizer is None else tokenizer.vocab_size)
     cfg = RunConfig(model=mcfg, data=data, train=TrainConfig(seq_len=min(128, mcfg.max_seq_len)))
-    return save_checkpoint(run_dir, step, model.float(), cfg, {"step": step}, tokenizer=tokenizer)
+    return save_checkpoint(run_dir, step, model, cfg, {"step": step}, tokenizer=tokenizer)

@@ -32,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +159,6 @@ class TrainState:
     tokens: int = 0  # training tokens consumed (all ranks)
     train_time_s: float = 0.0  # time spent in training steps (evaluation and saving excluded)
     skipped_steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
