@@ -34,4 +34,6 @@ def shown(value: object, limit: int = 200) -> str:
         text = repr(value)
     except ValueError:  # an integer past Python's limit on digits for str()
         return f"<an integer of {value.bit_length()} bits>"
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply to show>"
     return text if len(text) <= limit else text[:limit - 3] + "..."

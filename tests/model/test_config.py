@@ -238,7 +238,7 @@ def test_numbers_beyond_what_the_tensors_hold_are_refused(override, key):
     assert load_config(None, ["train.lr=3e38"]).train.lr == 3e38  # float32's range itself is fine
 
 
-@pytest.mark.parametrize("text", ["model: {d_model: [1, 2\n", "model: {d_model: 2001-13-01}\n", "[" * 3000])
+@pytest.mark.parametrize("text", ["model: {d_model: [1, 2\n", "model: {d_model: 2001-13-01}\n", "[" * 600 + "]" * 600])
 def test_yaml_the_parser_refuses_is_one_line_naming_the_file(tmp_path, text):
     path = tmp_path / "run.yaml"
     path.write_text(text)
@@ -261,3 +261,14 @@ def test_dicts_of_the_wrong_shape_are_config_errors():
         apply_overrides({"train": 3}, ["train.lr=1"])
     with pytest.raises(ConfigError, match="must be a mapping of sections"):
         config_from_dict(["model"])
+
+
+def test_values_too_deep_or_too_long_to_show_keep_the_message_short():
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ConfigError, match=r"model.d_model=<a list nested too deeply to show> must be an integer"):
+        config_from_dict({"model": {"d_model": deep}})
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"data": {"source": ["x" * 10_000]}})
+    assert len(str(e.value)) < 300

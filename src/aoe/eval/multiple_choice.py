@@ -97,7 +97,7 @@ def _parse_line(line: str, where: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        raise MultipleChoiceFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise MultipleChoiceFormatError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
     except RecursionError:
         raise MultipleChoiceFormatError(f"{where}: invalid JSON (nested too deeply)") from None
     except ValueError as e:  # an integer of more digits than Python converts
