@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from aoe.compare.stats import NAN, is_number
+from aoe.compare.variants import Variant
 
 KINDS = ("dense", "moe", "aoe")
 
@@ -156,23 +157,6 @@ class Run:
         return self.status == "done"
 
 
-@dataclass(frozen=True)
-class VariantInfo:
-    """A variant as the study declared it: what it is and what it is compared against."""
-
-    name: str
-    label: str
-    description: str
-    overrides: tuple[str, ...]
-    kind: str  # "dense", "moe", "aoe" (or "unknown")
-    baseline: str | None
-    lr: float | None  # the learning rate a sweep chose for it, None without a sweep
-
-    @property
-    def sparse(self) -> bool:
-        return self.kind in ("moe", "aoe")
-
-
 def derive_kind(overrides: tuple[str, ...], base_ffn: str | None) -> str:
     """The FFN kind a variant trains: its ``model.ffn=`` override, else the base config's model.ffn."""
     kind = override(overrides, "model.ffn") or base_ffn
@@ -187,7 +171,7 @@ def derive_baseline(name: str, kind: str, names: list[str]) -> str | None:
     return None
 
 
-def _variant(d: Mapping, names: list[str], base_ffn: str | None) -> VariantInfo:
+def _variant(d: Mapping, names: list[str], base_ffn: str | None) -> Variant:
     name = str(d["name"])
     overrides = tuple(str(o) for o in d.get("overrides") or [] if o is not None)
     kind = text(d, "kind")
@@ -195,8 +179,8 @@ def _variant(d: Mapping, names: list[str], base_ffn: str | None) -> VariantInfo:
         kind = derive_kind(overrides, base_ffn)
     baseline = text(d, "baseline") if "baseline" in d else derive_baseline(name, kind, names)
     lr = number(d, "lr")
-    return VariantInfo(name, str(d.get("label") or name), str(d.get("description") or ""), overrides, kind,
-                       baseline if baseline != name else None, lr if is_number(lr) else None)
+    return Variant(name, str(d.get("label") or name), str(d.get("description") or ""), overrides, kind,
+                   baseline if baseline != name else None, lr if is_number(lr) else None)
 
 
 @dataclass(frozen=True)
@@ -262,7 +246,7 @@ class Results:
     machine: dict
     config: dict
     corpus: dict
-    variants: tuple[VariantInfo, ...]
+    variants: tuple[Variant, ...]
     seeds: tuple[int, ...]
     runs: tuple[Run, ...]
     sweep: Sweep | None
@@ -290,7 +274,7 @@ class Results:
     def base_lr(self) -> float:
         return number(section(self.config, "train"), "lr")
 
-    def variant(self, name: str | None) -> VariantInfo | None:
+    def variant(self, name: str | None) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)
 
     def runs_of(self, name: str) -> list[Run]:

@@ -179,7 +179,7 @@ def run_comparison(
         "machine": machine_info(),
         "config": config_to_dict(base),
         "corpus": corpus_info(data),
-        "variants": [{**v.as_dict(), "lr": None} for v in chosen],
+        "variants": [v.as_dict() for v in chosen],
         "seeds": list(seeds),
         "runs": [],
     }

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from aoe.compare.results import LayerStats, Results, Run, VariantInfo
+from aoe.compare.results import LayerStats, Results, Run
+from aoe.compare.variants import Variant
 from aoe.compare.stats import NAN, finite, is_number, mean
 
 LN2 = math.log(2.0)
@@ -42,7 +43,7 @@ class LayerSeries:
 class VariantSummary:
     """A variant's aggregates; the lists hold one value per completed run (layer means where per layer)."""
 
-    info: VariantInfo
+    info: Variant
     runs: list[Run] = field(default_factory=list)  # all runs of this variant, by seed
     val_loss: list[float] = field(default_factory=list)
     perplexity: list[float] = field(default_factory=list)

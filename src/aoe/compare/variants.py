@@ -27,12 +27,17 @@ class Variant:
     label: str
     description: str
     overrides: tuple[str, ...]
-    kind: str
+    kind: str  # the FFN: "dense", "moe" or "aoe" ("unknown" only when read from an odd results.json)
     baseline: str | None = None
+    lr: float | None = None  # the learning rate a sweep chose for it (None: the base config's)
+
+    @property
+    def sparse(self) -> bool:
+        return self.kind in ("moe", "aoe")
 
     def as_dict(self) -> dict:
         return {"name": self.name, "label": self.label, "description": self.description,
-                "overrides": list(self.overrides), "kind": self.kind, "baseline": self.baseline}
+                "overrides": list(self.overrides), "kind": self.kind, "baseline": self.baseline, "lr": self.lr}
 
 
 def large_router_shape(m: ModelConfig) -> tuple[int, int]:
