@@ -92,7 +92,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if summary.get("world_size", 1) == 1 or _is_main_process():
-        print(f"trained {summary['step']} steps ({summary['tokens']:,} tokens) in {summary['train_time_s']:.1f} s; "
+        skipped = summary.get("skipped_steps") or 0
+        note = f" ({skipped} skipped as non-finite, train.nan_policy=skip)" if skipped else ""
+        print(f"trained {summary['step']} steps{note} ({summary['tokens']:,} tokens) in {summary['train_time_s']:.1f} s; "
               f"val_loss {summary['val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f}), "
               f"perplexity {summary['perplexity']:.2f}; checkpoint {summary['checkpoint']}")
     return 0

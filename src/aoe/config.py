@@ -458,6 +458,10 @@ class TrainConfig(_Section):
     nan_policy: str = "stop"
     #: torch intra-op threads on CPU (None = torch's default).
     num_threads: int | None = None
+    #: Signals on which training finishes the current step, saves a checkpoint and exits with
+    #: 128 + the signal's number (preemption: schedulers send SIGTERM, some SIGUSR1 first).
+    #: [] leaves every signal's default handling alone.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     @property
     def micro_batch(self) -> int:
@@ -475,6 +479,15 @@ class TrainConfig(_Section):
                 f"{micro} x world_size={world_size}"
             )
         return self.batch_size // per_step
+
+    def _check_signals(self) -> None:
+        import signal
+
+        for name in self.stop_signals:
+            if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+                self._fail("stop_signals", f"holds {name!r}, not a signal a process can catch (e.g. SIGTERM, SIGUSR1)")
+        if len(set(self.stop_signals)) != len(self.stop_signals):
+            self._fail("stop_signals", "lists a signal twice")
 
     def _check(self) -> None:
         self._positive("max_steps", "batch_size", "micro_batch_size", "seq_len", "lr", "log_every",
@@ -495,6 +508,7 @@ class TrainConfig(_Section):
             )
         self._choice("dtype", DTYPES)
         self._choice("nan_policy", NAN_POLICIES)
+        self._check_signals()
         if self.device != "auto":
             import torch
 

@@ -197,6 +197,15 @@ def test_destination_not_overwritten_unless_asked(tmp_path, llama_dir):
     assert (out / "model.safetensors").exists() and not (out / "x").exists()
 
 
+def test_the_source_is_never_the_destination(tmp_path, llama_dir):
+    src = llama_dir()
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    for dst in (src, src.parent):
+        with pytest.raises(ValueError, match="is or contains the source"):
+            convert_to_aoe(src, dst, overwrite=True, verbose=False)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
 def test_cli_commands(tmp_path, llama_dir, capsys):
     import argparse
 

@@ -106,6 +106,10 @@ def test_cli_export_round_trip_through_native_checkpoints(tmp_path, tiny_tokeniz
     text = "the quick brown fox, hello there"
     assert tok is not None and tok.encode(text) == tiny_tokenizer.encode(text) and tok.eos_id == tiny_tokenizer.eos_id
     assert main(["export", "--to-native", str(tmp_path / "hf"), str(tmp_path / "back")]) == 1  # never overwrites
+    # nor writes into a training run, even with --overwrite
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert main(["export", "--to-native", str(tmp_path / "hf"), str(tmp_path / "run"), "--overwrite"]) == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
 def test_a_training_run_or_the_source_is_never_replaced(tmp_path, tiny_tokenizer, capsys):

@@ -154,6 +154,9 @@ def test_malformed_overrides(bad):
     (["model.ffn=dense", "model.dense_gate_rank=0"], "model.dense_gate_rank=0 must be > 0"),
     (["train.factor_lr_scale=0"], "train.factor_lr_scale=0.0 must be > 0"),
     (["train.factor_weight_decay=-1"], "train.factor_weight_decay=-1.0 must be >= 0"),
+    (["train.stop_signals=[SIGKILL]"], "not a signal a process can catch"),
+    (["train.stop_signals=[SIGNOPE]"], "train.stop_signals"),
+    (["train.stop_signals=[SIGTERM, SIGTERM]"], "lists a signal twice"),
 ])
 def test_invalid_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -272,7 +272,20 @@ def test_skipped_steps_are_reported(tmp_path, cache_dir, capsys):
     args = tiny_overrides(cache_dir, **{"train.lr": 1e30, "train.warmup_steps": 0, "train.nan_policy": "skip",
                                         "train.max_steps": 6, "train.checkpoint_every": 0, "train.eval_every": 0})
     assert main(["train", "--quiet", "--out", str(tmp_path / "run"), *args]) == 0
-    assert "5 of the 6 steps were skipped" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "5 of the 6 steps were skipped" in out.err
+    assert "trained 6 steps (5 skipped as non-finite, train.nan_policy=skip)" in out.out
+
+
+def test_stop_signals_come_from_the_config(make_cfg, tmp_path):
+    import signal
+
+    from aoe.train.trainer import Trainer
+
+    assert Trainer(make_cfg(), tmp_path / "a", progress=False).stop_signals.signums == (signal.SIGTERM, signal.SIGUSR1)
+    cfg = make_cfg(**{"train.stop_signals": "[SIGUSR2]"})
+    assert Trainer(cfg, tmp_path / "b", progress=False).stop_signals.signums == (signal.SIGUSR2,)
+    assert Trainer(make_cfg(**{"train.stop_signals": "[]"}), tmp_path / "c", progress=False).stop_signals.signums == ()
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, cache_dir):

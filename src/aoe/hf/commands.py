@@ -64,8 +64,10 @@ def run_export(args) -> int:
             if args.dst:
                 from aoe.train.checkpoint import list_checkpoints, save_model_checkpoint
 
-                if list_checkpoints(args.dst) and not args.overwrite:
-                    print(f"aoe export: error: {args.dst} already holds checkpoints (use --overwrite)", file=sys.stderr)
+                if list_checkpoints(args.dst) or (Path(args.dst) / "metrics.jsonl").exists():
+                    # a training run's checkpoints are never mixed with an imported model, --overwrite or not
+                    print(f"aoe export: error: {args.dst} holds a training run or native checkpoints, which "
+                          "--to-native never writes into: choose a new directory (nothing was changed)", file=sys.stderr)
                     return 1
                 tokenizer = None
                 if (Path(args.src) / "tokenizer.json").is_file():

@@ -247,9 +247,9 @@ def _hf_config(src: Path, model_type: str):
         raise ConversionError(f"{str(src / 'config.json')!r} is not a valid {model_type} config: {one_line(e)}") from None
 
 
-def _check_destination(dst_dir, overwrite: bool) -> None:
+def _check_destination(dst_dir, overwrite: bool, src: Path) -> None:
     try:
-        check_destination(dst_dir, overwrite)
+        check_destination(dst_dir, overwrite, sources=(src,))
     except ValueError as e:  # check_destination refuses a destination with a ValueError naming it
         raise ConversionError(str(e)) from None
 
@@ -411,7 +411,7 @@ def convert_to_aoe(
     src = Path(src_dir).expanduser()
     if not (src / "config.json").is_file():
         raise ConversionError(f"{str(src)!r} is not a Hugging Face checkpoint directory (no config.json)")
-    _check_destination(dst_dir, overwrite)
+    _check_destination(dst_dir, overwrite, src)
     raw = read_config_json(src)
     mt = raw.get("model_type")
     if mt in _REFUSED:
@@ -502,7 +502,7 @@ def convert_to_aoe(
     used: set[str] = set()
     errors: list[float] = []
 
-    with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(dst_dir, overwrite=overwrite, sources=(src,)) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
 
         def put(dst_key: str, src_key: str) -> None:

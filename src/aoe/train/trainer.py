@@ -53,7 +53,6 @@ from aoe.utils.files import WriteError, atomic_write_text, reporting_write_error
 
 MAX_CONSECUTIVE_SKIPS = 10
 #: Signals that make the trainer finish its step, save a checkpoint and exit with 128 + the signal's number.
-STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingError(RuntimeError):
@@ -91,7 +90,7 @@ class StopSignals:
     second SIGTERM while the checkpoint is written) are ignored. The previous handlers are
     restored on exit."""
 
-    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS):
+    def __init__(self, signums: tuple[int, ...]):
         self.signums = tuple(signums)
         self.received = 0
         self._previous: dict[int, Any] = {}
@@ -170,13 +169,15 @@ class Trainer:
     is refused rather than overwritten.
 
     ``stop_signals``: the signals on which ``fit`` finishes the current step, saves a checkpoint
-    and raises ``TrainingInterrupted`` (default ``STOP_SIGNALS``: SIGTERM and SIGUSR1; ``()``
-    leaves the signals' handling alone).
+    and raises ``TrainingInterrupted`` (default: ``train.stop_signals``, SIGTERM and SIGUSR1 unless
+    configured; ``()`` leaves the signals' handling alone).
     """
 
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-                 data: TokenData | None = None, stop_signals: tuple[int, ...] = STOP_SIGNALS):
+                 data: TokenData | None = None, stop_signals: tuple[int, ...] | None = None):
         cfg.validate()
+        if stop_signals is None:
+            stop_signals = tuple(signal.Signals[name] for name in cfg.train.stop_signals)
         self.stop_signals = StopSignals(stop_signals)
         self.out_dir = Path(out_dir)
         self.dist = init_distributed(resolve_device(cfg.train.device, DistInfo(), set_current=False))
