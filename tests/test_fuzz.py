@@ -269,7 +269,7 @@ def tiny_checkpoint(tmp_path_factory):
     from aoe.config import ModelConfig
     from aoe.data import train_tokenizer
     from aoe.model import Transformer
-    from aoe.train.checkpoint import save_model_checkpoint
+    from aoe.io.checkpoint import save_model_checkpoint
 
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for _ in range(200)]

@@ -1,4 +1,5 @@
-"""`import aoe` stays light (no transformers, no torch._dynamo) and still registers the HF classes."""
+"""`import aoe` stays light (no transformers, no torch._dynamo) and still registers the HF classes;
+loading and exporting models never imports the trainer."""
 
 import subprocess
 import sys
@@ -20,8 +21,10 @@ def _run(code: str) -> list[str]:
 
 
 def test_import_aoe_is_light_and_transformers_imported_later_knows_aoe():
-    lines = _run("import sys, aoe\nprint('transformers' in sys.modules, 'torch._dynamo' in sys.modules)\n" + _CHECK_AUTO)
-    assert lines == ["False False", "AoEConfig AoEForCausalLM"]
+    lines = _run("import sys, aoe\nprint('transformers' in sys.modules, 'torch._dynamo' in sys.modules)\n" + _CHECK_AUTO
+                 + "import aoe.io, aoe.hf.export, aoe.hf.commands, aoe.eval.multiple_choice\n"
+                 + "print('loading needs the trainer:', 'aoe.train' in sys.modules)\n")
+    assert lines == ["False False", "AoEConfig AoEForCausalLM", "loading needs the trainer: False"]
 
 
 def test_transformers_imported_first_knows_aoe_too():

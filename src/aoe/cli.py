@@ -39,7 +39,7 @@ def _reported_errors() -> tuple[type[BaseException], ...]:
     and the system refusing a file operation (OSError: the message names the path). Anything else
     is a bug and keeps its traceback."""
     from aoe.data import DataError
-    from aoe.train.checkpoint import CheckpointError
+    from aoe.io.checkpoint import CheckpointError
     from aoe.train.trainer import TrainingError
 
     return (InputError, DataError, CheckpointError, TrainingError, OSError)
@@ -153,7 +153,7 @@ def _run_tasks(lm, tokenizer, args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from aoe.data import prepare_tokens, unigram_entropy
-    from aoe.train.checkpoint import load_model, resolve_checkpoint
+    from aoe.io.checkpoint import load_model, resolve_checkpoint
     from aoe.train.evaluate import evaluate
 
     _check_eval_args(args)
@@ -229,7 +229,7 @@ def _new_token_budget(requested: int, prompt_len: int, limit: int) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from aoe.model import generate
-    from aoe.train.checkpoint import load_model
+    from aoe.io.checkpoint import load_model
 
     _check_generate_args(args)
     device = _device(args.device)

@@ -77,7 +77,7 @@ def test_destination_rules(tmp_path):
 
 
 def test_export_checkpoint_and_load_native_as_hf(tmp_path, tiny_tokenizer):
-    from aoe.train.checkpoint import save_model_checkpoint
+    from aoe.io.checkpoint import save_model_checkpoint
 
     model = native_model(vocab_size=tiny_tokenizer.vocab_size)
     save_model_checkpoint(tmp_path / "run", model, tiny_tokenizer)
@@ -94,7 +94,7 @@ def test_export_checkpoint_and_load_native_as_hf(tmp_path, tiny_tokenizer):
 
 def test_cli_export_round_trip_through_native_checkpoints(tmp_path, tiny_tokenizer):
     from aoe.cli import main
-    from aoe.train.checkpoint import load_model, save_model_checkpoint
+    from aoe.io.checkpoint import load_model, save_model_checkpoint
 
     model = native_model(vocab_size=tiny_tokenizer.vocab_size)
     save_model_checkpoint(tmp_path / "run", model, tiny_tokenizer)
@@ -114,7 +114,7 @@ def test_cli_export_round_trip_through_native_checkpoints(tmp_path, tiny_tokeniz
 
 def test_a_training_run_or_the_source_is_never_replaced(tmp_path, tiny_tokenizer, capsys):
     from aoe.cli import main
-    from aoe.train.checkpoint import list_checkpoints, save_model_checkpoint, verify_checkpoint
+    from aoe.io.checkpoint import list_checkpoints, save_model_checkpoint, verify_checkpoint
 
     model = native_model(vocab_size=tiny_tokenizer.vocab_size)
     run = tmp_path / "run"

@@ -16,7 +16,7 @@ import torch
 
 from aoe.config import ConfigError
 from aoe.train import CheckpointError, Trainer, TrainingError, list_checkpoints, read_metrics, train, verify_checkpoint
-from aoe.train.checkpoint import load_model, load_trainer_state
+from aoe.io.checkpoint import load_model, load_trainer_state
 from aoe.train.trainer import TrainingInterrupted, TrainingWriteError
 
 from .conftest import PYTHON, cli_env, tiny_overrides
@@ -170,7 +170,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, cach
 
 
 def test_a_stop_signal_in_process_saves_and_a_second_one_is_ignored(tmp_path, make_cfg, monkeypatch):
-    import aoe.train.checkpoint as ckpt
+    import aoe.io.checkpoint as ckpt
 
     trainer = Trainer(make_cfg(**{"train.checkpoint_every": 0, "train.eval_every": 0}), tmp_path / "run",
                       progress=False)
@@ -224,7 +224,7 @@ def test_a_checkpoint_skipped_on_resume_is_kept_not_overwritten(tmp_path, make_c
 
 
 def test_disk_full_while_saving_is_one_line_from_the_cli(tmp_path, cache_dir, monkeypatch, capsys):
-    import aoe.train.checkpoint as ckpt
+    import aoe.io.checkpoint as ckpt
     from aoe.cli import main
 
     real = ckpt.save_file

@@ -25,7 +25,7 @@ from aoe.config import ConfigError, RunConfig, config_to_dict, load_config
 from aoe.data import TokenData, unigram_cross_entropy, unigram_entropy
 from aoe.compare.sweep import SweepPlan, run_sweep
 from aoe.compare.variants import Variant, resolve_variants
-from aoe.train.checkpoint import list_checkpoints
+from aoe.io.checkpoint import list_checkpoints
 from aoe.train.trainer import Trainer, prepare_data
 from aoe.utils.memory import training_step_peak_bytes
 

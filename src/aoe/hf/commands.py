@@ -62,7 +62,7 @@ def run_export(args) -> int:
             model = _load_aoe_source(Path(args.src))
             print(f"{args.src}: native {model.extra_repr()}, {model.num_params():,} parameters")
             if args.dst:
-                from aoe.train.checkpoint import list_checkpoints, save_model_checkpoint
+                from aoe.io.checkpoint import list_checkpoints, save_model_checkpoint
 
                 if list_checkpoints(args.dst) or (Path(args.dst) / "metrics.jsonl").exists():
                     # a training run's checkpoints are never mixed with an imported model, --overwrite or not

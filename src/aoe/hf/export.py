@@ -49,11 +49,11 @@ def load_native_as_hf(src, device: str | torch.device = "cpu", **config_kwargs) 
     """An ``AoEForCausalLM`` holding a copy of a native model's weights.
 
     src: a ``Transformer``, or the path of a native checkpoint / run directory (read with
-    ``aoe.train.checkpoint.load_model``; its tokenizer's eos id goes into the config).
+    ``aoe.io.checkpoint.load_model``; its tokenizer's eos id goes into the config).
     """
     if isinstance(src, Transformer):
         return AoEForCausalLM.from_native(src, **config_kwargs).to(device)
-    from aoe.train.checkpoint import load_model
+    from aoe.io.checkpoint import load_model
 
     model, _, tokenizer = load_model(src, device="cpu")
     if tokenizer is not None:
@@ -102,7 +102,7 @@ def export_checkpoint(src_checkpoint_dir: str | os.PathLike, dst_hf_dir: str | o
     """A native checkpoint (or run directory: its newest good checkpoint) -> HF directory, with
     its tokenizer when the checkpoint has one. ``dst_hf_dir`` is checked (see ``export_to_hf``;
     it may not be or contain the source) before anything is loaded."""
-    from aoe.train.checkpoint import load_model
+    from aoe.io.checkpoint import load_model
 
     check_destination(dst_hf_dir, overwrite, sources=(src_checkpoint_dir,))
     model, _, tokenizer = load_model(src_checkpoint_dir, device="cpu")

@@ -1,6 +1,6 @@
 """Training: the loop (``Trainer``/``train``), optimizer and schedule, atomic checkpoints, metrics."""
 
-from aoe.train.checkpoint import (
+from aoe.io.checkpoint import (
     CheckpointError,
     find_latest_checkpoint,
     list_checkpoints,

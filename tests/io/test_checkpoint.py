@@ -9,7 +9,7 @@ import torch
 
 from aoe.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from aoe.model import Transformer
-from aoe.train.checkpoint import (
+from aoe.io.checkpoint import (
     CheckpointError, CheckpointWriteError, find_latest_checkpoint, list_checkpoints, load_model, load_trainer_state,
     save_checkpoint, verify_checkpoint,
 )
@@ -139,7 +139,7 @@ def test_finding_the_latest_moves_a_corrupt_one_aside_only_when_asked(tmp_path):
 
 
 def test_retention_does_not_hash_again_what_it_wrote(tmp_path, monkeypatch):
-    import aoe.train.checkpoint as ckpt
+    import aoe.io.checkpoint as ckpt
 
     model, cfg = _model_and_cfg()
     calls = []
@@ -161,7 +161,7 @@ def _no_space(*args, **kwargs):
 
 @pytest.mark.parametrize("where", ["weights", "trainer_state"])
 def test_disk_full_while_saving_names_the_cause_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, where):
-    import aoe.train.checkpoint as ckpt
+    import aoe.io.checkpoint as ckpt
 
     model, cfg = _model_and_cfg()
     good = save_checkpoint(tmp_path, 1, model, cfg, {"step": 1})
@@ -185,7 +185,7 @@ def test_disk_full_while_saving_names_the_cause_and_keeps_the_last_good_checkpoi
 
 
 def test_a_signal_during_the_final_renames_waits_until_they_are_done(tmp_path, monkeypatch):
-    import aoe.train.checkpoint as ckpt
+    import aoe.io.checkpoint as ckpt
 
     model, cfg = _model_and_cfg()
     path = save_checkpoint(tmp_path, 3, model, cfg, {"step": 3})
@@ -240,7 +240,7 @@ def test_save_model_checkpoint_leaves_the_callers_model_as_it_is(tmp_path):
     """A bf16 model is saved as fp32 weights (the native format) without being converted in place."""
     from aoe.config import ModelConfig
     from aoe.model import Transformer
-    from aoe.train.checkpoint import load_model, save_model_checkpoint
+    from aoe.io.checkpoint import load_model, save_model_checkpoint
 
     model = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ffn=24, n_experts=2,
                                     top_k=1, d_low=4, max_seq_len=16)).to(torch.bfloat16)
