@@ -1,187 +1,27 @@
-"""The run configuration: one source of truth for the model, the data and the training.
-
-Three dataclasses, one per YAML section, and a ``RunConfig`` that holds them::
-
-    model:  ModelConfig   the transformer and its feed-forward layers (dense, MoE or AoE)
-    data:   DataConfig    the corpus and the tokenizer
-    train:  TrainConfig   optimizer, schedule, batch, logging, checkpoints, device
-
-Every field has a default and a docstring (the ``#:`` comment above it). Values are type-checked
-and validated when a config is built; an invalid value raises ``ConfigError`` (a ``ValueError``)
-naming the dotted key, e.g. ``model.n_heads=6 does not divide model.d_model=512``. The configs
-are mutable; after changing a field by hand, call ``validate()`` to re-check.
-
-YAML recipes live in ``aoe/configs/*.yaml`` (``list_configs()``); ``load_config`` reads one (a
-path or a packaged recipe's name), applies ``key.sub=value`` overrides (values parsed as YAML, so
-``3``, ``3e-4``, ``true``, ``null`` and ``[0, 1]`` work) and refuses unknown keys at every level.
-``config_to_dict`` / ``config_from_dict`` / ``save_config`` write and read the resolved config
-beside a checkpoint; the round trip through JSON or YAML is exact.
-"""
+"""The three sections of a run's configuration and the ``RunConfig`` that holds them (see
+``aoe.config``). Every field has a default and a docstring (the ``#:`` comment above it)."""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
-import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
 
-import yaml
-
-from aoe.errors import InputError, one_line, shown
-
-__all__ = [
-    "ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig", "load_config",
-    "config_to_dict", "config_from_dict", "save_config", "list_configs", "config_path", "apply_overrides",
-]
+from aoe.config.schema import ConfigError, _Section
+from aoe.nn.aoe import match_d_wide
+from aoe.nn.configs import AoEFFNConfig, DenseFFNConfig, MoEFFNConfig
+from aoe.nn.factorized import GATE_INITS  # the layers' own options: their lists, in one place each
+from aoe.nn.grouped_mm import BACKENDS as GROUPED_MM_BACKENDS
+from aoe.nn.selection import NORMS as SCORE_NORMS
 
 FFN_KINDS = ("dense", "moe", "aoe")
-SCORE_NORMS = ("l2", "l1", "linf")
-GROUPED_MM_BACKENDS = ("auto", "torch", "loop")
 DTYPES = ("auto", "float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
 DECODE_ERRORS = ("replace", "skip")
 QK_NORMS = ("none", "head", "full")
-GATE_INITS = ("normal", "balanced")  # aoe.nn.factorized.GATE_INITS
 
 
-class ConfigError(InputError):
-    """An invalid, unknown or ill-typed configuration value (the message names the dotted key), or
-    a config file that cannot be read as one (the message names the file). A ``ValueError``."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Type checking against the dataclass annotations
-# ---------------------------------------------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-#: The largest magnitudes a config value may have: its integers end up in int64 tensors (seeds,
-#: sizes, steps), its numbers in float32 arithmetic (the learning rate times a gradient...).
-_INT64_MAX = 2**63 - 1
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _as_number(value: Any, bad: ConfigError) -> int | float:
-    """A float field's value as an int or float; strings such as ``3e-4`` (which YAML 1.1 reads as
-    text) are parsed. Anything else raises ``bad``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise bad
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise bad from None
-    return value
-
-
-def _check_magnitude(value: int | float, limit: float, key: str, kind: str) -> None:
-    """Refuse a finite value beyond what ``kind`` holds (inf and nan are left to the sections' rules)."""
-    if (isinstance(value, int) or math.isfinite(value)) and abs(value) > limit:
-        raise ConfigError(f"{key}={shown(value, 40)} is out of range: it must fit {kind} "
-                          f"(magnitude at most {limit:.3g}); give a smaller value")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it normalized (int -> float for float
-    fields, tuple -> list). Strings such as ``3e-4`` (which YAML 1.1 reads as text) are accepted
-    for float fields."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], key)
-        raise ConfigError(f"{key}: unsupported annotation {tp}")  # pragma: no cover
-    bad = ConfigError(f"{key}={shown(value)} must be {_type_name(tp)}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        _check_magnitude(value, _INT64_MAX, key, "a 64-bit integer")
-        return value
-    if tp is float:
-        value = _as_number(value, bad)
-        _check_magnitude(value, _FLOAT32_MAX, key, "a 32-bit float")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    raise ConfigError(f"{key}: unsupported annotation {tp}")  # pragma: no cover
-
-
-class _Section:
-    """Shared machinery of the three sections: type coercion then ``_check`` on construction."""
-
-    SECTION = ""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Type-check and validate every field (raises ``ConfigError`` naming the key)."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _coerce(getattr(self, f.name), hints[f.name], self._key(f.name)))
-        self._check()
-
-    def _check(self) -> None:  # pragma: no cover - overridden
-        pass
-
-    # -- helpers for _check ----------------------------------------------------------------------
-    def _key(self, name: str) -> str:
-        return f"{self.SECTION}.{name}"
-
-    def _fail(self, name: str, why: str) -> None:
-        raise ConfigError(f"{self._key(name)}={getattr(self, name)!r} {why}")
-
-    def _positive(self, *names: str) -> None:
-        for n in names:
-            v = getattr(self, n)
-            if v is not None and not v > 0:
-                self._fail(n, "must be > 0")
-
-    def _non_negative(self, *names: str) -> None:
-        for n in names:
-            v = getattr(self, n)
-            if v is not None and not v >= 0:
-                self._fail(n, "must be >= 0")
-
-    def _finite(self, *names: str) -> None:
-        for n in names:
-            v = getattr(self, n)
-            if v is not None and not math.isfinite(v):
-                self._fail(n, "must be finite")
-
-    def _choice(self, name: str, choices: tuple[str, ...]) -> None:
-        if getattr(self, name) not in choices:
-            self._fail(name, f"is not one of {list(choices)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The sections
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig(_Section):
     """The decoder-only transformer: pre-norm blocks of attention and a feed-forward layer that is
@@ -287,21 +127,17 @@ class ModelConfig(_Section):
         """AoE expert width: d_wide, or the parameter-matched width for d_ffn and d_low."""
         if self.d_wide is not None:
             return self.d_wide
-        from aoe.nn.aoe import match_d_wide
-
         return match_d_wide(self.d_model, self.d_ffn, self.d_low)
 
     def ffn_kind(self, layer: int) -> str:
         """The FFN kind of block ``layer``: "dense" for the indices in dense_layers, else ffn."""
         return "dense" if layer in self.dense_layers else self.ffn
 
-    def ffn_config(self, layer: int):
+    def ffn_config(self, layer: int) -> DenseFFNConfig | MoEFFNConfig | AoEFFNConfig:
         """The layer config (``aoe.nn.configs``: ``DenseFFNConfig`` | ``MoEFFNConfig`` |
         ``AoEFFNConfig``) of block ``layer``'s FFN. The flat fields above map onto the layer's
         arguments here and only here; a None that means "the layer's default" is left out, so the
         default comes from the layer."""
-        from aoe.nn.configs import AoEFFNConfig, DenseFFNConfig, MoEFFNConfig
-
         kind = self.ffn_kind(layer)
         optional = {"renormalize": self.renormalize, "recompute_gate": self.recompute_gate}
         optional = {k: v for k, v in optional.items() if v is not None}
@@ -545,201 +381,3 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type[_Section]] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-
-
-# ---------------------------------------------------------------------------------------------
-# Dicts, YAML, overrides
-# ---------------------------------------------------------------------------------------------
-def _unknown_key(key: str, valid: Iterable[str], where: str) -> ConfigError:
-    valid = list(valid)
-    last = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(last, valid, n=1)
-    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}; valid keys of {where}: {', '.join(valid)}")
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """``{"model": {...}, "data": {...}, "train": {...}}`` of plain JSON/YAML values."""
-    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
-
-
-def config_from_dict(d: dict[str, Any] | None) -> RunConfig:
-    """Build a validated ``RunConfig`` from a (possibly partial) nested dict; missing keys keep their
-    defaults; unknown keys raise ``ConfigError`` naming the dotted key."""
-    sections = {name: SECTIONS[name](**values) for name, values in _checked_layout(d, "a config").items()}
-    return RunConfig(**sections)
-
-
-def _kind(value: Any) -> str:
-    """'a list', 'an integer'... for messages about a value of the wrong shape."""
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
-    return names.get(type(value), f"a {type(value).__name__}")
-
-
-def _checked_layout(d: Any, origin: str) -> dict[str, dict[str, Any]]:
-    """``d`` as ``{section: {key: value}}``: a mapping (or None) of known sections, each a mapping
-    (or None) of its known keys. ``origin`` starts the messages (e.g. "config file 'run.yaml'")."""
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{origin} must be a mapping of sections {list(SECTIONS)}, got {_kind(d)} "
-                          f"({shown(d, 60)}); e.g. write 'model: {{d_model: 128}}'")
-    out = {}
-    for name, values in d.items():
-        if name not in SECTIONS:
-            raise _unknown_key(shown(name) if not isinstance(name, str) else name, SECTIONS, "the top level")
-        values = {} if values is None else values
-        if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: section {name!r} must be a mapping of keys to values, got {_kind(values)} "
-                              f"({shown(values, 60)}); write it as '{name}: {{key: value}}' or one 'key: value' "
-                              "per indented line")
-        valid = _field_names(SECTIONS[name])
-        for key in values:
-            if key not in valid:
-                raise _unknown_key(f"{name}.{key if isinstance(key, str) else shown(key)}", valid, name)
-        out[name] = dict(values)
-    return out
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if not isinstance(item, str) or "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    parts = key.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"override {item!r}: the key must be section.key (e.g. model.d_model=256)")
-    try:
-        value = _parse_yaml(raw) if raw.strip() else None
-    except ValueError as e:
-        raise ConfigError(f"override {shown(item)}: cannot parse the value ({e}); write it as YAML, e.g. 3e-4, "
-                          "true, null, [0, 1] or \"quoted text\"") from None
-    return parts, value
-
-
-_TOO_DEEP = "lists or mappings nested too deeply"
-
-
-def _parse_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)``; any failure of the parser on this text becomes a one-line
-    ``ValueError`` that says where."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark, problem = e.problem_mark, e.problem or e.context
-        if mark is None or not problem:
-            raise ValueError(one_line(e)) from None
-        raise ValueError(f"line {mark.line + 1}, column {mark.column + 1}: {problem}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(one_line(e)) from None
-    except RecursionError:
-        raise ValueError(_TOO_DEEP) from None
-    except (ValueError, TypeError, AttributeError) as e:
-        # PyYAML's constructors fail this way on some malformed scalars (a date "2001-13-01", "!!int x")
-        raise ValueError(f"{type(e).__name__}: {one_line(e)}") from None
-
-
-def apply_overrides(d: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of the nested dict ``d`` with ``section.key=value`` overrides applied
-    (unknown keys refused; values type-checked when the config is built)."""
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    out = _checked_layout(d, "a config")
-    for item in overrides:
-        parts, value = _parse_override(item)
-        section, rest = parts[0], parts[1:]
-        if section not in SECTIONS:
-            raise _unknown_key(".".join(parts), SECTIONS, "the top level")
-        valid = _field_names(SECTIONS[section])
-        if len(rest) != 1 or rest[0] not in valid:
-            raise _unknown_key(".".join(parts), valid, section)
-        out.setdefault(section, {})[rest[0]] = value
-    return out
-
-
-def config_path(name: str) -> Path:
-    """A packaged recipe's path from its name ("tiny" or "tiny.yaml")."""
-    stem = name[:-5] if name.endswith(".yaml") else name
-    path = Path(str(resources.files("aoe") / "configs" / f"{stem}.yaml"))
-    if not path.is_file():
-        raise ConfigError(f"no config file {name!r} and no packaged recipe of that name; packaged: {list_configs()}")
-    return path
-
-
-def list_configs() -> list[str]:
-    """Names of the packaged recipes (aoe/configs/*.yaml)."""
-    folder = resources.files("aoe") / "configs"
-    try:
-        return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-    except (FileNotFoundError, NotADirectoryError):  # pragma: no cover
-        return []
-
-
-def _read_text(p: Path) -> str:
-    """The file's text; an unreadable or non-UTF-8 file raises ``ConfigError`` naming it."""
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
-                          "save it as UTF-8") from None
-
-
-def _parse_json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except RecursionError:
-        raise ValueError(_TOO_DEEP) from None
-    except ValueError as e:  # an integer of more digits than Python converts
-        raise ValueError(one_line(e)) from None
-
-
-def _read_file(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        p = config_path(str(path))
-    text = _read_text(p)
-    try:
-        d = _parse_json(text) if p.suffix == ".json" else _parse_yaml(text)
-    except ValueError as e:
-        raise ConfigError(f"cannot parse config file {str(p)!r}: {e}") from None
-    return _checked_layout(d, f"config file {str(p)!r}")
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> RunConfig:
-    """Read a config and apply overrides.
-
-    Args:
-        path: a YAML (or JSON) file with sections model/data/train, or the name of a packaged
-            recipe (``list_configs()``, e.g. "tiny"); None = the dataclass defaults.
-        overrides: ``"section.key=value"`` strings applied in order after the file; each value is
-            parsed as YAML (``3``, ``3e-4``, ``true``, ``null``, ``[0, 1]``) and type-checked.
-
-    Raises:
-        ConfigError: an unknown key (named in full, with the section's valid keys), a value of the
-            wrong type, or an invalid value.
-    """
-    d = _read_file(path) if path is not None else {}
-    return config_from_dict(apply_overrides(d, overrides))
-
-
-def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config: JSON if the path ends in .json, else YAML. Returns the path."""
-    p = Path(path)
-    d = config_to_dict(cfg)
-    if p.suffix == ".json":
-        text = json.dumps(d, indent=2) + "\n"
-    else:
-        text = yaml.safe_dump(d, sort_keys=False)
-    p.write_text(text, encoding="utf-8")
-    return p
