@@ -9,7 +9,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
                           Qwen3MoeForCausalLM)
 
 from aoe.hf import AoEForCausalLM
-from aoe.hf.convert import convert_to_aoe, factorize_gate
+from aoe.hf.convert import SUPPORTED_SOURCES, ConversionError, convert_to_aoe, factorize_gate
 
 KW = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
           num_key_value_heads=2, max_position_embeddings=64)
@@ -492,3 +492,23 @@ def test_export_to_native_names_a_source_it_cannot_read(tmp_path, llama_dir, cap
     assert _run(["export", "--to-native", str(src)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("aoe export: error:") and message in err and "\n" not in err
+
+
+def test_a_fused_layout_without_its_down_projection_is_named(tmp_path):
+    make = MOE_QK["olmoe"][0]
+    src = make(tmp_path / "src")
+    _fuse_experts(src, [0, 1], 4)
+    s = load_file(str(src / "model.safetensors"))
+    del s["model.layers.1.mlp.experts.down_proj"]
+    save_file(s, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="layer 1: .*gate_up_proj has no .*down_proj"):
+        convert_to_aoe(src, tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_table_lists_what_is_supported():
+    from aoe.hf.sources import ARCHS, REFUSED
+
+    assert SUPPORTED_SOURCES == tuple(ARCHS) == ("mixtral", "qwen3_moe", "olmoe", "llama", "mistral")
+    assert [a.model_type for a in ARCHS.values() if a.sparse] == ["mixtral", "qwen3_moe", "olmoe"]
+    assert all(a.experts_field for a in ARCHS.values() if a.sparse) and "qwen2_moe" in REFUSED

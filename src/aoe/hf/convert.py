@@ -2,7 +2,8 @@
 
     convert_to_aoe(src_dir, dst_dir, num_experts=None, top_k=None, d_low=None, upcycle="copy")
 
-Sources (a local directory with ``config.json`` and ``*.safetensors``):
+Sources (a local directory with ``config.json`` and ``*.safetensors``), each a row of the table
+``aoe.hf.sources.ARCHS`` (adding an architecture is adding a row and a test):
 
 * **Mixtral** (``model_type="mixtral"``): the router is dropped, every expert is kept. Both weight
   layouts are read: per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3`` (what ``save_pretrained``
@@ -63,32 +64,23 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from aoe.config import ConfigError, ModelConfig
-from aoe.errors import InputError, one_line
 from aoe.hf._io import atomic_directory, check_destination
 from aoe.hf.configuration import AoEConfig
+from aoe.hf.sources import (
+    ARCHS, GLOBAL_KEYS, LAYER_KEYS, QK_NORM_KEYS, REFUSED, UNTIED_KEYS, ConversionError, SourceArch, _LazyState,
+    check_common, dense_ffn, hf_config, read_config_json, rope_theta, sparse_ffn,
+)
 
 __all__ = ["convert_to_aoe", "factorize_gate", "ConversionReport", "ConversionError", "SUPPORTED_SOURCES"]
 
-SUPPORTED_SOURCES = ("mixtral", "qwen3_moe", "olmoe", "llama", "mistral")
-_MOE_SOURCES = ("mixtral", "qwen3_moe", "olmoe")
-#: The native ``qk_norm`` of each source type (Qwen3: per head over head_dim; OLMoE: over the
-#: whole q / k projection).
-_QK_NORM = {"qwen3_moe": "head", "olmoe": "full"}
-_REFUSED = {
-    "qwen2_moe": "Qwen2-MoE has a shared expert (with its own sigmoid gate) and biases on the q/k/v projections; "
-                 "the native AoE model has neither",
-}
+SUPPORTED_SOURCES = tuple(ARCHS)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
-
-
-class ConversionError(InputError):
-    """A source, destination or option ``convert_to_aoe`` cannot use; the message names the file,
-    tensor or option and says why. A ``ValueError``."""
 
 
 @dataclass
@@ -122,49 +114,6 @@ def factorize_gate(w_gate_EDF: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     err = torch.linalg.matrix_norm(w - w_down @ w_up).pow(2).sum().sqrt()
     ref = torch.linalg.matrix_norm(w).pow(2).sum().sqrt()
     return w_down, w_up, float(err / ref) if ref > 0 else float(err)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the source
-# ---------------------------------------------------------------------------------------------
-class _LazyState:
-    """The source's safetensors tensors by name, read one at a time (a Mixtral-size checkpoint is
-    never held in memory at once)."""
-
-    def __init__(self, src: Path):
-        from safetensors import safe_open
-
-        files = sorted(src.glob("*.safetensors"))
-        if not files:
-            raise ConversionError(f"{str(src)!r} has no *.safetensors weights (only safetensors checkpoints are supported)")
-        self._handles, self._file = [], {}
-        for f in files:
-            handle = _open_safetensors(f, safe_open)
-            self._handles.append(handle)
-            self._file[handle] = f
-        self._where = {key: h for h in self._handles for key in h.keys()}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        handle = self._where[key]
-        try:
-            return handle.get_tensor(key)
-        except Exception as e:  # safetensors reports damaged data with its own exception types
-            raise ConversionError(f"cannot read tensor {key!r} of {str(self._file[handle])!r} ({one_line(e)}): "
-                                  "the file is damaged; download or save it again") from None
-
-
-def _open_safetensors(path: Path, safe_open):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors reports a bad header or a truncated file with its own exception types
-        raise ConversionError(f"cannot read {str(path)!r} as safetensors ({one_line(e)}): the file is damaged "
-                              "or not a safetensors file; download or save it again") from None
 
 
 class _ShardWriter:
@@ -209,42 +158,6 @@ class _ShardWriter:
             weight_map.update({k: name for k in keys})
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def read_config_json(src: Path) -> dict:
-    """The JSON object of ``src/config.json``; an unreadable, non-UTF-8 or invalid file, or one that
-    is not an object, raises ``ConversionError`` naming it."""
-    path = src / "config.json"
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ConversionError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ConversionError(f"{str(path)!r} is not UTF-8 text (offset {e.start}): save it as UTF-8 JSON") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{str(path)!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): "
-                              "fix the file or save the checkpoint again") from None
-    except (ValueError, RecursionError) as e:  # an integer of too many digits, very deep nesting
-        raise ConversionError(f"{str(path)!r} is not valid JSON ({type(e).__name__}): fix the file") from None
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{str(path)!r} must hold a JSON object (a model config), got {type(raw).__name__}")
-    return raw
-
-
-def _hf_config(src: Path, model_type: str):
-    """transformers' config of the source; one it refuses raises ``ConversionError`` naming the file."""
-    from transformers import AutoConfig
-
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:  # pragma: no cover - older huggingface_hub
-        StrictDataclassError = ValueError  # noqa: N806
-    try:
-        return AutoConfig.from_pretrained(str(src))
-    except (ValueError, TypeError, KeyError, OSError, StrictDataclassError) as e:
-        raise ConversionError(f"{str(src / 'config.json')!r} is not a valid {model_type} config: {one_line(e)}") from None
 
 
 def _check_destination(dst_dir, overwrite: bool, src: Path) -> None:
@@ -298,89 +211,185 @@ def _check_expert_count(src: Path, layer: int, keys: list[str], E: int, field_na
                               f"{field_name}={E}: fix config.json or use the weights it belongs to")
 
 
-def _check_common(cfg, src: Path) -> None:
-    mt = cfg.model_type
-    act = getattr(cfg, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ConversionError(f"{mt} source {str(src)!r}: hidden_act={act!r}; only SiLU (SwiGLU) FFNs are supported")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(cfg, flag, False):
-            raise ConversionError(f"{mt} source {str(src)!r}: {flag}=True; the native model has no biases")
-    head_dim = getattr(cfg, "head_dim", None)
-    if head_dim is not None and head_dim * cfg.num_attention_heads != cfg.hidden_size:
-        raise ConversionError(f"{mt} source {str(src)!r}: head_dim={head_dim} != hidden_size / num_attention_heads; "
-                         "the native attention requires head_dim = d_model / n_heads")
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type != "default":
-        raise ConversionError(f"{mt} source {str(src)!r}: RoPE scaling {rope_type!r} is not supported (plain RoPE only)")
+# ---------------------------------------------------------------------------------------------
+# The plan: what the source becomes
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """E experts, top_k, expert width F (d_wide), gate rank R, renormalization, layers kept dense;
+    for a dense source also its FFN width and the upcycling."""
+
+    E: int
+    k: int
+    F: int
+    R: int
+    renormalize: bool
+    dense_layers: tuple[int, ...] = ()
+    F_dense: int | None = None
+    upcycle: str = "copy"
 
 
-def _rope_theta(cfg) -> float:
-    rope = getattr(cfg, "rope_parameters", None)
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        return float(rope["rope_theta"])
-    return float(getattr(cfg, "rope_theta", 10000.0))
+def _sparse_plan(arch: SourceArch, cfg, src: Path, num_experts, top_k, renormalize) -> _Plan:
+    E = getattr(cfg, arch.experts_field)
+    if num_experts is not None and num_experts != E:
+        raise ConversionError(f"num_experts={num_experts}: a {arch.model_type} source keeps its {E} experts "
+                              "(leave num_experts unset)")
+    if E < 1:
+        raise ConversionError(f"{arch.model_type} source {str(src)!r}: num_experts={E}, no sparse layer to convert")
+    dense = tuple(arch.dense_layers(cfg))
+    if len(dense) == cfg.num_hidden_layers:
+        raise ConversionError(f"{arch.model_type} source {str(src)!r}: every layer is dense (mlp_only_layers="
+                              f"{list(getattr(cfg, 'mlp_only_layers', []) or [])}, decoder_sparse_step="
+                              f"{getattr(cfg, 'decoder_sparse_step', None)})")
+    k = cfg.num_experts_per_tok if top_k is None else top_k
+    renorm = arch.renormalize(cfg) if renormalize is None else renormalize
+    F = getattr(cfg, arch.width_field)
+    return _Plan(E, k, F, min(cfg.hidden_size, F), renorm, dense)
 
 
-# Per-expert weight names (gate, up, down) of the layouts save_pretrained writes: Mixtral's
-# w1/w3/w2 (under block_sparse_moe. or mlp.), Qwen3-MoE's and OLMoE's gate_proj/up_proj/down_proj.
-_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+def _dense_plan(cfg, num_experts, top_k, upcycle: str, renormalize) -> _Plan:
+    E = 1 if num_experts is None else num_experts
+    k = 1 if top_k is None else top_k
+    F_dense = cfg.intermediate_size
+    if E < 1:
+        raise ConversionError(f"num_experts={E} must be >= 1")
+    if upcycle == "slice" and F_dense % E:
+        raise ConversionError(f"upcycle='slice': intermediate_size={F_dense} is not divisible by num_experts={E}")
+    F = F_dense // E if upcycle == "slice" else F_dense
+    renorm = (upcycle == "copy") if renormalize is None else renormalize
+    return _Plan(E, k, F, min(cfg.hidden_size, F), renorm, F_dense=F_dense, upcycle=upcycle)
 
 
-def _moe_experts(state, i: int, n_experts: int):
-    """w_gate [E, D, F], w_in [E, D, F], w_out [E, F, D] (native layout) of the sparse layer i, and
-    every source key of that layer's MoE block (the router included: AoE drops it).
-
-    Reads the per-expert ``experts.{e}.{gate,up,down}`` Linear weights ([F, D], [F, D], [D, F]) that
-    ``save_pretrained`` writes, or the fused ``experts.gate_up_proj`` [E, 2F, D] (gate rows first)
-    and ``experts.down_proj`` [E, D, F] of transformers 5's in-memory layout."""
-    for block in ("block_sparse_moe", "mlp"):
-        p = f"model.layers.{i}.{block}.experts"
-        keys = [k for k in state if k.startswith(f"model.layers.{i}.{block}.")]
-        for g, u, d in _EXPERT_NAMES:
-            if f"{p}.0.{g}.weight" in state:
-                try:
-                    w_gate = torch.stack([state[f"{p}.{e}.{g}.weight"].T for e in range(n_experts)])
-                    w_in = torch.stack([state[f"{p}.{e}.{u}.weight"].T for e in range(n_experts)])
-                    w_out = torch.stack([state[f"{p}.{e}.{d}.weight"].T for e in range(n_experts)])
-                except KeyError as err:
-                    raise ConversionError(f"layer {i}: missing expert weight {err} ({n_experts} experts expected)") from None
-                return w_gate, w_in, w_out, keys
-        if f"{p}.gate_up_proj" in state:
-            gate_up = state[f"{p}.gate_up_proj"]  # [E, 2F, D]: gate rows first, then up
-            if gate_up.shape[0] != n_experts:
-                raise ConversionError(f"layer {i}: {p}.gate_up_proj holds {gate_up.shape[0]} experts, expected {n_experts}")
-            F = gate_up.shape[1] // 2
-            w_gate = gate_up[:, :F, :].transpose(1, 2)
-            w_in = gate_up[:, F:, :].transpose(1, 2)
-            w_out = state[f"{p}.down_proj"].transpose(1, 2)  # [E, D, F] -> [E, F, D]
-            return w_gate, w_in, w_out, keys
-    raise ConversionError(f"layer {i}: no expert weights found (expected block_sparse_moe.experts.* or mlp.experts.*)")
+def _plan(arch: SourceArch, cfg, src: Path, num_experts, top_k, d_low, upcycle: str, renormalize) -> _Plan:
+    if arch.sparse:
+        plan = _sparse_plan(arch, cfg, src, num_experts, top_k, renormalize)
+    else:
+        plan = _dense_plan(cfg, num_experts, top_k, upcycle, renormalize)
+    if not 1 <= plan.k <= plan.E:
+        raise ConversionError(f"top_k={plan.k} must be in [1, num_experts={plan.E}]")
+    R = plan.R if d_low is None else d_low
+    D = cfg.hidden_size
+    if not isinstance(R, int) or not 1 <= R <= min(D, plan.F):
+        raise ConversionError(f"d_low={R} must be in [1, min(hidden_size={D}, expert width={plan.F})={min(D, plan.F)}]")
+    return _Plan(plan.E, plan.k, plan.F, R, plan.renormalize, plan.dense_layers, plan.F_dense, plan.upcycle)
 
 
-def _qwen3_dense_layers(cfg) -> list[int]:
-    """The Qwen3-MoE layers whose MLP is dense (transformers' rule: sparse iff the layer is not in
-    ``mlp_only_layers`` and (layer + 1) % decoder_sparse_step == 0)."""
-    mlp_only = set(getattr(cfg, "mlp_only_layers", None) or [])
-    step = getattr(cfg, "decoder_sparse_step", 1) or 1
-    return [i for i in range(cfg.num_hidden_layers) if i in mlp_only or (i + 1) % step != 0]
-
-
-def _llama_ffn(state: dict, i: int):
-    p = f"model.layers.{i}.mlp"
-    try:
-        w_gate = state[f"{p}.gate_proj.weight"].T
-        w_in = state[f"{p}.up_proj.weight"].T
-        w_out = state[f"{p}.down_proj.weight"].T
-    except KeyError as e:
-        raise ConversionError(f"layer {i}: missing dense FFN weight {e}") from None
-    return w_gate, w_in, w_out, [k for k in state if k.startswith(f"{p}.")]
+def _model_config(cfg, src: Path, arch: SourceArch, plan: _Plan) -> ModelConfig:
+    """The native model: the source's attention and widths, AoE FFNs as planned."""
+    max_seq_len = cfg.max_position_embeddings
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window < max_seq_len:  # within that length the window never bites
+        max_seq_len = window
+    return _native_config(
+        src, vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
+        n_heads=cfg.num_attention_heads, n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        max_seq_len=max_seq_len, rope_theta=rope_theta(cfg), norm_eps=float(cfg.rms_norm_eps),
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        init_std=float(getattr(cfg, "initializer_range", 0.02)), ffn="aoe", d_ffn=plan.F, n_experts=plan.E,
+        top_k=plan.k, d_low=plan.R, d_wide=plan.F, renormalize=plan.renormalize, qk_norm=arch.qk_norm,
+        dense_layers=list(plan.dense_layers), dense_d_ffn=cfg.intermediate_size if plan.dense_layers else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The conversion
 # ---------------------------------------------------------------------------------------------
+def _open_source(src_dir, dst_dir, overwrite: bool, upcycle: str) -> tuple[Path, SourceArch, Any]:
+    """The source directory, its row of the table and its transformers config, after every check
+    that needs no weights."""
+    src = Path(src_dir).expanduser()
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{str(src)!r} is not a Hugging Face checkpoint directory (no config.json)")
+    _check_destination(dst_dir, overwrite, src)
+    mt = read_config_json(src).get("model_type")
+    if mt in REFUSED:
+        raise ConversionError(f"cannot convert {mt!r} ({str(src)!r}): {REFUSED[mt]}")
+    if mt not in ARCHS:
+        raise ConversionError(f"cannot convert model_type={mt!r}: supported sources are {list(SUPPORTED_SOURCES)}")
+    if upcycle not in ("copy", "slice"):
+        raise ConversionError(f"upcycle={upcycle!r} must be 'copy' or 'slice'")
+    cfg = hf_config(src, mt)
+    check_common(cfg, src)
+    ARCHS[mt].check(cfg, src)
+    return src, ARCHS[mt], cfg
+
+
+class _Converter:
+    """Writes the converted tensors of one source into a shard writer, checking every source
+    shape against what the source's config.json implies, and remembering which keys it used."""
+
+    def __init__(self, src: Path, state, writer, cfg, arch: SourceArch, plan: _Plan, model_cfg: ModelConfig, dtype):
+        self.src, self.state, self.writer, self.cfg, self.arch, self.plan = src, state, writer, cfg, arch, plan
+        self.dtype = dtype
+        self.expected = _native_shapes(model_cfg)
+        self.dims = (f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, num_attention_heads="
+                     f"{model_cfg.n_heads}, num_key_value_heads={model_cfg.kv_heads}")
+        self.used: set[str] = set()
+        self.errors: list[float] = []
+
+    def put(self, dst_key: str, src_key: str) -> None:
+        if src_key not in self.state:
+            raise ConversionError(f"source {str(self.src)!r} lacks {src_key!r}")
+        tensor = self.state[src_key]
+        _check_shape(self.src, src_key, tuple(tensor.shape), self.expected[f"model.{dst_key}"], self.dims)
+        self.writer.add(f"model.{dst_key}", tensor.to(self.dtype))
+        self.used.add(src_key)
+
+    def mapped(self, rows, **fmt) -> None:
+        """Copy the tensors of a key-map table (native key <- source key)."""
+        for dst_key, src_key in rows:
+            self.put(dst_key.format(**fmt), src_key.format(**fmt))
+
+    def dense_layer(self, i: int, verbose: bool) -> None:
+        """A dense MLP of a sparse source stays a dense SwiGLU FFN, copied as is."""
+        D, F = self.cfg.hidden_size, self.cfg.intermediate_size
+        g, u, d, keys = dense_ffn(self.state, i)
+        _check_ffn_shapes(self.src, i, (g, u, d), D, F, f"hidden_size={D}, intermediate_size={F}")
+        self.used.update(keys)
+        for name, t in (("w_gate", g), ("w_in", u), ("w_out", d)):
+            self.writer.add(f"model.layers.{i}.ffn.{name}", t.to(self.dtype))
+        self.errors.append(0.0)
+        if verbose:
+            print(f"layer {i}: dense FFN (width {F}) copied as is")
+
+    def expert_weights(self, i: int):
+        """w_gate, w_in, w_out [E, ...] of layer i in the native layout, and the source keys read."""
+        D, p, a = self.cfg.hidden_size, self.plan, self.arch
+        if a.sparse:
+            w_gate, w_in, w_out, keys = sparse_ffn(self.state, i, p.E)
+            _check_expert_count(self.src, i, keys, p.E, a.experts_field)
+            _check_ffn_shapes(self.src, i, (w_gate, w_in, w_out), D, p.F, f"hidden_size={D}, {a.width_field}={p.F}", E=p.E)
+            return w_gate, w_in, w_out, keys
+        g, u, d, keys = dense_ffn(self.state, i)
+        _check_ffn_shapes(self.src, i, (g, u, d), D, p.F_dense, f"hidden_size={D}, intermediate_size={p.F_dense}")
+        if p.upcycle == "copy":
+            return (*(t[None].expand(p.E, *t.shape) for t in (g, u, d)), keys)
+        F = p.F
+        return (torch.stack([g[:, e * F:(e + 1) * F] for e in range(p.E)]),
+                torch.stack([u[:, e * F:(e + 1) * F] for e in range(p.E)]),
+                torch.stack([d[e * F:(e + 1) * F, :] for e in range(p.E)]), keys)
+
+    def sparse_layer(self, i: int, verbose: bool) -> None:
+        """The layer's experts with their gates factorized at rank R; the source's router (among
+        the keys read) is dropped."""
+        w_gate, w_in, w_out, keys = self.expert_weights(i)
+        self.used.update(keys)
+        w_down, w_up, err = factorize_gate(w_gate, self.plan.R)
+        self.errors.append(err)
+        for name, t in (("w_down", w_down), ("w_up", w_up), ("w_in", w_in), ("w_out", w_out)):
+            self.writer.add(f"model.layers.{i}.ffn.{name}", t.to(self.dtype))
+        self.writer.add(f"model.layers.{i}.ffn.selection_bias", torch.zeros(self.plan.E, dtype=torch.float32))
+        if verbose:
+            print(f"layer {i}: gate rank {self.plan.R}/{min(self.cfg.hidden_size, self.plan.F)}, "
+                  f"relative reconstruction error {err:.3e}")
+
+    def leftover(self) -> None:
+        rest = sorted(k for k in self.state if k not in self.used and not k.endswith("rotary_emb.inv_freq"))
+        if rest:
+            raise ConversionError(f"{self.arch.model_type} source {str(self.src)!r} has weights this conversion does "
+                                  f"not understand: {rest[:8]}{' ...' if len(rest) > 8 else ''}")
+
+
 def convert_to_aoe(
     src_dir: str | os.PathLike,
     dst_dir: str | os.PathLike,
@@ -408,179 +417,56 @@ def convert_to_aoe(
     tensor at a time. Raises ConversionError (a ValueError) on an unsupported or unreadable source,
     weights that do not fit the source's config.json, or inconsistent options.
     """
-    src = Path(src_dir).expanduser()
-    if not (src / "config.json").is_file():
-        raise ConversionError(f"{str(src)!r} is not a Hugging Face checkpoint directory (no config.json)")
-    _check_destination(dst_dir, overwrite, src)
-    raw = read_config_json(src)
-    mt = raw.get("model_type")
-    if mt in _REFUSED:
-        raise ConversionError(f"cannot convert {mt!r} ({str(src)!r}): {_REFUSED[mt]}")
-    if mt not in SUPPORTED_SOURCES:
-        raise ConversionError(f"cannot convert model_type={mt!r}: supported sources are {list(SUPPORTED_SOURCES)}")
-    if upcycle not in ("copy", "slice"):
-        raise ConversionError(f"upcycle={upcycle!r} must be 'copy' or 'slice'")
-    cfg = _hf_config(src, mt)
-    _check_common(cfg, src)
-    if mt == "olmoe" and getattr(cfg, "clip_qkv", None) is not None:
-        raise ConversionError(f"olmoe source {str(src)!r}: clip_qkv={cfg.clip_qkv} (queries, keys and values clamped); "
-                         "the native attention does not clip")
-    qk_norm = _QK_NORM.get(mt, "none")
+    src, arch, cfg = _open_source(src_dir, dst_dir, overwrite, upcycle)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-
+    plan = _plan(arch, cfg, src, num_experts, top_k, d_low, upcycle, renormalize)
+    model_cfg = _model_config(cfg, src, arch, plan)
     state = _LazyState(src)
-    n_layers = cfg.num_hidden_layers
-    D = cfg.hidden_size
-    is_moe = mt in _MOE_SOURCES
-    dense_layers: list[int] = []  # Qwen3-MoE layers with a dense MLP (kept dense)
-    if is_moe:
-        E_src = cfg.num_local_experts if mt == "mixtral" else cfg.num_experts
-        if num_experts is not None and num_experts != E_src:
-            raise ConversionError(f"num_experts={num_experts}: a {mt} source keeps its {E_src} experts (leave num_experts unset)")
-        E = E_src
-        if E < 1:
-            raise ConversionError(f"{mt} source {str(src)!r}: num_experts={E}, no sparse layer to convert")
-        if mt == "qwen3_moe":
-            dense_layers = _qwen3_dense_layers(cfg)
-            if len(dense_layers) == n_layers:
-                raise ConversionError(f"qwen3_moe source {str(src)!r}: every layer is dense (mlp_only_layers="
-                                 f"{list(cfg.mlp_only_layers)}, decoder_sparse_step={cfg.decoder_sparse_step})")
-        k = cfg.num_experts_per_tok if top_k is None else top_k
-        F = cfg.moe_intermediate_size if mt == "qwen3_moe" else cfg.intermediate_size
-        if renormalize is not None:
-            renorm = renormalize
-        else:  # Mixtral always renormalizes its top-k weights; Qwen3-MoE and OLMoE when norm_topk_prob
-            renorm = True if mt == "mixtral" else bool(getattr(cfg, "norm_topk_prob", False))
-    else:
-        E = 1 if num_experts is None else num_experts
-        k = 1 if top_k is None else top_k
-        F_dense = cfg.intermediate_size
-        if E < 1:
-            raise ConversionError(f"num_experts={E} must be >= 1")
-        if upcycle == "slice" and F_dense % E:
-            raise ConversionError(f"upcycle='slice': intermediate_size={F_dense} is not divisible by num_experts={E}")
-        F = F_dense // E if upcycle == "slice" else F_dense
-        renorm = (upcycle == "copy") if renormalize is None else renormalize
-    if not 1 <= k <= E:
-        raise ConversionError(f"top_k={k} must be in [1, num_experts={E}]")
-    R = min(D, F) if d_low is None else d_low
-    if not isinstance(R, int) or not 1 <= R <= min(D, F):
-        raise ConversionError(f"d_low={R} must be in [1, min(hidden_size={D}, expert width={F})={min(D, F)}]")
-
-    max_seq_len = cfg.max_position_embeddings
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and window < max_seq_len:
-        max_seq_len = window
-    tie = bool(getattr(cfg, "tie_word_embeddings", False))
-    model_cfg = _native_config(
-        src, vocab_size=cfg.vocab_size, d_model=D, n_layers=n_layers, n_heads=cfg.num_attention_heads,
-        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, max_seq_len=max_seq_len,
-        rope_theta=_rope_theta(cfg), norm_eps=float(cfg.rms_norm_eps), tie_embeddings=tie,
-        init_std=float(getattr(cfg, "initializer_range", 0.02)), ffn="aoe", d_ffn=F, n_experts=E, top_k=k,
-        d_low=R, d_wide=F, renormalize=renorm, qk_norm=qk_norm, dense_layers=dense_layers,
-        dense_d_ffn=cfg.intermediate_size if dense_layers else None,
-    )
-
     if "model.embed_tokens.weight" not in state:
         raise ConversionError(f"source {str(src)!r} lacks 'model.embed_tokens.weight'")
-    src_dtype = state["model.embed_tokens.weight"].dtype
-    out_dtype = src_dtype if dtype is None else dtype
-    expected = _native_shapes(model_cfg)
-    dims = (f"vocab_size={cfg.vocab_size}, hidden_size={D}, num_attention_heads={model_cfg.n_heads}, "
-            f"num_key_value_heads={model_cfg.kv_heads}")
-    ffn_dims = f"hidden_size={D}, {'moe_intermediate_size' if mt == 'qwen3_moe' else 'intermediate_size'}={F}"
-    experts_field = "num_local_experts" if mt == "mixtral" else "num_experts"
-    hf_config = AoEConfig.from_model_config(
-        model_cfg,
-        bos_token_id=getattr(cfg, "bos_token_id", None),
-        eos_token_id=getattr(cfg, "eos_token_id", None),
-        pad_token_id=getattr(cfg, "pad_token_id", None),
-    )
-    hf_config.dtype = out_dtype
-    hf_config.architectures = ["AoEForCausalLM"]
-    used: set[str] = set()
-    errors: list[float] = []
-
+    out_dtype = state["model.embed_tokens.weight"].dtype if dtype is None else dtype
+    hf_cfg = AoEConfig.from_model_config(model_cfg, bos_token_id=getattr(cfg, "bos_token_id", None),
+                                         eos_token_id=getattr(cfg, "eos_token_id", None),
+                                         pad_token_id=getattr(cfg, "pad_token_id", None))
+    hf_cfg.dtype = out_dtype
+    hf_cfg.architectures = ["AoEForCausalLM"]
     with atomic_directory(dst_dir, overwrite=overwrite, sources=(src,)) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
-
-        def put(dst_key: str, src_key: str) -> None:
-            if src_key not in state:
-                raise ConversionError(f"source {str(src)!r} lacks {src_key!r}")
-            tensor = state[src_key]
-            _check_shape(src, src_key, tuple(tensor.shape), expected[f"model.{dst_key}"], dims)
-            writer.add(f"model.{dst_key}", tensor.to(out_dtype))
-            used.add(src_key)
-
-        put("embed_tokens.weight", "model.embed_tokens.weight")
-        put("norm.weight", "model.norm.weight")
-        if not tie:
-            put("lm_head.weight", "lm_head.weight")
-        else:
-            used.add("lm_head.weight")
-        for i in range(n_layers):
-            for a in ("q", "k", "v", "o"):
-                put(f"layers.{i}.attn.{a}_proj.weight", f"model.layers.{i}.self_attn.{a}_proj.weight")
-            if qk_norm != "none":
-                for a in ("q", "k"):
-                    put(f"layers.{i}.attn.{a}_norm.weight", f"model.layers.{i}.self_attn.{a}_norm.weight")
-            put(f"layers.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight")
-            put(f"layers.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight")
-            if i in dense_layers:  # a dense MLP of the MoE source stays a dense SwiGLU FFN, copied as is
-                g, u, d, keys = _llama_ffn(state, i)
-                _check_ffn_shapes(src, i, (g, u, d), D, cfg.intermediate_size, f"hidden_size={D}, "
-                                  f"intermediate_size={cfg.intermediate_size}")
-                used.update(keys)
-                for name, t in (("w_gate", g), ("w_in", u), ("w_out", d)):
-                    writer.add(f"model.layers.{i}.ffn.{name}", t.to(out_dtype))
-                errors.append(0.0)
-                if verbose:
-                    print(f"layer {i}: dense FFN (width {cfg.intermediate_size}) copied as is")
-                continue
-            if is_moe:
-                w_gate, w_in, w_out, keys = _moe_experts(state, i, E)
-                _check_expert_count(src, i, keys, E, experts_field)
-                _check_ffn_shapes(src, i, (w_gate, w_in, w_out), D, F, ffn_dims, E=E)
-            else:
-                g, u, d, keys = _llama_ffn(state, i)
-                _check_ffn_shapes(src, i, (g, u, d), D, F_dense, f"hidden_size={D}, intermediate_size={F_dense}")
-                if upcycle == "copy":
-                    w_gate, w_in, w_out = (t[None].expand(E, *t.shape) for t in (g, u, d))
-                else:
-                    w_gate = torch.stack([g[:, e * F:(e + 1) * F] for e in range(E)])
-                    w_in = torch.stack([u[:, e * F:(e + 1) * F] for e in range(E)])
-                    w_out = torch.stack([d[e * F:(e + 1) * F, :] for e in range(E)])
-            used.update(keys)  # includes the source's router, which AoE drops
-            w_down, w_up, err = factorize_gate(w_gate, R)
-            errors.append(err)
-            pre = f"layers.{i}.ffn"
-            writer.add(f"model.{pre}.w_down", w_down.to(out_dtype))
-            writer.add(f"model.{pre}.w_up", w_up.to(out_dtype))
-            writer.add(f"model.{pre}.w_in", w_in.to(out_dtype))
-            writer.add(f"model.{pre}.w_out", w_out.to(out_dtype))
-            writer.add(f"model.{pre}.selection_bias", torch.zeros(E, dtype=torch.float32))
-            del w_gate, w_in, w_out, w_down, w_up
-            if verbose:
-                print(f"layer {i}: gate rank {R}/{min(D, F)}, relative reconstruction error {err:.3e}")
-
-        leftover = sorted(k for k in state if k not in used and not k.endswith("rotary_emb.inv_freq"))
-        if leftover:
-            raise ConversionError(f"{mt} source {str(src)!r} has weights this conversion does not understand: "
-                             f"{leftover[:8]}{' ...' if len(leftover) > 8 else ''}")
-        _check_against_native(expected, writer.shapes)
+        conv = _Converter(src, state, writer, cfg, arch, plan, model_cfg, out_dtype)
+        _convert_all(conv, model_cfg, verbose)
+        _check_against_native(conv.expected, writer.shapes)
         writer.close()
-        hf_config.save_pretrained(str(tmp))
+        hf_cfg.save_pretrained(str(tmp))
         for name in _TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-    report = ConversionReport(source_type=mt, config=hf_config.to_dict(), layer_errors=errors)
+    report = ConversionReport(source_type=arch.model_type, config=hf_cfg.to_dict(), layer_errors=conv.errors)
     if verbose:
-        extra = (f", qk_norm={qk_norm!r}" if qk_norm != "none" else "") + (
-            f", dense layers {dense_layers}" if dense_layers else "")
-        print(f"converted {mt} -> aoe: {n_layers} layers, {E} experts, top_k={k}, d_low={R}, d_wide={F}, "
-              f"renormalize={renorm}{extra}; max gate reconstruction error {report.max_error:.3e}; wrote {str(dst_dir)!r}")
+        extra = (f", qk_norm={arch.qk_norm!r}" if arch.qk_norm != "none" else "") + (
+            f", dense layers {list(plan.dense_layers)}" if plan.dense_layers else "")
+        print(f"converted {arch.model_type} -> aoe: {model_cfg.n_layers} layers, {plan.E} experts, top_k={plan.k}, "
+              f"d_low={plan.R}, d_wide={plan.F}, renormalize={plan.renormalize}{extra}; max gate reconstruction "
+              f"error {report.max_error:.3e}; wrote {str(dst_dir)!r}")
     return report
+
+
+def _convert_all(conv: _Converter, model_cfg: ModelConfig, verbose: bool) -> None:
+    """Every tensor: the key-map tables, then each layer's FFN; then nothing may be left over."""
+    conv.mapped(GLOBAL_KEYS)
+    if model_cfg.tie_embeddings:
+        conv.used.add("lm_head.weight")
+    else:
+        conv.mapped(UNTIED_KEYS)
+    for i in range(model_cfg.n_layers):
+        conv.mapped(LAYER_KEYS, i=i)
+        if conv.arch.qk_norm != "none":
+            conv.mapped(QK_NORM_KEYS, i=i)
+        if i in conv.plan.dense_layers:
+            conv.dense_layer(i, verbose)
+        else:
+            conv.sparse_layer(i, verbose)
+    conv.leftover()
 
 
 def _check_against_native(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
