@@ -187,6 +187,20 @@ def test_generate_until_stops_at_until(model, tokenizer):
     assert got[1] == tokenizer.decode(three).split("\n\n")[0].split("<|endoftext|>")[0]
 
 
+def test_stop_strings_are_checked_on_a_bounded_tail(model, tokenizer, monkeypatch):
+    """Checking stop strings decodes only the last tokens that can complete one (not the whole
+    text at every step, which is quadratic in the generated length); the result is the same."""
+    lm = AoEHarnessLM(model, tokenizer)
+    kw = {"until": ["zz"], "max_gen_toks": 40}
+    expected = lm.generate_until([req("generate_until", "the cat", kw)])
+    longest_stop = max(len(u.encode()) for u in lm._generation_settings(kw)["until"])  # "zz" and the EOS text
+    lengths = []
+    real = lm.tok_decode
+    monkeypatch.setattr(lm, "tok_decode", lambda ids: lengths.append(len(list(ids))) or real(ids))
+    assert lm.generate_until([req("generate_until", "the cat", dict(kw))]) == expected
+    assert len(lengths) > 10 and max(lengths[:-1]) <= longest_stop + 1  # the last call decodes the finished text
+
+
 def test_generate_sampling_is_seeded(model, tokenizer):
     lm = AoEHarnessLM(model, tokenizer)
     kw = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0, "seed": 3}

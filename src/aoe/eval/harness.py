@@ -41,8 +41,7 @@ import lm_eval.models  # noqa: F401  (fill the model registry first, so "hf" etc
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from aoe.model.attention import KVCache
-from aoe.model.generate import sample_next
+from aoe.model.generate import decode, sample_next
 
 __all__ = ["AoEHarnessLM", "run_harness", "TaskDataUnavailableError", "DEFAULT_MAX_GEN_TOKS"]
 
@@ -355,28 +354,29 @@ class AoEHarnessLM(LM):
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], s: dict) -> list[str]:
-        """Decode B prompts of the same length together; the texts, cut before stop strings."""
-        B, T, n = len(prompts), len(prompts[0]), s["max_gen_toks"]
+        """Decode B prompts of the same length together (``aoe.model.generate.decode``); the texts,
+        cut before stop strings. A sequence stops at EOS or once its text holds a stop string;
+        only the last tokens that can complete a stop string are decoded each step (each token
+        holds at least one byte), so checking costs the same at every step."""
         idx = torch.tensor(prompts, dtype=torch.long, device=self._device)
         generator = None
         if s["seed"] is not None:
             generator = torch.Generator(device=self._device)
             generator.manual_seed(s["seed"])
-        cache = KVCache.for_model(self.model, B, max_len=T + n)
-        logits = self.model(idx, kv_cache=cache, start_pos=0).logits[:, -1]
-        generated: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        for step in range(n):
-            token = sample_next(logits, s["temperature"], s["top_k"], s["top_p"], generator)
+        window = max(len(u.encode("utf-8")) for u in s["until"]) + 1
+        generated: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+
+        def choose(logits_BV: torch.Tensor) -> torch.Tensor:
+            token = sample_next(logits_BV, s["temperature"], s["top_k"], s["top_p"], generator)
             for b, t in enumerate(token.tolist()):
-                if done[b]:
-                    continue
-                generated[b].append(t)
-                if t == self.eot_token_id or any(u in self.tok_decode(generated[b]) for u in s["until"]):
-                    done[b] = True
-            if all(done) or step == n - 1:
-                break
-            logits = self.model(token[:, None], kv_cache=cache, start_pos=T + step).logits[:, -1]
+                if not done[b]:
+                    generated[b].append(t)
+                    tail = self.tok_decode(generated[b][-window:])
+                    done[b] = t == self.eot_token_id or any(u in tail for u in s["until"])
+            return token
+
+        decode(self.model, idx, s["max_gen_toks"], choose, stop=lambda: all(done))
         texts = []
         for ids in generated:
             text = self.tok_decode(ids)

@@ -1,8 +1,11 @@
-"""Autoregressive sampling from a ``Transformer``: greedy, temperature, top-k and nucleus (top-p)."""
+"""Autoregressive sampling from a ``Transformer``: greedy, temperature, top-k and nucleus (top-p).
+
+``decode`` is the one decoding loop (KV cache, early stop); ``generate`` and the lm-eval adapter's
+``generate_until`` choose their tokens and their stopping rule around it."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -113,29 +116,56 @@ def generate(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def choose(logits_BV: torch.Tensor) -> torch.Tensor:
+        token = sample_next(logits_BV, temperature, top_k, top_p, generator)
+        if eos_id is not None:  # a finished sequence is padded with eos_id
+            token = torch.where(finished, torch.full_like(token, eos_id), token)
+            finished.logical_or_(token == eos_id)
+        return token
+
     was_training = model.training
     model.eval()
     try:
-        out = idx
-        if max_new_tokens == 0:
-            return out[0] if single else out
-        cache = KVCache.for_model(model, B, max_len=T + max_new_tokens) if use_cache else None
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        step_input, pos = idx, 0
-        for _ in range(max_new_tokens):
-            if cache is not None:
-                logits = model(step_input, kv_cache=cache, start_pos=pos).logits[:, -1]
-                pos += step_input.shape[1]
-            else:
-                logits = model(out).logits[:, -1]
-            token = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                token = torch.where(finished, torch.full_like(token, eos_id), token)
-                finished |= token == eos_id
-            out = torch.cat((out, token[:, None]), dim=1)
-            step_input = token[:, None]
-            if eos_id is not None and bool(finished.all()):
-                break
+        out = decode(model, idx, max_new_tokens, choose, stop=lambda: eos_id is not None and bool(finished.all()),
+                     use_cache=use_cache)
     finally:
         model.train(was_training)
     return out[0] if single else out
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module,
+    idx_BT: torch.Tensor,
+    max_new_tokens: int,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+    stop: Callable[[], bool] = lambda: False,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """The decoding loop (every generation of the project runs it): ``idx_BT`` [B, T] followed by
+    up to ``max_new_tokens`` tokens [B, T + n].
+
+    Each step hands the last position's logits [B, V] to ``choose``, which returns the next tokens
+    [B] (sampling, forcing, bookkeeping are the caller's); after appending them, ``stop()`` ends
+    the loop early. With ``use_cache`` a ``KVCache`` holds the context (one new token per step);
+    without, the whole context is recomputed each step (the reference the cache is tested against).
+    No forward pass runs after the last token.
+    """
+    B, T = idx_BT.shape
+    out = idx_BT
+    cache = KVCache.for_model(model, B, max_len=T + max_new_tokens) if use_cache and max_new_tokens else None
+    step_input, pos = idx_BT, 0
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            logits = model(step_input, kv_cache=cache, start_pos=pos).logits[:, -1]
+            pos += step_input.shape[1]
+        else:
+            logits = model(out).logits[:, -1]
+        token = choose(logits)
+        out = torch.cat((out, token[:, None]), dim=1)
+        step_input = token[:, None]
+        if stop():
+            break
+    return out
