@@ -26,8 +26,9 @@ change, e.g. one enormous run of letters, of whitespace or of CJK text without s
 is cut there anyway: a *forced* cut. Only then can the ids differ from encoding the whole text:
 the pre-token that spans the cut is encoded as two pre-tokens (it can not merge across the cut),
 and the pre-tokens next to it may be split differently (a run of whitespace before the cut, for
-instance). The tokens still decode to exactly the original text. Forced cuts are reported through
-``on_forced``.
+instance). The tokens still decode to exactly the original text. A tokenizer trained on such a
+text counts those one or two pre-tokens differently too. Forced cuts are reported through
+``on_forced`` (and counted in the token manifest as ``forced_cuts``).
 """
 
 from __future__ import annotations

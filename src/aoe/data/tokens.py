@@ -19,12 +19,14 @@ manifest is deleted first and the new one is written last, so a crash never leav
 describing files other than the ones on disk.
 
 Streaming: the corpus is read in chunks (``ChunkSizes.read_bytes``), long documents are cut into
-pieces where the tokenizer's pre-tokenizer cuts anyway (``aoe.data.chunks``; for a tokenizer
-where that is not proven exact, see ``Tokenizer.piecewise``, documents are encoded whole), pieces
-are encoded in batches by the library's thread pool and the ids are appended to the files as they
-come. Memory is bounded by the chunk sizes, not by the corpus or document size, and the files are
-byte-identical to encoding every document whole (except after a *forced* cut, counted in the
-manifest as ``forced_cuts``; see ``aoe.data.chunks``).
+pieces where the tokenizer's pre-tokenizer cuts anyway (``aoe.data.chunks``), pieces are encoded
+in batches by the library's thread pool (the next batch while the previous one is written) and
+the ids are appended to the files as they come. Memory is bounded by the chunk sizes, not by the
+corpus or document size, and the files are byte-identical to encoding every document whole
+(except after a *forced* cut, counted in the manifest as ``forced_cuts``; see ``aoe.data.chunks``).
+Two exceptions hold a whole document in memory: a JSON Lines line is parsed whole, and a
+tokenizer for which cutting is not proven exact (``Tokenizer.piecewise`` False: another
+pre-tokenizer, a normalizer, truncation...) gets every document whole.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".prepare.lock"
 _SPLIT_RULE = "blake2b-doc-index-v1"
 _CHECK_CHUNK = 1 << 24
-_COPY_TOKENS = 1 << 22  # tokens per read when token files are copied
+_IO_TOKENS = 1 << 22  # tokens per read when token files are copied or checked
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -89,8 +91,8 @@ def _check_file_ids(file: Path, dtype: np.dtype, n: int, vocab_size: int) -> Non
     """:func:`check_token_ids` on the ``n`` tokens of a token file, read in chunks with ordinary
     reads: unlike a scan through a memory map, this leaves none of the file resident in the process."""
     with open(file, "rb") as f:
-        for start in range(0, n, _CHECK_CHUNK):
-            chunk = np.fromfile(f, dtype=dtype, count=min(_CHECK_CHUNK, n - start))
+        for start in range(0, n, _IO_TOKENS):
+            chunk = np.fromfile(f, dtype=dtype, count=min(_IO_TOKENS, n - start))
             _check_chunk(chunk, start, vocab_size, repr(str(file)))
 
 
@@ -243,9 +245,9 @@ class _SplitWriter:
         """Append tokens [start, stop) of this file to the document ``other`` is writing."""
         itemsize = self.dtype.itemsize
         self.file.flush()
-        for lo in range(start, stop, _COPY_TOKENS):
+        for lo in range(start, stop, _IO_TOKENS):
             self.file.seek(lo * itemsize)
-            raw = self.file.read((min(lo + _COPY_TOKENS, stop) - lo) * itemsize)
+            raw = self.file.read((min(lo + _IO_TOKENS, stop) - lo) * itemsize)
             other.write(np.frombuffer(raw, dtype=self.dtype))
         self.file.seek(0, os.SEEK_END)
 
@@ -263,11 +265,12 @@ class _SplitWriter:
         """Make the file tokens [start, stop) of itself, as one document of ``nbytes`` bytes."""
         itemsize = self.dtype.itemsize
         self.file.flush()
-        for lo in range(start, stop, _COPY_TOKENS):  # shift left in place: reads stay ahead of writes
-            self.file.seek(lo * itemsize)
-            raw = self.file.read((min(lo + _COPY_TOKENS, stop) - lo) * itemsize)
-            self.file.seek((lo - start) * itemsize)
-            self.file.write(raw)
+        if start:  # shift left in place: reads stay ahead of writes
+            for lo in range(start, stop, _IO_TOKENS):
+                self.file.seek(lo * itemsize)
+                raw = self.file.read((min(lo + _IO_TOKENS, stop) - lo) * itemsize)
+                self.file.seek((lo - start) * itemsize)
+                self.file.write(raw)
         self._truncate(stop - start)
         self.documents, self.bytes, self._last = 1, nbytes, (0, nbytes)
 
@@ -367,8 +370,8 @@ def prepare_tokens(
     max_bytes: use only the first ``max_bytes`` UTF-8 bytes of documents (deterministic, whole
     documents in source order). tokenizer_max_bytes: training cap for the tokenizer (default: the
     same documents as ``max_bytes``). num_workers: threads of tokenizers' Rust pool (None: its
-    default, all cores; 1: no parallelism; other values only take effect if the pool has not
-    started yet in this process). cache_dir: where trained tokenizers are cached (default
+    default, all cores; 1: no parallelism, not even encoding ahead; other values only take effect
+    if the pool has not started yet in this process). cache_dir: where trained tokenizers are cached (default
     :func:`default_cache_dir`). out_dir None: :func:`default_token_dir`. chunk_sizes: how much
     text is read, cut and encoded at once (default ``aoe.data.chunks.DEFAULT_CHUNK_SIZES``; the
     files do not depend on it, bar forced cuts).
