@@ -19,11 +19,14 @@ imports, i.e. the interpreter, torch and numpy before any work):
   the same pieces and batches outside the clock, the batches go to the two methods in turn, and
   only the encode calls are timed. This is the limit: the rate of the encoding alone.
 
-Contenders are interleaved per corpus (prepare, then library); with ``--reps`` > 1 the median is
-shown. Throughput on a shared machine moves with its load: read the ratios.
+Contenders are interleaved per corpus, in alternating order (prepare then library on even
+repetitions, library then prepare on odd ones); with more than one repetition the median is shown.
+Throughput on a shared machine moves with its load: the wall-clock ratio is only as good as the
+load was steady, so the CPU seconds per MB of each (all threads of the process) are shown too.
 
 Usage:
     python benchmarks/bench_data.py                         # 50 MB and 500 MB
+    python benchmarks/bench_data.py --sizes 50 500 --reps 2 1 --train-sizes 50 500
     python benchmarks/bench_data.py --sizes 10 --reps 3     # a quick look
 """
 
@@ -111,7 +114,7 @@ def child_prepare(corpus: str, out_dir: str, tokenizer: str, cache_dir: str) -> 
     m = data.manifest
     return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": _rss_mb(), "import_rss_mb": import_rss,
             "tokens": m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"],
-            "forced_cuts": m["forced_cuts"], "tokenize_s": m["timings"]["tokenize_s"]}
+            "forced_cuts": m.get("forced_cuts"), "tokenize_s": m["timings"]["tokenize_s"]}
 
 
 def _batches_of_pieces(corpus: str):
@@ -151,18 +154,23 @@ def child_library(corpus: str, tokenizer: str) -> dict:
         seconds[name] += time.perf_counter() - t0
         cpu[name] += time.process_time() - c0
         del encodings
+    nan = float("nan")  # a corpus of one batch gives the second method nothing to encode
     return {"seconds": seconds, "cpu_s": cpu, "bytes": nbytes,
-            "mb_s": {k: nbytes[k] / MB / seconds[k] for k in methods},
-            "cpu_s_per_mb": {k: cpu[k] / (nbytes[k] / MB) for k in methods}}
+            "mb_s": {k: nbytes[k] / MB / seconds[k] if nbytes[k] else nan for k in methods},
+            "cpu_s_per_mb": {k: cpu[k] / (nbytes[k] / MB) if nbytes[k] else nan for k in methods}}
 
 
 CHILDREN = {"train": child_train, "prepare": child_prepare, "library": child_library}
 
 
-def run_child(task: str, **kwargs) -> dict:
-    """Run ``task`` in a fresh interpreter; returns its result dict."""
+def run_child(task: str, src: str | None = None, **kwargs) -> dict:
+    """Run ``task`` in a fresh interpreter (importing ``aoe`` from the source tree ``src`` when
+    given); returns its result dict."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", task, json.dumps(kwargs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"child {task} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -186,6 +194,27 @@ def machine() -> str:
             f"tokenizers {tokenizers.__version__}")
 
 
+def measure_prepare(work: Path, corpus: Path, tokenizer: Path, size: int, rep: int) -> dict:
+    out = work / f"tokens_{size}"
+    shutil.rmtree(out, ignore_errors=True)
+    r = run_child("prepare", corpus=str(corpus), out_dir=str(out), tokenizer=str(tokenizer),
+                  cache_dir=str(work / "cache"))
+    shutil.rmtree(out, ignore_errors=True)
+    mb = corpus.stat().st_size / MB
+    print(f"[{size} MB rep {rep}] prepare: {r['seconds']:.1f}s = {mb / r['seconds']:.2f} MB/s, "
+          f"{r['cpu_s'] / mb:.2f} CPU s/MB, peak RSS {r['peak_rss_mb']:.0f} MB (import {r['import_rss_mb']:.0f})",
+          flush=True)
+    return r
+
+
+def measure_library(corpus: Path, tokenizer: Path, size: int, rep: int) -> dict:
+    lib = run_child("library", corpus=str(corpus), tokenizer=str(tokenizer))
+    print(f"[{size} MB rep {rep}] library: " + ", ".join(
+        f"{k} {lib['bytes'][k] / MB:.0f} MB in {lib['seconds'][k]:.1f}s = {lib['mb_s'][k]:.2f} MB/s, "
+        f"{lib['cpu_s_per_mb'][k]:.2f} CPU s/MB" for k in lib["seconds"]), flush=True)
+    return lib
+
+
 def median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -195,9 +224,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 500], help="corpus sizes in MB (10**6 bytes)")
     ap.add_argument("--train-sizes", type=int, nargs="*", default=None,
                     help="also train a tokenizer on these corpora (default: the first size only)")
-    ap.add_argument("--reps", type=int, default=1, help="repetitions per contender and corpus (median shown)")
+    ap.add_argument("--reps", type=int, nargs="+", default=[1],
+                    help="repetitions per contender, one value for all corpora or one per --sizes (median shown)")
     ap.add_argument("--workdir", default=None, help="where corpora and outputs go (default: a temporary directory)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--baseline-src", default=None,
+                    help="also run 'prepare' on the first corpus with aoe imported from this source tree "
+                         "(e.g. an older commit's src/, from git archive), for a before/after")
     ap.add_argument("--child", nargs=2, metavar=("TASK", "ARGS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -208,6 +241,9 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="aoe-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     train_sizes = [args.sizes[0]] if args.train_sizes is None else args.train_sizes
+    if len(args.reps) not in (1, len(args.sizes)):
+        ap.error(f"--reps takes one value or one per size ({len(args.sizes)}), got {len(args.reps)}")
+    reps = dict(zip(args.sizes, args.reps * len(args.sizes) if len(args.reps) == 1 else args.reps))
     print(f"machine: {machine()}\nworkdir: {work}", flush=True)
     results: dict = {"machine": machine(), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                      "corpora": {}, "train": {}}
@@ -236,20 +272,13 @@ def main(argv=None) -> int:
         for size in args.sizes:
             nbytes = corpora[size].stat().st_size
             runs: dict[str, list] = {"prepare": [], "library": []}
-            for rep in range(args.reps):
-                out = work / f"tokens_{size}"
-                shutil.rmtree(out, ignore_errors=True)
-                r = run_child("prepare", corpus=str(corpora[size]), out_dir=str(out), tokenizer=str(tokenizer),
-                              cache_dir=str(work / "cache"))
-                runs["prepare"].append(r)
-                print(f"[{size} MB rep {rep}] prepare: {r['seconds']:.1f}s = {nbytes / MB / r['seconds']:.2f} MB/s, "
-                      f"{r['cpu_s'] / (nbytes / MB):.2f} CPU s/MB, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-                shutil.rmtree(out, ignore_errors=True)
-                lib = run_child("library", corpus=str(corpora[size]), tokenizer=str(tokenizer))
-                runs["library"].append(lib)
-                print(f"[{size} MB rep {rep}] library: " + ", ".join(
-                    f"{k} {lib['bytes'][k] / MB:.0f} MB in {lib['seconds'][k]:.1f}s = {lib['mb_s'][k]:.2f} MB/s, "
-                    f"{lib['cpu_s_per_mb'][k]:.2f} CPU s/MB" for k in lib["seconds"]), flush=True)
+            for rep in range(reps[size]):
+                order = ("prepare", "library") if rep % 2 == 0 else ("library", "prepare")
+                for contender in order:
+                    if contender == "prepare":
+                        runs["prepare"].append(measure_prepare(work, corpora[size], tokenizer, size, rep))
+                    else:
+                        runs["library"].append(measure_library(corpora[size], tokenizer, size, rep))
             ours = nbytes / MB / median([r["seconds"] for r in runs["prepare"]])
             lib_rates = {k: median([r["mb_s"][k] for r in runs["library"]]) for k in runs["library"][0]["mb_s"]}
             results["corpora"][size] = {
@@ -261,6 +290,17 @@ def main(argv=None) -> int:
                 "import_rss_mb": median([r["import_rss_mb"] for r in runs["prepare"]]),
                 "tokens": runs["prepare"][0]["tokens"], "forced_cuts": runs["prepare"][0]["forced_cuts"],
             }
+        if args.baseline_src:
+            size = args.sizes[0]
+            out = work / "tokens_baseline"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_child("prepare", src=args.baseline_src, corpus=str(corpora[size]), out_dir=str(out),
+                          tokenizer=str(tokenizer), cache_dir=str(work / "cache_baseline"))
+            shutil.rmtree(out, ignore_errors=True)
+            results["baseline"] = {"src": args.baseline_src, "size_mb": size, **r}
+            print(f"[{size} MB] baseline prepare ({args.baseline_src}): {r['seconds']:.1f}s = "
+                  f"{corpora[size].stat().st_size / MB / r['seconds']:.2f} MB/s, peak RSS {r['peak_rss_mb']:.0f} MB",
+                  flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
