@@ -20,3 +20,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One token cache for the whole session (the tiny corpus is tokenized once)."""
+    return tmp_path_factory.mktemp("aoe-cache")
+
+
+@pytest.fixture
+def make_cfg(cache_dir):
+    """``make_cfg(**overrides)``: the tiny trainable config (``tiny_runs.tiny_overrides``)."""
+    from aoe.config import load_config
+    from tiny_runs import tiny_overrides
+
+    def make(**extra):
+        return load_config("tiny", tiny_overrides(cache_dir, **extra))
+    return make

@@ -8,7 +8,9 @@ from aoe.compare.runner import run_comparison
 from aoe.compare.variants import DEFAULT_VARIANTS, resolve_variants
 from aoe.config import ConfigError, ModelConfig
 
-from .conftest import tiny_overrides
+from tiny_runs import tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster and steadier
 
 
 def test_default_suite_is_parameter_matched(make_cfg):

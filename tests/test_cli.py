@@ -6,7 +6,9 @@ import pytest
 
 from aoe.cli import main
 
-from .conftest import tiny_overrides
+from tiny_runs import tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster and steadier
 
 
 @pytest.fixture(scope="module")
