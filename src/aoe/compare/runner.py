@@ -154,6 +154,40 @@ def run_comparison(
     """
     out = Path(out_dir)
     base = load_config(config, overrides)
+    chosen, plan = _check_request(config, overrides, base, variants, seeds, lr_sweep, sweep_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_FILE
+    previous = _previous_results(results_path, base, plan)
+    data = prepare_data(base)
+    results = _results_header(command or previous.get("command") or "aoe compare --out " + str(out), base, data,
+                              chosen, seeds)
+    lrs = {v.name: base.train.lr for v in chosen}
+    if plan is not None:
+        results["sweep"] = run_sweep(plan, chosen, config, overrides, out,
+                                     lambda cfg, run_dir: _fit(cfg, run_dir, data, progress)[0],
+                                     previous.get("sweep"), progress)
+        lrs = results["sweep"]["chosen"]
+        for entry in results["variants"]:
+            entry["lr"] = lrs[entry["name"]]
+        _write_json(results_path, results)
+    done = {(r["variant"], r["seed"]): r for r in previous.get("runs", []) if r.get("status") == "done"}
+    jobs = [(v, seed) for seed in seeds for v in chosen]
+    for i, (v, seed) in enumerate(jobs, 1):
+        cfg = load_config(config, [*overrides, *v.overrides, f"train.seed={seed}", f"train.lr={lrs[v.name]!r}"])
+        results["runs"].append(_run_or_reuse(v, seed, cfg, out, data, done, f"[{i}/{len(jobs)}]", progress))
+        _write_json(results_path, results)
+    _write_json(results_path, results)
+    if report:
+        from aoe.compare.report import write_report
+
+        path = write_report(results, out)
+        if progress:
+            print(f"report: {path}", file=sys.stderr)
+    return results
+
+
+def _check_request(config, overrides, base: RunConfig, variants, seeds, lr_sweep, sweep_steps):
+    """The variants and the sweep plan (None without one), refusing a bad request before anything trains."""
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     if len(set(seeds)) != len(seeds):
@@ -164,17 +198,14 @@ def run_comparison(
         plan = SweepPlan(tuple(float(lr) for lr in lr_sweep), sweep_steps or base.train.max_steps, seeds[0])
     elif sweep_steps is not None:
         raise ConfigError("--sweep-steps needs --lr-sweep")
-    for v in chosen:  # every variant's overrides are valid before anything trains
+    for v in chosen:  # every variant's overrides are valid
         load_config(config, [*overrides, *v.overrides])
+    return chosen, plan
 
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_FILE
-    previous = _previous_results(results_path, base, plan)
-    done = {(r["variant"], r["seed"]): r for r in previous.get("runs", []) if r.get("status") == "done"}
 
-    data = prepare_data(base)
-    results: dict[str, Any] = {
-        "command": command or previous.get("command") or "aoe compare --out " + str(out),
+def _results_header(command: str, base: RunConfig, data: TokenData, chosen: list[Variant], seeds) -> dict[str, Any]:
+    return {
+        "command": command,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine_info(),
         "config": config_to_dict(base),
@@ -183,39 +214,18 @@ def run_comparison(
         "seeds": list(seeds),
         "runs": [],
     }
-    lrs = {v.name: base.train.lr for v in chosen}
-    if plan is not None:
-        results["sweep"] = run_sweep(plan, chosen, config, overrides, out,
-                                     lambda cfg, run_dir: _fit(cfg, run_dir, data, progress)[0],
-                                     previous.get("sweep"), progress)
-        lrs = results["sweep"]["chosen"]
-        for entry in results["variants"]:
-            entry["lr"] = lrs[entry["name"]]
-        _write_json(results_path, results)
-    total = len(chosen) * len(seeds)
-    i = 0
-    for seed in seeds:
-        for v in chosen:
-            i += 1
-            run_name = f"{v.name}-s{seed}"
-            run_dir = out / run_name
-            cfg = load_config(config, [*overrides, *v.overrides, f"train.seed={seed}", f"train.lr={lrs[v.name]!r}"])
-            prior = _reusable(done.get((v.name, seed)), run_dir, cfg)
-            if prior is not None:
-                if progress:
-                    print(f"[{i}/{total}] {run_name}: already done (val_loss {prior['val_loss']:.4f})", file=sys.stderr)
-                results["runs"].append(prior)
-                continue
-            if progress:
-                print(f"[{i}/{total}] {run_name}: {v.description}", file=sys.stderr)
-            summary, peak = _train_one(cfg, run_dir, data, progress)
-            results["runs"].append(_run_entry(v, seed, run_name, summary, peak, cfg.train.lr))
-            _write_json(results_path, results)
-    _write_json(results_path, results)
-    if report:
-        from aoe.compare.report import write_report
 
-        path = write_report(results, out)
+
+def _run_or_reuse(v: Variant, seed: int, cfg: RunConfig, out: Path, data: TokenData, done: dict, tag: str,
+                  progress: bool) -> dict[str, Any]:
+    """One run's results.json entry: the stored one when the run finished at this config, else trained."""
+    run_name = f"{v.name}-s{seed}"
+    prior = _reusable(done.get((v.name, seed)), out / run_name, cfg)
+    if prior is not None:
         if progress:
-            print(f"report: {path}", file=sys.stderr)
-    return results
+            print(f"{tag} {run_name}: already done (val_loss {prior['val_loss']:.4f})", file=sys.stderr)
+        return prior
+    if progress:
+        print(f"{tag} {run_name}: {v.description}", file=sys.stderr)
+    summary, peak = _train_one(cfg, out / run_name, data, progress)
+    return _run_entry(v, seed, run_name, summary, peak, cfg.train.lr)
