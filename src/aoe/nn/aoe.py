@@ -18,11 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aoe.nn.dispatch import Dispatch
 from aoe.nn.experts import swiglu_experts
 from aoe.nn.factorized import check_gate_init, init_factorized_gate
 from aoe.nn.selection import activation_norms, check_norm
-from aoe.nn.sparse import SparseFFN, check_positive
+from aoe.nn.sparse import Routing, SparseFFN, check_positive
 
 
 def aoe_expert_params(d_model: int, d_low: int, d_wide: int) -> int:
@@ -132,7 +131,8 @@ class AoE(SparseFFN):
         recompute_from = (x_TD, w_down_DX) if self.recompute_scores else None
         return activation_norms(act_TEL, self.norm, recompute_from=recompute_from), act_TEL
 
-    def expert_outputs(self, x_TD, act_TEL, gate_weight_S, dispatch: Dispatch, dtype):
+    def expert_outputs(self, x_TD, act_TEL, routing: Routing, dtype):
+        dispatch, gate_weight_S = routing.dispatch, routing.gate_weight_S
         x_SD = dispatch.gather_tokens(x_TD)
         E, L = self.n_experts, self.d_low
         act_SL = act_TEL.reshape(-1, L).index_select(0, dispatch.token_S * E + dispatch.expert_S)

@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from aoe.nn.balance import router_z_loss
-from aoe.nn.dispatch import Dispatch
 from aoe.nn.experts import swiglu_experts
 from aoe.nn.grouped_mm import grouped_linear
 from aoe.nn.factorized import check_gate_init, w_up_std
 from aoe.nn.selection import at_least_fp32
-from aoe.nn.sparse import SparseFFN, check_non_negative, check_positive
+from aoe.nn.sparse import Routing, SparseFFN, check_non_negative, check_positive
 
 
 class MoE(SparseFFN):
@@ -109,7 +108,8 @@ class MoE(SparseFFN):
     def extra_loss(self, scores_TE):
         return self.z_loss_coef * router_z_loss(scores_TE) if self.z_loss_coef > 0 else None
 
-    def expert_outputs(self, x_TD, state, gate_weight_S, dispatch: Dispatch, dtype):
+    def expert_outputs(self, x_TD, state, routing: Routing, dtype):
+        dispatch, gate_weight_S = routing.dispatch, routing.gate_weight_S
         x_SD = dispatch.gather_tokens(x_TD)
         if self.gate_rank is not None:  # factorized gate: the chosen experts' low-rank activations
             act_SR = grouped_linear(x_SD, self.w_down.to(dtype), dispatch.offsets_E, self.grouped_mm)

@@ -4,7 +4,8 @@
       -> SwiGLU experts on sorted rows (grouped matmuls) -> combine -> [..., D]
 
 A subclass says how experts are scored (``expert_scores``) and what feeds each expert's gate
-(``expert_outputs``). ``forward_with_aux(x)`` returns the output and the auxiliary loss (a scalar
+(``expert_outputs``); between them, ``route`` turns the scores into a ``Routing`` record (the
+selection, the dispatch, the sorted gate weights): the one seam where how experts are chosen lives. ``forward_with_aux(x)`` returns the output and the auxiliary loss (a scalar
 tensor in the graph, already multiplied by its coefficients): the decoder LM sums these up its
 blocks. ``forward(x)`` returns the output only and keeps the loss in ``layer.aux_loss``, for a
 layer dropped into another model (``total_aux_loss(model)`` sums them). Either way the decisions
@@ -16,6 +17,8 @@ Shape legend: T tokens, D model dim, E experts, K chosen per token, S = T*K sort
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -23,6 +26,17 @@ from aoe.nn.balance import RoutingInfo, load_balancing_loss, update_selection_bi
 from aoe.nn.dispatch import Dispatch
 from aoe.nn.grouped_mm import check_backend
 from aoe.nn.selection import Selection, select_top_k
+
+
+@dataclass
+class Routing:
+    """What one forward decided, as the experts consume it: the ``Selection`` (probabilities over
+    all experts, chosen indices and gate weights per token), the ``Dispatch`` that sorts the
+    (token, slot) pairs by expert, and the gate weight of each sorted slot [S]."""
+
+    selection: Selection
+    dispatch: Dispatch
+    gate_weight_S: torch.Tensor
 
 
 def check_positive(name: str, value: int) -> int:
@@ -81,9 +95,7 @@ class SparseFFN(nn.Module):
         """Return the fp32 scores [T, E] and any state the experts reuse."""
         raise NotImplementedError
 
-    def expert_outputs(
-        self, x_TD: torch.Tensor, state: object, gate_weight_S: torch.Tensor, dispatch: Dispatch, dtype: torch.dtype
-    ) -> torch.Tensor:
+    def expert_outputs(self, x_TD: torch.Tensor, state: object, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
         """Return the weighted outputs [S, D] of the sorted rows."""
         raise NotImplementedError
 
@@ -105,14 +117,18 @@ class SparseFFN(nn.Module):
         dtype = compute_dtype(x)
         x_TD = x.reshape(-1, self.d_model).to(dtype)
         scores_TE, state = self.expert_scores(x_TD, dtype)
+        routing = self.route(scores_TE)
+        out_TD = routing.dispatch.combine(self.expert_outputs(x_TD, state, routing, dtype))
+        self._record(routing.selection, routing.dispatch)
+        return out_TD.view(*x.shape[:-1], self.d_model), self._aux_loss(scores_TE, routing.selection, routing.dispatch)
+
+    def route(self, scores_TE: torch.Tensor) -> Routing:
+        """Choose experts from the fp32 scores [T, E] (top-k; the selection bias when balancing
+        without a loss) and sort the (token, slot) pairs by expert."""
         bias_E = self.selection_bias if self.bias_update_rate > 0 else None
         selection = select_top_k(scores_TE, self.top_k, renormalize=self.renormalize, selection_bias_E=bias_E)
         dispatch = Dispatch.build(selection.expert_indices_TK, self.n_experts)
-        gate_weight_S = dispatch.sort_slots(selection.gate_weights_TK)
-        y_SD = self.expert_outputs(x_TD, state, gate_weight_S, dispatch, dtype)
-        out_TD = dispatch.combine(y_SD)
-        self._record(selection, dispatch)
-        return out_TD.view(*x.shape[:-1], self.d_model), self._aux_loss(scores_TE, selection, dispatch)
+        return Routing(selection, dispatch, dispatch.sort_slots(selection.gate_weights_TK))
 
     def _aux_loss(self, scores_TE: torch.Tensor, selection: Selection, dispatch: Dispatch) -> torch.Tensor:
         loss = scores_TE.new_zeros(())
