@@ -173,18 +173,18 @@ def test_a_library_bug_keeps_its_traceback(trained, tmp_path, monkeypatch):
 
 
 def test_an_unknown_harness_task_is_a_message_other_harness_errors_are_not(trained, monkeypatch, capsys):
-    import aoe.eval.harness
+    import aoe.eval.tasks
 
     def unknown(*args, **kwargs):
         raise ValueError("unknown lm-eval task 'nope': no such task")
 
-    monkeypatch.setattr(aoe.eval.harness, "run_harness", unknown)
+    monkeypatch.setattr(aoe.eval.tasks, "run_harness", unknown)
     assert main(["eval", str(trained[0]), "--skip-loss", "--tasks", "nope"]) == 2
     assert "--tasks: unknown lm-eval task 'nope'" in _one_error_line(capsys)
 
     def bug(*args, **kwargs):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(aoe.eval.harness, "run_harness", bug)
+    monkeypatch.setattr(aoe.eval.tasks, "run_harness", bug)
     with pytest.raises(ValueError, match="a bug"):
         main(["eval", str(trained[0]), "--skip-loss", "--tasks", "piqa"])

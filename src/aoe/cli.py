@@ -138,7 +138,8 @@ def _load_mc_files(paths: list[str]) -> dict[str, list[dict]]:
 
 def _run_tasks(lm, tokenizer, args: argparse.Namespace) -> dict:
     """lm-eval tasks; an unknown task or unreachable task data is reported as a CLIError."""
-    from aoe.eval.harness import TaskDataUnavailableError, run_harness
+    from aoe.eval.harness import TaskDataUnavailableError
+    from aoe.eval.tasks import run_harness
 
     try:
         return run_harness(lm, tokenizer, _task_names(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit,

@@ -1,7 +1,8 @@
 """Evaluation: the lm-evaluation-harness adapter (``AoEHarnessLM``, registered as model "aoe";
 ``run_harness``) and local multiple-choice files scored like the harness does."""
 
-from aoe.eval.harness import AoEHarnessLM, TaskDataUnavailableError, run_harness
+from aoe.eval.harness import AoEHarnessLM, TaskDataUnavailableError
+from aoe.eval.tasks import run_harness
 from aoe.eval.multiple_choice import (
     MultipleChoiceFormatError,
     load_multiple_choice,
