@@ -1,5 +1,9 @@
 """Document sources: stream documents (``str``) from a corpus spec, never the whole corpus at once.
 
+(One module of about 570 lines, on purpose: every kind of source below shares one streaming
+decoder, its binary-file and decode-error rules and its statistics; split, they would each need
+all of it.)
+
 Source specs (``open_source(spec)``):
 
 * ``"stdlib"`` (the default corpus): every ``.py`` file of the running interpreter's standard

@@ -1,5 +1,8 @@
 """Tokenize a corpus once into memory-mapped ``train.bin`` / ``val.bin`` plus ``manifest.json``.
 
+(One module of about 550 lines, on purpose: the writer and the reader of one file format, whose
+manifest, split rule and id checks they share, and a preparation that runs under one lock.)
+
 Layout of ``out_dir``::
 
     train.bin      flat token ids, dtype uint16 (vocab_size <= 65535) or uint32, native byte order
