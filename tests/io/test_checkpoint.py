@@ -184,12 +184,16 @@ def test_disk_full_while_saving_names_the_cause_and_keeps_the_last_good_checkpoi
     verify_checkpoint(good)
 
 
-def test_a_signal_during_the_final_renames_waits_until_they_are_done(tmp_path, monkeypatch):
+def test_a_signal_during_the_final_renames_waits_until_they_are_done(tmp_path, monkeypatch, request):
     import aoe.io.checkpoint as ckpt
 
     model, cfg = _model_and_cfg()
     path = save_checkpoint(tmp_path, 3, model, cfg, {"step": 3})
     real = os.replace
+    # Ctrl-C's own handler, whatever this process inherited (a job started in the background
+    # of a non-interactive shell ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     def replace_then_interrupt(src, dst):  # Ctrl-C right after the old checkpoint was renamed away
         real(src, dst)
