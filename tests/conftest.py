@@ -24,7 +24,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """One token cache for the whole session (the tiny corpus is tokenized once)."""
+    """One token cache for the whole test run (the tiny corpus is tokenized once)."""
     return tmp_path_factory.mktemp("aoe-cache")
 
 
