@@ -29,3 +29,11 @@ def test_import_aoe_is_light_and_transformers_imported_later_knows_aoe():
 
 def test_transformers_imported_first_knows_aoe_too():
     assert _run("import transformers, aoe\n" + _CHECK_AUTO) == ["AoEConfig AoEForCausalLM"]
+
+
+def test_a_failing_registration_does_not_break_importing_transformers():
+    code = ("import sys, warnings, aoe\nsys.modules['aoe.hf'] = None  # importing it now fails\n"
+            "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n"
+            "    import transformers\n"
+            "print(any('could not register' in str(w.message) for w in caught), hasattr(transformers, 'AutoConfig'))\n")
+    assert _run(code) == ["True True"]

@@ -10,7 +10,14 @@ __all__ = ["AoE", "MoE", "DenseFFN", "match_d_wide", "total_aux_loss", "update_s
 
 
 def _register_hf_classes() -> None:
-    import aoe.hf  # noqa: F401  (registers on import)
+    """Import aoe.hf (which registers the classes); a failure there must not break importing
+    transformers, so it becomes a warning."""
+    try:
+        import aoe.hf  # noqa: F401
+    except Exception as e:  # an incompatible transformers, say: the rest of aoe still works
+        import warnings
+
+        warnings.warn(f"aoe: could not register AoEConfig/AoEForCausalLM with transformers: {e}", stacklevel=2)
 
 
 # With transformers installed, `import aoe` registers AoEConfig / AoEForCausalLM with AutoConfig and
