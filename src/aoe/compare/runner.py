@@ -23,7 +23,7 @@ import torch
 
 from aoe.config import ConfigError, RunConfig, config_to_dict, load_config
 from aoe.data import TokenData, unigram_cross_entropy, unigram_entropy
-from aoe.compare.sweep import SweepPlan, run_sweep
+from aoe.compare.sweep import SweepPlan, finished_summary, run_sweep
 from aoe.compare.variants import Variant, resolve_variants
 from aoe.io.checkpoint import list_checkpoints
 from aoe.train.trainer import Trainer, prepare_data
@@ -119,10 +119,7 @@ def _previous_results(path: Path, base: RunConfig, plan: SweepPlan | None) -> di
 
 def _reusable(prior: dict[str, Any] | None, run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """A stored run entry that needs no training: done, at this config's max_steps and lr."""
-    summary_file = run_dir / "summary.json"
-    if prior is None or not summary_file.is_file():
-        return None
-    if json.loads(summary_file.read_text()).get("step") != cfg.train.max_steps:
+    if prior is None or finished_summary(run_dir, cfg.train.max_steps) is None:
         return None
     if prior.get("lr", cfg.train.lr) != cfg.train.lr:
         return None

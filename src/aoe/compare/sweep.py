@@ -107,7 +107,7 @@ def run_sweep(
             name = sweep_run_name(v.name, lr)
             run_dir = out / SWEEP_DIR / name
             entry = {"variant": v.name, "lr": lr, "status": "done", "val_loss": None, "run_dir": f"{SWEEP_DIR}/{name}"}
-            summary = _finished_summary(run_dir, plan.steps)
+            summary = finished_summary(run_dir, plan.steps)
             prior = stored.get((v.name, lr))
             if summary is None and prior is not None and prior.get("status") == "diverged":
                 entry.update(status="diverged", error=prior.get("error"))
@@ -126,7 +126,9 @@ def run_sweep(
     return {**plan.as_dict(), "runs": runs, "chosen": {v.name: choose_lr(runs, v.name) for v in variants}}
 
 
-def _finished_summary(run_dir: Path, steps: int) -> dict[str, Any] | None:
+def finished_summary(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    """The run's summary.json if the run finished ``steps`` steps, else None (the sweep's runs and
+    the comparison's main runs are reused by this one rule)."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return None

@@ -200,8 +200,8 @@ class Transformer(nn.Module):
         active=True: the parameters one token uses (each FFN's ``num_active_params()``). In a
         sparse layer only top_k of the n_experts experts' expert weights count (MoE w_gate/w_in/w_out;
         AoE w_up/w_in/w_out); the MoE router and AoE's w_down of ALL experts count in full (every
-        AoE expert computes its low-rank activation for every token). include_embedding=False leaves out the token embedding and
-        an untied lm_head (the vocabulary tables).
+        AoE expert computes its low-rank activation for every token). include_embedding=False
+        leaves out the token embedding and an untied lm_head (the vocabulary tables).
         """
         vocab_tables = {id(self.embed_tokens.weight), id(self.lm_head.weight)}
         ffns = {id(block.ffn) for block in self.layers}

@@ -5,9 +5,9 @@
 
 A subclass says how experts are scored (``expert_scores``) and what feeds each expert's gate
 (``expert_outputs``); between them, ``route`` turns the scores into a ``Routing`` record (the
-selection, the dispatch, the sorted gate weights): the one seam where how experts are chosen lives. ``forward_with_aux(x)`` returns the output and the auxiliary loss (a scalar
-tensor in the graph, already multiplied by its coefficients): the decoder LM sums these up its
-blocks. ``forward(x)`` returns the output only and keeps the loss in ``layer.aux_loss``, for a
+selection, the dispatch, the sorted gate weights): the one seam where how experts are chosen
+lives. ``forward_with_aux(x)`` returns the output and the auxiliary loss (a scalar tensor in the
+graph, already multiplied by its coefficients): the decoder LM sums these up its blocks. ``forward(x)`` returns the output only and keeps the loss in ``layer.aux_loss``, for a
 layer dropped into another model (``total_aux_loss(model)`` sums them). Either way the decisions
 are ``layer.last_routing`` (a detached ``RoutingInfo``); ``update_selection_biases(model)`` steps
 the aux-loss-free balancing of every layer.
