@@ -52,11 +52,15 @@ class DenseFFN(nn.Module):
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[..., D] -> [..., D]``. ``token_mask`` (the sparse layers' interface) is ignored: every
+        token is computed on its own, so a padded token cannot change a real one."""
         gate = x @ self.w_gate if self.gate_rank is None else (x @ self.w_down) @ self.w_up
         return (F.silu(gate) * (x @ self.w_in)) @ self.w_out
 
-    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_aux(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(x), 0)``: a dense layer has no auxiliary loss (the sparse layers' interface)."""
         return self(x), x.new_zeros((), dtype=torch.float32)
 

@@ -51,6 +51,14 @@ def check_non_negative(name: str, value: float) -> float:
     return float(value)
 
 
+def real_token_indices(token_mask: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
+    """The flat indices [N] of the real tokens (True entries) of a bool mask of shape ``lead_shape``."""
+    if token_mask.dtype != torch.bool or token_mask.shape != lead_shape:
+        raise ValueError(f"token_mask must be a bool tensor of shape {tuple(lead_shape)} (the input's shape "
+                         f"without its last dim); got {token_mask.dtype} of shape {tuple(token_mask.shape)}")
+    return token_mask.reshape(-1).nonzero().squeeze(1)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the layer computes in: the autocast dtype when autocast is on, else x's dtype."""
     if torch.is_autocast_enabled(x.device.type):
@@ -103,23 +111,36 @@ class SparseFFN(nn.Module):
         return None
 
     # -- the shared forward ------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., D] -> [..., D]``; this call's auxiliary loss is left in ``self.aux_loss``."""
-        y, self.aux_loss = self.forward_with_aux(x)
+        y, self.aux_loss = self.forward_with_aux(x, token_mask)
         return y
 
-    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_aux(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[..., D] -> ([..., D], aux_loss)``: the output and this call's weighted auxiliary loss
         (a scalar in the graph; 0 when no balancing loss is on), returned rather than kept, for a
-        model that sums its layers' losses itself. ``last_routing`` is updated either way."""
+        model that sums its layers' losses itself. ``last_routing`` is updated either way.
+
+        ``token_mask`` (bool, shape ``x.shape[:-1]``; True = a real token, False = padding): the
+        padded tokens go to no expert (their output rows are exactly 0) and are left out of
+        everything routing-related (``last_routing``, the balancing losses, the selection bias's
+        load): the real tokens' outputs and the loss are those of the real tokens alone.
+        """
         if x.shape[-1] != self.d_model:
             raise ValueError(f"input's last dim is {x.shape[-1]}, expected d_model={self.d_model}")
         dtype = compute_dtype(x)
         x_TD = x.reshape(-1, self.d_model).to(dtype)
+        real_N = None if token_mask is None else real_token_indices(token_mask, x.shape[:-1])
+        if real_N is not None:  # N real tokens of the T: only they are scored and routed
+            x_TD = x_TD.index_select(0, real_N)
         scores_TE, state = self.expert_scores(x_TD, dtype)
         routing = self.route(scores_TE)
         out_TD = routing.dispatch.combine(self.expert_outputs(x_TD, state, routing, dtype))
         self._record(routing.selection, routing.dispatch)
+        if real_N is not None:  # back to all T rows: the padded ones exactly 0 (a permutation: no sums)
+            out_TD = out_TD.new_zeros(x.shape[:-1].numel(), self.d_model).index_copy(0, real_N, out_TD)
         return out_TD.view(*x.shape[:-1], self.d_model), self._aux_loss(scores_TE, routing.selection, routing.dispatch)
 
     def route(self, scores_TE: torch.Tensor) -> Routing:
