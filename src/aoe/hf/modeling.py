@@ -12,9 +12,14 @@ default, which ``generate`` creates); the native attention writes into it throug
 with the native ``KVCache`` interface, so beam search and cache reordering work as for any HF
 model. Positions are always ``past_length + arange(T)``.
 
-Not supported (a clear ``ValueError``): attention masks with zeros (left or right padding; the
-native attention has no padding mask), ``position_ids`` other than the contiguous positions,
-``inputs_embeds``, ``output_attentions`` / ``output_hidden_states``.
+Padding: a 2-D ``attention_mask`` (1 = real token, 0 = pad; left, right or in between) over the
+cached and the new positions, as ``generate`` and the tokenizers' ``padding=True`` give it. Each
+real token then sees only its sequence's real tokens, at the position it has in its own sequence,
+and gets the logits it would get alone; pads are routed to no expert and count in no routing
+statistic, auxiliary loss or loss (see ``aoe.model.padding``).
+
+Not supported (a clear ``ValueError``): ``position_ids`` other than those the mask implies,
+4-D attention masks, ``inputs_embeds``, ``output_attentions`` / ``output_hidden_states``.
 
 ``labels`` follow the HF convention (the labels are the input ids; the shift happens inside;
 -100 is ignored). ``loss`` = mean next-token cross entropy + ``aux_loss`` (the native, already
@@ -35,8 +40,10 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from aoe.hf.configuration import AoEConfig
 from aoe.model.attention import Attention, RotaryEmbedding
+from aoe.model.padding import check_attention_mask, padding
 from aoe.model.transformer import RMSNorm, Transformer
 from aoe.nn import DenseFFN
+from aoe.nn.shared import SharedExperts
 from aoe.nn.sparse import SparseFFN
 
 __all__ = ["AoEPreTrainedModel", "AoEForCausalLM"]
@@ -55,6 +62,35 @@ class _CacheAdapter:
         return self.cache.update(k, v, layer)
 
 
+def _padding_mask(attention_mask, batch: int, start_pos: int, length: int, device) -> torch.Tensor | None:
+    """The 2-D mask as bool [B, start_pos + T], or None when it pads nothing (the unpadded path)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a 2-D [batch, length] mask of 0s and 1s, got shape {tuple(attention_mask.shape)}")
+    mask = check_attention_mask(attention_mask.to(device), batch, start_pos, length)
+    return None if bool(mask.all()) else mask
+
+
+def _check_position_ids(position_ids, mask: torch.Tensor | None, start_pos: int, length: int) -> None:
+    """position_ids must be what the model uses anyway: contiguous, or with padding each real
+    token's index among its sequence's real tokens (pads may hold anything)."""
+    if position_ids is None:
+        return
+    if position_ids.shape[-1] != length:
+        raise ValueError(f"position_ids has {position_ids.shape[-1]} positions for {length} tokens")
+    if mask is None:
+        expected = torch.arange(start_pos, start_pos + length, device=position_ids.device).expand_as(position_ids)
+        real = torch.ones_like(expected, dtype=torch.bool)
+    else:
+        pad = padding(mask, start_pos, length)
+        expected, real = pad.positions_BT.to(position_ids.device), pad.real_BT.to(position_ids.device)
+        expected, real = expected.expand(position_ids.shape), real.expand(position_ids.shape)
+    if not bool((position_ids == expected)[real].all()):
+        raise ValueError("position_ids must be the positions the attention mask implies (each real token's index "
+                         "among the real tokens of its sequence); other position ids are not supported")
+
+
 class AoEPreTrainedModel(PreTrainedModel):
     config_class = AoEConfig
     config: AoEConfig
@@ -69,13 +105,15 @@ class AoEPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """The native initialization (``Transformer.reset_parameters``): every matrix ~ N(0, std),
         the residual-stream output projections (attention o_proj, FFN w_out) ~ N(0, std /
-        sqrt(2 * n_layers)), RMSNorm weights 1, selection biases 0. Uses ``transformers.initialization``
+        sqrt(2 * n_layers)), RMSNorm weights 1, selection biases and q/k/v biases 0. Uses ``transformers.initialization``
         so that tensors loaded from a checkpoint are left alone."""
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         if isinstance(module, Attention):
             for proj in (module.q_proj, module.k_proj, module.v_proj):
                 hf_init.normal_(proj.weight, mean=0.0, std=std)
+                if proj.bias is not None:  # qkv_bias
+                    hf_init.zeros_(proj.bias)
             hf_init.normal_(module.o_proj.weight, mean=0.0, std=out_std)
         elif isinstance(module, RMSNorm):
             hf_init.ones_(module.weight)
@@ -85,7 +123,7 @@ class AoEPreTrainedModel(PreTrainedModel):
             native = getattr(self, "model", None)
             if native is not None and module is native.lm_head and not self.config.tie_word_embeddings:
                 hf_init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (SparseFFN, DenseFFN)):
+        elif isinstance(module, (SparseFFN, DenseFFN, SharedExperts)):
             for name, p in module.named_parameters(recurse=False):
                 hf_init.normal_(p, mean=0.0, std=out_std if name == "w_out" else std)
             for _, b in module.named_buffers(recurse=False):
@@ -167,17 +205,8 @@ class AoEForCausalLM(AoEPreTrainedModel, GenerationMixin):
             past_key_values = DynamicCache()
         start_pos = past_key_values.get_seq_length() if past_key_values is not None else 0
 
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "AoEForCausalLM supports no padding: attention_mask must be all ones (the native attention has "
-                "no padding mask); run unpadded sequences (batch size 1, or sequences of equal length)"
-            )
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be a 2-D [batch, length] mask of ones, got shape {tuple(attention_mask.shape)}")
-        if position_ids is not None:
-            expected = torch.arange(start_pos, start_pos + T, device=position_ids.device)
-            if position_ids.shape[-1] != T or not bool((position_ids == expected).all()):
-                raise ValueError(f"position_ids must be the contiguous positions {start_pos}..{start_pos + T - 1}")
+        mask = _padding_mask(attention_mask, B, start_pos, T, input_ids.device)
+        _check_position_ids(position_ids, mask, start_pos, T)
 
         kv = None
         if past_key_values is not None:
@@ -185,8 +214,10 @@ class AoEForCausalLM(AoEPreTrainedModel, GenerationMixin):
         targets = None
         if labels is not None:
             labels = labels.to(input_ids.device)
+            if mask is not None:  # a pad is never a target
+                labels = labels.masked_fill(~mask[:, start_pos:], -100)
             targets = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1)
-        out = self.model(input_ids, targets=targets, kv_cache=kv, start_pos=start_pos)
+        out = self.model(input_ids, targets=targets, kv_cache=kv, start_pos=start_pos, attention_mask=mask)
         loss = None if out.loss is None else out.loss + out.aux_loss.to(out.loss.device)
         logits = out.logits
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:

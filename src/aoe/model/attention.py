@@ -48,12 +48,18 @@ class RotaryEmbedding(nn.Module):
         cos, sin = tables
         return cos[start_pos : start_pos + length], sin[start_pos : start_pos + length]
 
+    def at(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, T, Dh/2] (fp32) of per-sequence positions [B, T] (padded batches)."""
+        cos, sin = self.forward(0, self.max_seq_len, positions_BT.device)
+        return cos[positions_BT].unsqueeze(1), sin[positions_BT].unsqueeze(1)
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}"
 
 
 def apply_rotary(x_BHTK: torch.Tensor, cos_TK: torch.Tensor, sin_TK: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, T, Dh] by the angles of its T positions (cos/sin [T, Dh/2]); fp32 inside."""
+    """Rotate [B, H, T, Dh] by the angles of its T positions (cos/sin [T, Dh/2], or [B, 1, T, Dh/2]
+    for per-sequence positions); fp32 inside."""
     x1, x2 = x_BHTK.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos_TK - x2 * sin_TK, x2 * cos_TK + x1 * sin_TK), dim=-1)
     return out.to(x_BHTK.dtype)
@@ -126,16 +132,18 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with RoPE and grouped-query heads (no biases).
+    """Causal multi-head self-attention with RoPE and grouped-query heads (biases on q/k/v with
+    ``qkv_bias``, Qwen2 style; none on o_proj).
 
     Weights: q_proj [H*Dh, D], k_proj / v_proj [G*Dh, D], o_proj [D, H*Dh] (``nn.Linear`` layout);
+    with qkv_bias also q_proj.bias [H*Dh], k_proj.bias / v_proj.bias [G*Dh];
     with qk_norm="head" also q_norm.weight / k_norm.weight [Dh], with "full" q_norm.weight [H*Dh]
     and k_norm.weight [G*Dh] (RMSNorms of epsilon norm_eps; see the module docstring). With
     qk_norm="none" ``q_norm`` and ``k_norm`` are None (no parameters).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, qk_norm: str = "none",
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, qkv_bias: bool = False):
         super().__init__()
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm={qk_norm!r} is not one of {list(QK_NORMS)}")
@@ -146,9 +154,9 @@ class Attention(nn.Module):
             raise ValueError(f"n_kv_heads={n_kv_heads} does not divide n_heads={n_heads}")
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.qk_norm = qk_norm
         self.q_norm: RMSNorm | None = None
@@ -168,7 +176,10 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
         start_pos: int = 0,
+        allowed_B1TS: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D]. ``allowed_B1TS`` (padded batches, ``aoe.model.padding``): the
+        keys each query may attend to, replacing the causal rule; None = causal over every key."""
         B, T, _ = x_BTD.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         q, k = self.q_proj(x_BTD), self.k_proj(x_BTD)  # [B, T, H*Dh], [B, T, G*Dh]
@@ -190,6 +201,8 @@ class Attention(nn.Module):
                 if T > 1:
                     S = start_pos + T
                     mask = torch.arange(S, device=q.device)[None, :] <= (start_pos + torch.arange(T, device=q.device))[:, None]
+        if allowed_B1TS is not None:
+            mask, is_causal = allowed_B1TS, False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
 

@@ -10,6 +10,23 @@ from typing import Callable, Sequence
 import torch
 
 from aoe.model.attention import KVCache
+from aoe.model.padding import check_attention_mask
+
+
+def _is_id(i) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool)
+
+
+def _left_padded(seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of any lengths -> ids [B, T] and attention mask [B, T], left-padded with id 0."""
+    if not all(isinstance(q, (list, tuple)) and all(_is_id(i) for i in q) for q in seqs):
+        raise ValueError("prompt_ids must be a list of ints, a list of lists of ints, or an integer tensor")
+    if any(len(q) == 0 for q in seqs):
+        raise ValueError("a prompt is empty: give every sequence at least one token id")
+    T = max(len(q) for q in seqs)
+    idx = torch.tensor([[0] * (T - len(q)) + list(q) for q in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (T - len(q)) + [1] * len(q) for q in seqs], dtype=torch.long)
+    return idx, mask
 
 
 def _as_batch(prompt_ids, device: torch.device) -> tuple[torch.Tensor, bool]:
@@ -18,7 +35,7 @@ def _as_batch(prompt_ids, device: torch.device) -> tuple[torch.Tensor, bool]:
         idx = prompt_ids
     else:
         ids = list(prompt_ids)
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        if not all(_is_id(i) for i in ids):
             raise ValueError("prompt_ids must be a list of ints or an integer tensor")
         idx = torch.tensor(ids, dtype=torch.long)
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
@@ -37,9 +54,12 @@ def sample_next(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]; temperature 0 = greedy (argmax)."""
+    """Next token ids [B] from last-position logits [B, V]; temperature 0 = greedy (argmax).
+
+    ``generator``: one generator for the whole batch, or one per row (row b then draws from its
+    own stream only, so its tokens do not depend on the other rows)."""
     logits = logits_BV.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -55,42 +75,12 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g) for b, g in enumerate(generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(
-    model: torch.nn.Module,
-    prompt_ids: Sequence[int] | torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    use_cache: bool = True,
-    eos_id: int | None = None,
-) -> torch.Tensor:
-    """Sample up to max_new_tokens tokens after a prompt.
-
-    Args:
-        model: a ``Transformer`` (put in eval mode for the call; its mode is restored after).
-        prompt_ids: a list of ints or a 1-D tensor (one sequence), or a [B, T] tensor (B
-            sequences of the same length).
-        max_new_tokens: tokens to add; prompt length + max_new_tokens must be <= max_seq_len.
-        temperature: softmax temperature; 0 = greedy (argmax, top_k / top_p unused).
-        top_k: sample among the k most likely tokens only (None = all).
-        top_p: nucleus sampling: among the smallest set of tokens whose probability reaches
-            top_p (None or 1.0 = all).
-        seed: seed of a private generator (reproducible samples; the global RNG is untouched).
-        use_cache: decode with a ``KVCache`` (one new token per step); False recomputes the
-            whole context every step (slow; the reference the cache is tested against).
-        eos_id: stop once every sequence has produced this id; a finished sequence is padded
-            with eos_id until the others finish.
-
-    Returns:
-        Long tensor of the prompt followed by the new tokens: [T + n] for one sequence, else
-        [B, T + n] (n <= max_new_tokens, fewer when every sequence stopped at eos_id).
-    """
+def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
     if not temperature >= 0:
@@ -99,8 +89,9 @@ def generate(
         raise ValueError(f"top_k={top_k!r} must be a positive integer or None")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] or None")
-    device = model.embed_tokens.weight.device
-    idx, single = _as_batch(prompt_ids, device)
+
+
+def _check_prompt(model, idx: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int) -> None:
     B, T = idx.shape
     max_len = model.config.max_seq_len
     if T + max_new_tokens > max_len:
@@ -111,15 +102,76 @@ def generate(
     vocab = model.config.vocab_size
     if int(idx.min()) < 0 or int(idx.max()) >= vocab:
         raise ValueError(f"prompt token ids must be in [0, {vocab}), got min {int(idx.min())} and max {int(idx.max())}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    if mask is not None:
+        mask = check_attention_mask(mask, B, 0, T)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("attention_mask marks every token of a prompt as padding: give every sequence at least one real token")
 
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+def _generators(seed: int | None, batch: int, device: torch.device) -> list[torch.Generator] | None:
+    """One generator per row, row b seeded with seed + b (None: the global RNG)."""
+    if seed is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(seed + b) for b in range(batch)]
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    eos_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor | list[list[int]]:
+    """Sample up to max_new_tokens tokens after a prompt.
+
+    Args:
+        model: a ``Transformer`` (put in eval mode for the call; its mode is restored after).
+        prompt_ids: a list of ints or a 1-D tensor (one sequence); a [B, T] tensor (B sequences,
+            padded as ``attention_mask`` says); or a list of lists of ints (sequences of any
+            lengths, left-padded here).
+        max_new_tokens: tokens to add; prompt length + max_new_tokens must be <= max_seq_len.
+        temperature: softmax temperature; 0 = greedy (argmax, top_k / top_p unused).
+        top_k: sample among the k most likely tokens only (None = all).
+        top_p: nucleus sampling: among the smallest set of tokens whose probability reaches
+            top_p (None or 1.0 = all).
+        seed: seed of private generators, one per row: row b draws from a generator seeded
+            with seed + b (reproducible; the global RNG is untouched). A sequence therefore
+            gives the same tokens in a batch, padded or not, as alone with seed + b.
+        use_cache: decode with a ``KVCache`` (one new token per step); False recomputes the
+            whole context every step (slow; the reference the cache is tested against).
+        eos_id: stop once every sequence has produced this id; a finished sequence is padded
+            with eos_id until the others finish.
+        attention_mask: with a [B, T] tensor prompt, 1 for real tokens and 0 for pads (left,
+            right or in between); each row then continues from its last real token and gives
+            the tokens it would give alone (see ``Transformer.forward``).
+
+    Returns:
+        Long tensor of the prompt followed by the new tokens: [T + n] for one sequence, else
+        [B, T + n] (n <= max_new_tokens, fewer when every sequence stopped at eos_id; the new
+        tokens follow the prompt's last column, pads included). For a list of lists: one list
+        per sequence, its prompt and its new tokens (up to and including eos_id), no padding.
+    """
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    device = model.embed_tokens.weight.device
+    ragged = isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) > 0 and isinstance(prompt_ids[0], (list, tuple))
+    if ragged:
+        if attention_mask is not None:
+            raise ValueError("attention_mask is for a [B, T] tensor prompt; a list of lists is padded here")
+        prompt_ids, attention_mask = _left_padded(list(prompt_ids))
+    idx, single = _as_batch(prompt_ids, device)
+    mask = None if attention_mask is None else attention_mask.to(device)
+    _check_prompt(model, idx, mask, max_new_tokens)
+    generators = _generators(seed, idx.shape[0], device)
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
 
     def choose(logits_BV: torch.Tensor) -> torch.Tensor:
-        token = sample_next(logits_BV, temperature, top_k, top_p, generator)
+        token = sample_next(logits_BV, temperature, top_k, top_p, generators)
         if eos_id is not None:  # a finished sequence is padded with eos_id
             token = torch.where(finished, torch.full_like(token, eos_id), token)
             finished.logical_or_(token == eos_id)
@@ -129,10 +181,27 @@ def generate(
     model.eval()
     try:
         out = decode(model, idx, max_new_tokens, choose, stop=lambda: eos_id is not None and bool(finished.all()),
-                     use_cache=use_cache)
+                     use_cache=use_cache, attention_mask=mask)
     finally:
         model.train(was_training)
+    if ragged:
+        return [_unpadded(row, row_mask, idx.shape[1], eos_id) for row, row_mask in zip(out.tolist(), mask.tolist())]
     return out[0] if single else out
+
+
+def _unpadded(row: list[int], prompt_mask: list[int], prompt_len: int, eos_id: int | None) -> list[int]:
+    """A left-padded output row without its pads, cut after its first new eos_id."""
+    prompt = [t for t, m in zip(row[:prompt_len], prompt_mask) if m]
+    new = row[prompt_len:]
+    if eos_id is not None and eos_id in new:
+        new = new[: new.index(eos_id) + 1]
+    return prompt + new
+
+
+def _last_real(mask_BT: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token [B]."""
+    T = mask_BT.shape[1]
+    return T - 1 - mask_BT.flip(1).to(torch.long).argmax(dim=1)
 
 
 @torch.no_grad()
@@ -143,28 +212,35 @@ def decode(
     choose: Callable[[torch.Tensor], torch.Tensor],
     stop: Callable[[], bool] = lambda: False,
     use_cache: bool = True,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decoding loop (every generation of the project runs it): ``idx_BT`` [B, T] followed by
     up to ``max_new_tokens`` tokens [B, T + n].
 
-    Each step hands the last position's logits [B, V] to ``choose``, which returns the next tokens
-    [B] (sampling, forcing, bookkeeping are the caller's); after appending them, ``stop()`` ends
-    the loop early. With ``use_cache`` a ``KVCache`` holds the context (one new token per step);
-    without, the whole context is recomputed each step (the reference the cache is tested against).
-    No forward pass runs after the last token.
+    Each step hands the logits [B, V] of each row's last real token to ``choose``, which returns
+    the next tokens [B] (sampling, forcing, bookkeeping are the caller's); after appending them,
+    ``stop()`` ends the loop early. With ``use_cache`` a ``KVCache`` holds the context (one new
+    token per step); without, the whole context is recomputed each step (the reference the cache
+    is tested against). ``attention_mask`` [B, T] marks the prompt's pads (0); the new tokens are
+    real. No forward pass runs after the last token.
     """
     B, T = idx_BT.shape
-    out = idx_BT
+    out, mask = idx_BT, attention_mask
     cache = KVCache.for_model(model, B, max_len=T + max_new_tokens) if use_cache and max_new_tokens else None
+    rows = torch.arange(B, device=idx_BT.device)
+    last = None if mask is None else _last_real(mask)
     step_input, pos = idx_BT, 0
     for _ in range(max_new_tokens):
         if cache is not None:
-            logits = model(step_input, kv_cache=cache, start_pos=pos).logits[:, -1]
+            logits = model(step_input, kv_cache=cache, start_pos=pos, attention_mask=mask).logits
             pos += step_input.shape[1]
         else:
-            logits = model(out).logits[:, -1]
-        token = choose(logits)
+            logits = model(out, attention_mask=mask).logits
+        token = choose(logits[:, -1] if last is None else logits[rows, last])
         out = torch.cat((out, token[:, None]), dim=1)
+        if mask is not None:
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        last = None  # from now on the last token of every row is a new, real one
         step_input = token[:, None]
         if stop():
             break

@@ -23,6 +23,7 @@ from torch import nn
 from aoe.config import ConfigError, ModelConfig
 from aoe.model.attention import Attention, KVCache, RotaryEmbedding
 from aoe.model.norm import RMSNorm
+from aoe.model.padding import Padding, check_attention_mask, padding
 
 @dataclass
 class ModelOutput:
@@ -61,14 +62,18 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                              qkv_bias=cfg.attn_qkv_bias)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_idx)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the block's output and its FFN's auxiliary loss (a scalar; 0 for a dense FFN)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, self.layer_idx, start_pos)
-        h, aux_loss = self.ffn.forward_with_aux(self.ffn_norm(x))
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0,
+                pad: Padding | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the block's output and its FFN's auxiliary loss (a scalar; 0 for a dense FFN).
+        With ``pad`` (a padded batch) the attention skips pad keys and the FFN routes real tokens only."""
+        allowed, real = (None, None) if pad is None else (pad.allowed_B1TS, pad.real_BT)
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, self.layer_idx, start_pos, allowed)
+        h, aux_loss = self.ffn.forward_with_aux(self.ffn_norm(x), token_mask=real)
         return x + h, aux_loss
 
 
@@ -84,7 +89,8 @@ class Transformer(nn.Module):
     ``w_out``) ~ N(0, init_std / sqrt(2 * n_layers)) (GPT-2's depth scaling); RMSNorm weights 1
     (the q/k norms included).
 
-    ``forward(idx, targets=None, kv_cache=None, start_pos=0) -> ModelOutput``: see ``forward``.
+    ``forward(idx, targets=None, kv_cache=None, start_pos=0, attention_mask=None) -> ModelOutput``:
+    see ``forward`` (``attention_mask``: padded batches, ``aoe.model.padding``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -118,6 +124,8 @@ class Transformer(nn.Module):
         for block in self.layers:
             for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
                 nn.init.normal_(proj.weight, std=std)
+                if proj.bias is not None:  # attn_qkv_bias
+                    nn.init.zeros_(proj.bias)
             nn.init.normal_(block.attn.o_proj.weight, std=out_std)
             block.ffn.reset_parameters(std=std, out_std=out_std)
             nn.init.ones_(block.attn_norm.weight)
@@ -134,6 +142,7 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits of every position, and the loss when targets are given.
 
@@ -143,6 +152,12 @@ class Transformer(nn.Module):
             kv_cache: a ``KVCache`` for incremental decoding: positions start_pos .. start_pos+T-1
                 are written into it and the tokens attend to every cached position before them.
             start_pos: position of idx[:, 0] (rotary angles; where the cache is written).
+            attention_mask: padding (``aoe.model.padding``): [B, start_pos + T] of 1 (real) and 0
+                (pad) over every cached position and the T new tokens ([B, T] without a cache).
+                Real tokens then see only real tokens, take the positions they have in their
+                own sequence, and give the logits they would give alone; pads are routed to no
+                expert, count in no routing statistic or auxiliary loss, and their targets are
+                ignored. With a KV cache, pass the same mask extended by the new tokens each step.
 
         Raises:
             ValueError: ids out of range, a non-integer or non-2-D idx, start_pos + T above
@@ -150,15 +165,22 @@ class Transformer(nn.Module):
         """
         self._check_input(idx, targets, kv_cache, start_pos)
         B, T = idx.shape
-        cos, sin = self.rotary(start_pos, T, idx.device)
+        pad = None
+        if attention_mask is not None:
+            pad = padding(check_attention_mask(attention_mask.to(idx.device), B, start_pos, T), start_pos, T)
+            cos, sin = self.rotary.at(pad.positions_BT)
+        else:
+            cos, sin = self.rotary(start_pos, T, idx.device)
         x = self.embed_tokens(idx)
         aux_losses = []
         for block in self.layers:
-            x, aux_loss = block(x, cos, sin, kv_cache, start_pos)
+            x, aux_loss = block(x, cos, sin, kv_cache, start_pos, pad)
             aux_losses.append(aux_loss.float())
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
+            if pad is not None:
+                targets = targets.masked_fill(~pad.real_BT, -100)
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         aux_loss = torch.stack(aux_losses).sum().to(logits.device)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss)
@@ -208,7 +230,8 @@ class Transformer(nn.Module):
         seen: set[int] = set()
         total = 0
         for module in self.modules():
-            params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+            # an FFN's submodules (shared experts) are counted with it, by its num_active_params
+            params = [p for p in module.parameters(recurse=id(module) in ffns) if id(p) not in seen]
             seen.update(id(p) for p in params)
             if active and id(module) in ffns:  # the layer knows what one token uses
                 total += module.num_active_params()
