@@ -232,3 +232,15 @@ def test_registered_and_arg_string(model, tokenizer, monkeypatch, tmp_path):
         AoEHarnessLM(model, tokenizer, batch_size=0)
     with pytest.raises(ValueError, match="max_length"):
         AoEHarnessLM(model, tokenizer, max_length=65)
+
+
+def test_generate_until_batches_mixed_lengths_as_one_at_a_time(model, tokenizer):
+    """Prompts of different lengths share a batch (left-padded); greedy and seeded sampling give
+    every request the text it gets alone."""
+    prompts = ["the cat sat on", "experts", "red blue green yellow and", "the"]
+    for kw in ({"until": [], "max_gen_toks": 8},
+               {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0, "seed": 3}):
+        reqs = [req("generate_until", p, dict(kw)) for p in prompts]
+        batched = AoEHarnessLM(model, tokenizer, batch_size=4).generate_until(reqs)
+        alone = [AoEHarnessLM(model, tokenizer, batch_size=1).generate_until([r])[0] for r in reqs]
+        assert batched == alone, kw

@@ -319,8 +319,9 @@ class AoEHarnessLM(LM):
         it would leave the context no room (with a warning); the context keeps its last
         max_length - budget tokens (an empty context becomes [EOS]). Generation stops at EOS,
         when the decoded text contains a stop string, or after the budget; the returned text is
-        cut before the first stop string. Requests with the same settings and context length
-        are decoded together (batch_size at a time, with a KV cache).
+        cut before the first stop string. Requests with the same settings are decoded together
+        (batch_size at a time, left-padded, with a KV cache); each request samples from its own
+        generator seeded with the request's seed, so its text does not depend on the batch.
         """
         jobs = []
         for i, req in enumerate(requests):
@@ -333,9 +334,9 @@ class AoEHarnessLM(LM):
                 s["max_gen_toks"] = capped
             ids = self.tok_encode(context) if context else []
             ids = ids[-(self.max_length - s["max_gen_toks"]):] or [self.eot_token_id]
-            key = (len(ids), tuple(s["until"]), s["max_gen_toks"], s["temperature"], s["top_k"], s["top_p"], s["seed"])
+            key = (tuple(s["until"]), s["max_gen_toks"], s["temperature"], s["top_k"], s["top_p"], s["seed"])
             jobs.append((key, i, ids, s))
-        jobs.sort(key=lambda j: (-j[0][0], repr(j[0][1:]), j[1]))
+        jobs.sort(key=lambda j: (repr(j[0]), -len(j[2]), j[1]))  # longest first: little padding per batch
         out: list[str | None] = [None] * len(jobs)
         start = 0
         while start < len(jobs):
@@ -353,15 +354,16 @@ class AoEHarnessLM(LM):
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], s: dict) -> list[str]:
-        """Decode B prompts of the same length together (``aoe.model.generate.decode``); the texts,
+        """Decode B prompts together, left-padded (``aoe.model.generate.decode``); the texts,
         cut before stop strings. A sequence stops at EOS or once its text holds a stop string;
         only the last tokens that can complete a stop string are decoded each step (each token
         holds at least one byte), so checking costs the same at every step."""
-        idx = torch.tensor(prompts, dtype=torch.long, device=self._device)
+        T = max(len(q) for q in prompts)
+        idx = torch.tensor([[self.eot_token_id] * (T - len(q)) + q for q in prompts], dtype=torch.long, device=self._device)
+        mask = torch.tensor([[0] * (T - len(q)) + [1] * len(q) for q in prompts], device=self._device)
         generator = None
         if s["seed"] is not None:
-            generator = torch.Generator(device=self._device)
-            generator.manual_seed(s["seed"])
+            generator = [torch.Generator(device=self._device).manual_seed(s["seed"]) for _ in prompts]
         window = max(len(u.encode("utf-8")) for u in s["until"]) + 1
         generated: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
@@ -375,7 +377,8 @@ class AoEHarnessLM(LM):
                     done[b] = t == self.eot_token_id or any(u in tail for u in s["until"])
             return token
 
-        decode(self.model, idx, s["max_gen_toks"], choose, stop=lambda: all(done))
+        decode(self.model, idx, s["max_gen_toks"], choose, stop=lambda: all(done),
+               attention_mask=None if bool(mask.all()) else mask)
         texts = []
         for ids in generated:
             text = self.tok_decode(ids)
