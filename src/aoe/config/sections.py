@@ -50,6 +50,8 @@ class ModelConfig(_Section):
     #: q and k over head_dim, one weight [head_dim] shared by the heads: Qwen3); "full" (the whole
     #: q projection [n_heads * head_dim] and k projection [n_kv_heads * head_dim]: OLMoE).
     qk_norm: str = "none"
+    #: Biases on the attention's q, k and v projections (Qwen2 / Qwen2-MoE); o_proj has none.
+    attn_qkv_bias: bool = False
     #: Share the output layer's weight with the token embedding.
     tie_embeddings: bool = True
     #: Std of the normal init of every matrix; output projections (attention o_proj and FFN
@@ -107,6 +109,13 @@ class ModelConfig(_Section):
     dense_layers: list[int] = field(default_factory=list)
     #: Grouped-matmul backend of the expert engine: "auto", "torch" or "loop" (see aoe.nn.grouped_mm).
     grouped_mm: str = "auto"
+    #: Shared experts of every sparse layer: always-active SwiGLU experts each token uses besides
+    #: its top_k chosen ones, their output added (Qwen2-MoE: 1; DeepSeek-MoE: 1-2). 0 = none.
+    n_shared_experts: int = 0
+    #: Width of one shared expert. None = the expert width (MoE: d_ffn; AoE: d_wide).
+    d_shared: int | None = None
+    #: Scale the shared experts' output by sigmoid(x @ gate), gate [d_model, 1] (Qwen2-MoE).
+    shared_expert_gate: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -143,7 +152,9 @@ class ModelConfig(_Section):
         optional = {k: v for k, v in optional.items() if v is not None}
         sparse = dict(n_experts=self.n_experts, top_k=self.top_k, aux_loss_coef=self.aux_loss_coef,
                       bias_update_rate=self.bias_update_rate, grouped_mm=self.grouped_mm,
-                      backward_chunks=self.backward_chunks, gate_init=self.gate_init, **optional)
+                      backward_chunks=self.backward_chunks, gate_init=self.gate_init,
+                      n_shared_experts=self.n_shared_experts, d_shared=self.d_shared,
+                      shared_gate=self.shared_expert_gate, **optional)
         if kind == "dense":
             return DenseFFNConfig(self.d_model, self.ffn_width_dense, gate_rank=self.dense_gate_rank,
                                   gate_init=self.gate_init)
@@ -156,9 +167,9 @@ class ModelConfig(_Section):
     def _check(self) -> None:
         self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
                        "d_ffn", "n_experts", "top_k", "d_low", "d_wide", "dense_d_ffn", "backward_chunks",
-                       "moe_gate_rank", "moe_router_hidden", "dense_gate_rank")
+                       "moe_gate_rank", "moe_router_hidden", "dense_gate_rank", "d_shared")
         self._positive("rope_theta", "norm_eps", "init_std")
-        self._non_negative("aux_loss_coef", "z_loss_coef", "bias_update_rate")
+        self._non_negative("aux_loss_coef", "z_loss_coef", "bias_update_rate", "n_shared_experts")
         self._finite("rope_theta", "norm_eps", "init_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
@@ -181,6 +192,7 @@ class ModelConfig(_Section):
                 self._fail(name, f'applies to ffn="moe" only (ffn={self.ffn!r}); set it to null')
         if self.dense_gate_rank is not None and self.ffn != "dense" and not self.dense_layers:
             self._fail("dense_gate_rank", f'applies to dense FFNs only (ffn={self.ffn!r}, no dense_layers); set it to null')
+        self._check_shared()
         if self.ffn == "aoe" and self.z_loss_coef > 0:
             self._fail("z_loss_coef", 'applies to ffn="moe" only (AoE has no router logits); set it to 0')
         seen = set()
@@ -195,6 +207,15 @@ class ModelConfig(_Section):
                 self.resolved_d_wide
             except ValueError as e:
                 raise ConfigError(f"model.d_low={self.d_low}: {e}; lower model.d_low or set model.d_wide") from None
+
+
+    def _check_shared(self) -> None:
+        if self.n_shared_experts == 0:
+            for name, off in (("d_shared", "null"), ("shared_expert_gate", "false")):
+                if getattr(self, name) not in (None, False):
+                    self._fail(name, f"applies with model.n_shared_experts >= 1 only (it is 0); set it to {off}")
+        elif self.ffn == "dense":
+            self._fail("n_shared_experts", 'applies to sparse FFNs (ffn="moe" or "aoe") only; set it to 0')
 
 
 @dataclass

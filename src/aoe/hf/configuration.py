@@ -13,9 +13,11 @@ default", as in ``ModelConfig``).
     num_experts = n_experts          num_experts_per_tok = top_k
     norm_topk_prob = renormalize     expert_score_norm = norm ("l2" | "l1" | "linf")
     router_aux_loss_coef = aux_loss_coef   router_z_loss_coef = z_loss_coef
-    dense_intermediate_size = dense_d_ffn  (d_low, d_wide, rope_theta, qk_norm ("none" | "head" |
+    dense_intermediate_size = dense_d_ffn  qkv_bias = attn_qkv_bias (Qwen2's names)
+    num_shared_experts = n_shared_experts  shared_expert_intermediate_size = d_shared
+    (d_low, d_wide, rope_theta, qk_norm ("none" | "head" |
     "full"), dense_layers, dense_gate_rank, gate_init, bias_update_rate, recompute_scores, recompute_gate, backward_chunks,
-    grouped_mm keep their names)
+    grouped_mm, shared_expert_gate keep their names)
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ HF_TO_NATIVE: tuple[tuple[str, str], ...] = (
     ("gate_init", "gate_init"),
     ("dense_layers", "dense_layers"),
     ("grouped_mm", "grouped_mm"),
+    ("qkv_bias", "attn_qkv_bias"),
+    ("num_shared_experts", "n_shared_experts"),
+    ("shared_expert_intermediate_size", "d_shared"),
+    ("shared_expert_gate", "shared_expert_gate"),
 )
 
 
@@ -116,6 +122,10 @@ class AoEConfig(PretrainedConfig):
     gate_init: str = _DEFAULTS.gate_init
     dense_layers: list[int] = field(default_factory=lambda: list(_DEFAULTS.dense_layers))
     grouped_mm: str = _DEFAULTS.grouped_mm
+    qkv_bias: bool = _DEFAULTS.attn_qkv_bias
+    num_shared_experts: int = _DEFAULTS.n_shared_experts
+    shared_expert_intermediate_size: int | None = _DEFAULTS.d_shared
+    shared_expert_gate: bool = _DEFAULTS.shared_expert_gate
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

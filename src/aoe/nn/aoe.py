@@ -77,6 +77,10 @@ class AoE(SparseFFN):
         gate_init: "normal" (the authors': every factor ~ N(0, init_std)) or "balanced"
             (w_up ~ N(0, 1/d_low): the gate w_down @ w_up starts with an unfactorized gate's
             scale); see ``aoe.nn.factorized``.
+        n_shared_experts: always-active SwiGLU experts every token uses besides its k chosen ones
+            (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
+        d_shared: width of one shared expert (None = the expert width d_wide).
+        shared_gate: scale the shared experts' output by ``sigmoid(x @ shared.gate)`` (Qwen2-MoE).
     """
 
     CHOSEN_EXPERT_PARAMS = ("w_up", "w_in", "w_out")  # w_down: every expert scores every token
@@ -100,6 +104,9 @@ class AoE(SparseFFN):
         backward_chunks: int | None = None,
         init_std: float = 0.02,
         gate_init: str = "normal",
+        n_shared_experts: int = 0,
+        d_shared: int | None = None,
+        shared_gate: bool = False,
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
@@ -117,12 +124,15 @@ class AoE(SparseFFN):
         self.w_up = nn.Parameter(torch.empty(n_experts, d_low, self.d_wide))
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, self.d_wide))
         self.w_out = nn.Parameter(torch.empty(n_experts, self.d_wide, d_model))
+        self.init_shared(n_shared_experts, d_shared, shared_gate, self.d_wide, init_std)
         self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         init_factorized_gate(self.w_down, self.w_up, std, self.gate_init)
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
+        if self.shared is not None:
+            self.shared.reset_parameters(std, out_std)
 
     def expert_scores(self, x_TD, dtype):
         n_tokens, E, L = x_TD.shape[0], self.n_experts, self.d_low
@@ -144,9 +154,10 @@ class AoE(SparseFFN):
 
     def forward_flops(self) -> int:
         """Matmul FLOPs (2 x multiply-adds) per token of the forward pass: every expert's low-rank
-        activation 2*E*D*L, plus per chosen expert 2*(L*W + 2*D*W)."""
+        activation 2*E*D*L, plus per chosen expert 2*(L*W + 2*D*W), plus the shared experts'
+        (``aoe.nn.shared``)."""
         D, L, W = self.d_model, self.d_low, self.d_wide
-        return 2 * self.n_experts * D * L + self.top_k * 2 * (L * W + 2 * D * W)
+        return 2 * self.n_experts * D * L + self.top_k * 2 * (L * W + 2 * D * W) + self.shared_flops()
 
     def extra_repr(self) -> str:
         init = "" if self.gate_init == "normal" else f", gate_init={self.gate_init!r}"

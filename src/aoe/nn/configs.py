@@ -4,8 +4,8 @@ A config holds exactly the arguments of its layer's constructor and offers
 
     build()              the layer (``DenseFFN`` / ``MoE`` / ``AoE``)
     num_params()         its parameters
-    num_active_params()  the parameters one token uses (k of E experts' expert weights; a router
-                         and AoE's w_down of every expert in full)
+    num_active_params()  the parameters one token uses (k of E experts' expert weights; a router,
+                         AoE's w_down of every expert and the shared experts in full)
     flops_per_token()    forward matmul FLOPs per token (2 x multiply-adds)
 
 The defaults live once, in the layers' signatures: a config's field defaults are read from them.
@@ -93,6 +93,9 @@ class MoEFFNConfig(_LayerConfig):
     gate_rank: int | None = _default(MoE, "gate_rank")
     router_hidden: int | None = _default(MoE, "router_hidden")
     gate_init: str = _default(MoE, "gate_init")
+    n_shared_experts: int = _default(MoE, "n_shared_experts")
+    d_shared: int | None = _default(MoE, "d_shared")
+    shared_gate: bool = _default(MoE, "shared_gate")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class AoEFFNConfig(_LayerConfig):
     backward_chunks: int | None = _default(AoE, "backward_chunks")
     init_std: float = _default(AoE, "init_std")
     gate_init: str = _default(AoE, "gate_init")
+    n_shared_experts: int = _default(AoE, "n_shared_experts")
+    d_shared: int | None = _default(AoE, "d_shared")
+    shared_gate: bool = _default(AoE, "shared_gate")
 
 
 FFNConfig = DenseFFNConfig | MoEFFNConfig | AoEFFNConfig

@@ -48,6 +48,10 @@ class MoE(SparseFFN):
         router_hidden: hidden width of a two-layer router (None = the linear router [D, E]).
         gate_init: with ``gate_rank``, how the factors start: "normal" (every factor
             ~ N(0, init_std)) or "balanced" (w_up ~ N(0, 1/gate_rank)); see ``aoe.nn.factorized``.
+        n_shared_experts: always-active SwiGLU experts every token uses besides its k chosen ones
+            (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
+        d_shared: width of one shared expert (None = the expert width d_ffn).
+        shared_gate: scale the shared experts' output by ``sigmoid(x @ shared.gate)`` (Qwen2-MoE).
     """
 
     CHOSEN_EXPERT_PARAMS = ("w_gate", "w_down", "w_up", "w_in", "w_out")
@@ -70,6 +74,9 @@ class MoE(SparseFFN):
         gate_rank: int | None = None,
         router_hidden: int | None = None,
         gate_init: str = "normal",
+        n_shared_experts: int = 0,
+        d_shared: int | None = None,
+        shared_gate: bool = False,
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
@@ -93,12 +100,15 @@ class MoE(SparseFFN):
             self.w_up = nn.Parameter(torch.empty(n_experts, self.gate_rank, d_ffn))
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_ffn, d_model))
+        self.init_shared(n_shared_experts, d_shared, shared_gate, d_ffn, init_std)
         self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
-        for name, w in self.named_parameters():  # registration order: the random stream is fixed
+        for name, w in self.named_parameters(recurse=False):  # registration order: the random stream is fixed
             nn.init.normal_(w, std=w_up_std(self.gate_init, std, w.shape[-2]) if name == "w_up" else std)
         nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
+        if self.shared is not None:
+            self.shared.reset_parameters(std, out_std)
 
     def expert_scores(self, x_TD, dtype):
         if self.router_hidden is not None:
@@ -126,12 +136,13 @@ class MoE(SparseFFN):
 
     def forward_flops(self) -> int:
         """Matmul FLOPs (2 x multiply-adds) per token of the forward pass: router 2*D*E (two-layer
-        router: 2*(D*H + H*E)) + k * 2*3*D*F (factorized gate of rank r: k * 2*(D*r + r*F + 2*D*F))."""
+        router: 2*(D*H + H*E)) + k * 2*3*D*F (factorized gate of rank r: k * 2*(D*r + r*F + 2*D*F)),
+        plus the shared experts' (``aoe.nn.shared``)."""
         D, E, F_ = self.d_model, self.n_experts, self.d_ffn
         H, r = self.router_hidden, self.gate_rank
         router = 2 * D * E if H is None else 2 * (D * H + H * E)
         expert = 2 * 3 * D * F_ if r is None else 2 * (D * r + r * F_ + 2 * D * F_)
-        return router + self.top_k * expert
+        return router + self.top_k * expert + self.shared_flops()
 
     def extra_repr(self) -> str:
         extra = "" if self.gate_rank is None else f", gate_rank={self.gate_rank}"

@@ -12,6 +12,9 @@ layer dropped into another model (``total_aux_loss(model)`` sums them). Either w
 are ``layer.last_routing`` (a detached ``RoutingInfo``); ``update_selection_biases(model)`` steps
 the aux-loss-free balancing of every layer.
 
+Shared experts (``n_shared_experts > 0``, ``aoe.nn.shared``): always-active SwiGLU experts that
+every token uses, their output added to the routed experts' (``layer.shared``; off by default).
+
 Shape legend: T tokens, D model dim, E experts, K chosen per token, S = T*K sorted slots.
 """
 
@@ -26,6 +29,7 @@ from aoe.nn.balance import RoutingInfo, load_balancing_loss, update_selection_bi
 from aoe.nn.dispatch import Dispatch
 from aoe.nn.grouped_mm import check_backend
 from aoe.nn.selection import Selection, select_top_k
+from aoe.nn.shared import SharedExperts
 
 
 @dataclass
@@ -97,6 +101,21 @@ class SparseFFN(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(n_experts), persistent=False)
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_routing: RoutingInfo | None = None
+        self.shared: SharedExperts | None = None
+
+    def init_shared(self, n_shared_experts: int, d_shared: int | None, shared_gate: bool, expert_width: int,
+                    init_std: float) -> None:
+        """Give the layer ``n_shared_experts`` always-active experts of width ``d_shared`` (None =
+        ``expert_width``), with the sigmoid gate when ``shared_gate`` (``self.shared``); none when 0.
+        A subclass calls this once it knows its expert width."""
+        if not isinstance(n_shared_experts, int) or isinstance(n_shared_experts, bool) or n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts={n_shared_experts!r} must be an integer >= 0")
+        if n_shared_experts == 0:
+            if d_shared is not None or shared_gate:
+                raise ValueError(f"d_shared={d_shared!r} / shared_gate={shared_gate!r} need n_shared_experts >= 1")
+            return
+        width = expert_width if d_shared is None else check_positive("d_shared", d_shared)
+        self.shared = SharedExperts(self.d_model, width, n_shared_experts, gate=shared_gate, init_std=init_std)
 
     # -- what a subclass provides ------------------------------------------------------------
     def expert_scores(self, x_TD: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, object]:
@@ -138,6 +157,8 @@ class SparseFFN(nn.Module):
         scores_TE, state = self.expert_scores(x_TD, dtype)
         routing = self.route(scores_TE)
         out_TD = routing.dispatch.combine(self.expert_outputs(x_TD, state, routing, dtype))
+        if self.shared is not None:  # every token, whichever experts it chose
+            out_TD = out_TD + self.shared(x_TD)
         self._record(routing.selection, routing.dispatch)
         if real_N is not None:  # back to all T rows: the padded ones exactly 0 (a permutation: no sums)
             out_TD = out_TD.new_zeros(x.shape[:-1].numel(), self.d_model).index_copy(0, real_N, out_TD)
@@ -177,12 +198,16 @@ class SparseFFN(nn.Module):
     CHOSEN_EXPERT_PARAMS: tuple[str, ...] = ()
 
     def num_active_params(self) -> int:
-        """Parameters one token uses: the shared ones in full, the chosen experts' k / E share of
-        ``CHOSEN_EXPERT_PARAMS``."""
-        total = 0
+        """Parameters one token uses: the shared ones in full (a router, the shared experts), the
+        chosen experts' k / E share of ``CHOSEN_EXPERT_PARAMS``."""
+        total = 0 if self.shared is None else self.shared.num_params()
         for name, p in self.named_parameters(recurse=False):
             total += p.numel() // self.n_experts * self.top_k if name in self.CHOSEN_EXPERT_PARAMS else p.numel()
         return total
+
+    def shared_flops(self) -> int:
+        """Forward matmul FLOPs per token of the shared experts (0 without)."""
+        return 0 if self.shared is None else self.shared.forward_flops()
 
     def update_selection_bias(self) -> None:
         """Aux-loss-free balancing: move the selection bias toward equal load (call after optimizer.step())."""
