@@ -431,14 +431,25 @@ def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
     """Load a trained model for inference.
 
-    path: a checkpoint directory or a run directory (its newest good checkpoint).
+    path: a checkpoint directory, a run directory (its newest good checkpoint), or a Hugging Face
+    directory written by ``aoe export`` / ``aoe convert`` (see ``aoe.io.models.load_any``, which
+    also says which kind it was and where the tokenizer came from).
     Returns ``(model, cfg, tokenizer)``: a ``Transformer`` in eval mode on ``device``, the
-    ``RunConfig`` it was trained with, and its ``aoe.data.Tokenizer`` (None if not saved).
+    ``RunConfig`` it was trained with (for a Hugging Face directory: ``imported_run_config``), and
+    its ``aoe.data.Tokenizer`` (None if not saved).
     """
+    from aoe.io.models import load_any
+
+    loaded = load_any(path, device=device, verify=verify)
+    return loaded.model, loaded.config, loaded.tokenizer
+
+
+def load_native_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
+    """``(model, cfg, tokenizer)`` of one native checkpoint directory (see ``load_model``)."""
     from aoe.data import Tokenizer
     from aoe.model import Transformer
 
-    ckpt = resolve_checkpoint(path)
+    ckpt = Path(ckpt)
     if verify:
         verify_checkpoint(ckpt)
     cfg = load_run_config(ckpt)
@@ -450,14 +461,20 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", veri
     return model, cfg, tokenizer
 
 
+def imported_run_config(model_config, tokenizer=None) -> RunConfig:
+    """The run config of a model that was not trained here (imported, converted): its model
+    config with the data/train defaults fitted to it (vocab_size from the tokenizer when there is
+    one, seq_len = min(128, max_seq_len))."""
+    from aoe.config import DataConfig, TrainConfig
+
+    mcfg = copy.deepcopy(model_config)
+    data = DataConfig(vocab_size=mcfg.vocab_size if tokenizer is None else tokenizer.vocab_size)
+    return RunConfig(model=mcfg, data=data, train=TrainConfig(seq_len=min(128, mcfg.max_seq_len)))
+
 
 def save_model_checkpoint(run_dir: str | os.PathLike, model: torch.nn.Module, tokenizer=None, step: int = 0) -> Path:
     """Write a model that was not trained here (imported, converted) as a native checkpoint of
     ``run_dir``, so ``aoe eval``, ``aoe generate`` and ``load_model`` take it. The run config is the
     model's config with data/train defaults fitted to it; the trainer state holds only the step."""
-    from aoe.config import DataConfig, TrainConfig
-
-    mcfg = copy.deepcopy(model.config)
-    data = DataConfig(vocab_size=mcfg.vocab_size if tokenizer is None else tokenizer.vocab_size)
-    cfg = RunConfig(model=mcfg, data=data, train=TrainConfig(seq_len=min(128, mcfg.max_seq_len)))
+    cfg = imported_run_config(model.config, tokenizer)
     return save_checkpoint(run_dir, step, model, cfg, {"step": step}, tokenizer=tokenizer)
