@@ -16,6 +16,17 @@ choice is one loglikelihood request ``(context, target_delimiter + choice)`` wit
 argmax taking the first index on ties (``numpy.argmax``). The reported value is the mean over
 examples and its stderr is lm-eval's ``mean_stderr``: the sample standard deviation (n - 1) of
 the 0/1 scores divided by sqrt(n) (NaN for n < 2).
+
+Whitespace (lm-eval's convention): the scorer puts ``target_delimiter`` (" ") between the context
+and every choice, so write choices WITHOUT a leading space and contexts without a trailing one:
+``{"context": "The capital of France is", "choices": ["Paris", "Rome"]}`` is scored on "The
+capital of France is Paris". A choice written " Paris" is scored on a double space ("is  Paris"),
+which changes its log-likelihood (usually for the worse) and so acc / acc_norm; lm-eval only logs
+such a choice at DEBUG level. ``load_multiple_choice`` warns (``MultipleChoiceWhitespaceWarning``,
+once per file, naming the file and how many choices) when choices begin with whitespace and the
+delimiter ends with it. The scores are computed as lm-eval computes them either way; a file of
+space-prefixed choices is scored as intended with ``target_delimiter=""`` (``aoe eval
+--mc-delimiter ''``).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,12 +42,20 @@ from lm_eval.api.instance import Instance
 
 from aoe.errors import InputError, shown
 
-__all__ = ["MultipleChoiceFormatError", "load_multiple_choice", "validate_example", "score_multiple_choice"]
+__all__ = ["MultipleChoiceFormatError", "MultipleChoiceWhitespaceWarning", "load_multiple_choice", "validate_example",
+           "score_multiple_choice", "DEFAULT_TARGET_DELIMITER"]
+
+#: What lm-eval's multiple_choice tasks put between the context and each choice (their default).
+DEFAULT_TARGET_DELIMITER = " "
 
 
 class MultipleChoiceFormatError(InputError):
     """A malformed multiple-choice file or example (the message names the line and field), or an
     example the model cannot score (a choice longer than its context). A ``ValueError``."""
+
+
+class MultipleChoiceWhitespaceWarning(UserWarning):
+    """A multiple-choice file whose choices begin with whitespace, which the delimiter doubles."""
 
 
 def validate_example(example: Any, where: str = "example") -> dict:
@@ -64,8 +84,12 @@ def validate_example(example: Any, where: str = "example") -> dict:
     return dict(example)
 
 
-def load_multiple_choice(path: str | os.PathLike) -> list[dict]:
+def load_multiple_choice(path: str | os.PathLike, target_delimiter: str = DEFAULT_TARGET_DELIMITER) -> list[dict]:
     """Read and validate a JSON Lines multiple-choice file (format in the module docstring).
+
+    Warns (``MultipleChoiceWhitespaceWarning``, once, naming the file and how many choices) when
+    choices begin with whitespace and ``target_delimiter`` (the one they will be scored with) ends
+    with whitespace: they would be scored after a double space.
 
     Raises:
         MultipleChoiceFormatError: invalid JSON, a line that is not UTF-8, or a bad field, naming
@@ -82,7 +106,25 @@ def load_multiple_choice(path: str | os.PathLike) -> list[dict]:
                 examples.append(validate_example(_parse_line(line, where), where))
     if not examples:
         raise MultipleChoiceFormatError(f"{path}: no examples (the file is empty)")
+    _warn_leading_whitespace(examples, path, target_delimiter)
     return examples
+
+
+def _warn_leading_whitespace(examples: Sequence[dict], path: Path, target_delimiter: str) -> None:
+    """One warning for the file when choices begin with whitespace that the delimiter doubles
+    (lm-eval's rule: the delimiter ends with whitespace and the choice begins with it)."""
+    if target_delimiter.rstrip() == target_delimiter:
+        return
+    choices = [c for ex in examples for c in ex["choices"]]
+    spaced = [c for c in choices if c[0].isspace()]
+    if not spaced:
+        return
+    warnings.warn(
+        f"{path}: {len(spaced)} of {len(choices)} choices begin with whitespace (e.g. {shown(spaced[0], 40)}); "
+        f"the scorer puts {target_delimiter!r} before every choice (lm-eval's target_delimiter), so these are "
+        "scored after a double space: remove the leading whitespace from the choices, or score them with the "
+        "delimiter '' (aoe eval --mc-delimiter '')",
+        MultipleChoiceWhitespaceWarning, stacklevel=3)
 
 
 def _decode_line(raw: bytes, where: str) -> str:
@@ -139,7 +181,7 @@ def _check_choices_fit(lm, examples: Sequence[dict], target_delimiter: str, wher
                                                 f"context of {limit} tokens: shorten it")
 
 
-def score_multiple_choice(lm, examples: Sequence[dict], target_delimiter: str = " ", *,
+def score_multiple_choice(lm, examples: Sequence[dict], target_delimiter: str = DEFAULT_TARGET_DELIMITER, *,
                           source: str | None = None) -> dict:
     """Score examples with ``lm.loglikelihood`` as lm-eval's multiple_choice tasks do.
 
