@@ -28,6 +28,11 @@ recipes: tiny (default), small, paper-732m; override any key as section.key=valu
 """
 
 
+MODEL_PATHS = ("a native checkpoint directory, a run directory (its newest good checkpoint), or a Hugging Face "
+               "directory written by aoe export or aoe convert (config.json with model_type 'aoe', *.safetensors, "
+               "tokenizer.json)")
+
+
 class CLIError(InputError):
     """A usage problem reported as ``error: ...`` with exit status 2."""
 
@@ -66,13 +71,14 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _check_tokenizer(checkpoint, model, tokenizer) -> None:
-    """A checkpoint's tokenizer must exist and give ids its model has embeddings for."""
-    if tokenizer is None:
-        raise CLIError(f"{checkpoint} has no tokenizer.json: cannot encode text for this model")
-    vocab = model.config.vocab_size
-    if tokenizer.vocab_size > vocab:
-        raise CLIError(f"{checkpoint}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+def _check_tokenizer(loaded) -> None:
+    """A model's tokenizer (``aoe.io.models.LoadedModel``) must exist and give ids its model has
+    embeddings for."""
+    if loaded.tokenizer is None:
+        raise CLIError(f"{loaded.tokenizer_missing}: cannot encode text for this model")
+    vocab, size = loaded.model.config.vocab_size, loaded.tokenizer.vocab_size
+    if size > vocab:
+        raise CLIError(f"{loaded.path}: its tokenizer has {size} tokens, more than the model's "
                        f"vocab_size={vocab}: the tokenizer.json does not belong to this model")
 
 
@@ -123,27 +129,38 @@ def _task_names(tasks: str) -> list[str]:
     return [t.strip() for t in tasks.split(",") if t.strip()]
 
 
-def _load_mc_files(paths: list[str]) -> dict[str, list[dict]]:
-    """Every --mc file read and checked before the model is loaded (a bad line fails fast)."""
-    from aoe.eval.multiple_choice import load_multiple_choice
+def _load_mc_files(paths: list[str], delimiter: str) -> dict[str, list[dict]]:
+    """Every --mc file read and checked before the model is loaded (a bad line fails fast); a file
+    whose choices begin with whitespace gets one ``warning:`` line on stderr."""
+    import warnings
+
+    from aoe.eval.multiple_choice import MultipleChoiceWhitespaceWarning, load_multiple_choice
 
     loaded = {}
     for path in paths:
         if not Path(path).is_file():
             raise CLIError(f"--mc {path}: no such file; give the path of a JSON Lines file of "
                            "{context, choices, label} objects")
-        loaded[path] = load_multiple_choice(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MultipleChoiceWhitespaceWarning)
+            loaded[path] = load_multiple_choice(path, target_delimiter=delimiter)
+        for w in caught:
+            if issubclass(w.category, MultipleChoiceWhitespaceWarning):
+                print(f"warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return loaded
 
 
 def _run_tasks(lm, tokenizer, args: argparse.Namespace) -> dict:
-    """lm-eval tasks; an unknown task or unreachable task data is reported as a CLIError."""
+    """lm-eval tasks (lm-eval's own results); an unknown task or unreachable task data is reported
+    as a CLIError."""
     from aoe.eval.harness import TaskDataUnavailableError
     from aoe.eval.tasks import run_harness
 
     try:
         return run_harness(lm, tokenizer, _task_names(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, raw=True)
     except TaskDataUnavailableError as e:
         raise CLIError(str(e)) from None
     except ValueError as e:  # run_harness documents this ValueError for a task name it does not know
@@ -152,59 +169,108 @@ def _run_tasks(lm, tokenizer, args: argparse.Namespace) -> dict:
         raise CLIError(f"--tasks: {e}") from None
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _corpus_loss(loaded, args: argparse.Namespace):
+    """The corpus loss, printed: (``aoe.io.results.LocalTask`` ``corpus_{split}``, the keys the
+    --json file of earlier versions had for it: loss, perplexity, ..., the per-layer routing)."""
     from aoe.data import prepare_tokens, unigram_entropy
-    from aoe.io.checkpoint import load_model, resolve_checkpoint
+    from aoe.data.tokenizer import EOS_TOKEN
+    from aoe.io.results import corpus_task
     from aoe.train.evaluate import evaluate
+
+    model, d = loaded.model, loaded.config.data
+    if loaded.tokenizer is not None and loaded.tokenizer.eos_token != EOS_TOKEN:
+        raise CLIError(f"{loaded.path}: the corpus loss needs a tokenizer whose document separator is {EOS_TOKEN!r}; "
+                       f"this model's ends documents with {loaded.tokenizer.eos_token!r}: pass --skip-loss "
+                       "(--mc and --tasks work)")
+    source = args.data or d.source
+    data = prepare_tokens(source, vocab_size=d.vocab_size, tokenizer_path=loaded.tokenizer_file,
+                          val_fraction=d.val_fraction, max_bytes=d.max_bytes if args.data is None else None,
+                          text_field=d.text_field, on_decode_error=d.on_decode_error, cache_dir=d.cache_dir)
+    split = data.split(args.split)
+    seq_len = loaded.config.train.seq_len if args.seq_len is None else args.seq_len
+    _check(seq_len <= model.config.max_seq_len, "--seq-len", seq_len,
+           f"exceeds the model's context (max_seq_len={model.config.max_seq_len})")
+    val = evaluate(model, split, batch_size=args.batch_size, seq_len=seq_len, max_batches=args.max_batches,
+                   bytes_per_token=data.bytes_per_token(args.split))
+    entropy = unigram_entropy(split)
+    print(f"{args.split} loss {val['val_loss']:.4f} nats/token, perplexity {val['val_ppl']:.2f}, "
+          f"bits/byte {val.get('val_bpb', math.nan):.4f} over {val['val_tokens']:,} tokens of {source} "
+          f"(unigram entropy {entropy:.4f})")
+    for layer in val["layers"]:
+        print(f"  layer {layer['layer']} ({layer['kind']}): Ent_load {layer['ent_load']:.3f}  "
+              f"Ent_conf {layer['ent_conf']:.3f}  max/mean load {layer['imbalance']:.2f}")
+    settings = {"seq_len": seq_len, "batch_size": args.batch_size, "max_batches": args.max_batches,
+                "val_fraction": d.val_fraction, "max_bytes": d.max_bytes if args.data is None else None}
+    earlier = {"source": str(source), "split": args.split, "loss": val["val_loss"], "perplexity": val["val_ppl"],
+               "bits_per_byte": val.get("val_bpb"), "tokens": val["val_tokens"], "unigram_entropy": entropy,
+               "layers": val["layers"]}
+    return corpus_task(args.split, str(source), val, entropy, len(split), settings), earlier
+
+
+def _score_mc_files(lm, mc_files: dict[str, list[dict]], delimiter: str, taken: set[str]) -> tuple[list, dict]:
+    """Each --mc file scored, printed: (an ``aoe.io.results.LocalTask`` ``mc_{stem}`` each, {path:
+    scores} as the --json file of earlier versions had them)."""
+    from aoe.eval.multiple_choice import score_multiple_choice
+    from aoe.io.results import local_task_name, multiple_choice_task
+
+    tasks, earlier = [], {}
+    for path, examples in mc_files.items():
+        scores = score_multiple_choice(lm, examples, target_delimiter=delimiter, source=str(path))
+        name = local_task_name("mc", path, taken)
+        taken.add(name)
+        tasks.append(multiple_choice_task(name, str(path), scores, delimiter))
+        earlier[str(path)] = {k: v for k, v in scores.items() if k != "predictions"}
+        print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  (n={scores['n']})")
+    return tasks, earlier
+
+
+def _eval_config(loaded, args: argparse.Namespace, device: str) -> dict:
+    """The top-level "config" of the --json file (lm-eval's keys, and the model's path and kind)."""
+    model = loaded.model
+    return {
+        "model": str(loaded.path), "model_args": {"path": str(args.checkpoint), "kind": loaded.kind},
+        "model_num_parameters": sum(p.numel() for p in model.parameters()),
+        "model_dtype": str(next(model.parameters()).dtype), "batch_size": args.batch_size, "batch_sizes": [],
+        "device": device, "limit": args.limit, "num_fewshot": args.num_fewshot,
+        "mc_delimiter": args.mc_delimiter if args.mc else None, "max_batches": args.max_batches,
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from aoe.io.models import load_any
 
     _check_eval_args(args)
     device = _device(args.device)
-    mc_files = _load_mc_files(args.mc) if args.mc else {}
-    ckpt = resolve_checkpoint(args.checkpoint)
-    model, cfg, tokenizer = load_model(ckpt, device=device)
+    mc_files = _load_mc_files(args.mc, args.mc_delimiter) if args.mc else {}
+    loaded = load_any(args.checkpoint, device=device)
     if args.mc or args.tasks:
-        _check_tokenizer(ckpt, model, tokenizer)
-    results: dict = {"checkpoint": str(ckpt)}
+        _check_tokenizer(loaded)
+    local, harness, earlier = [], None, {"checkpoint": str(loaded.path)}  # earlier: the keys of 0.1.0's --json
     if not args.skip_loss:
-        d = cfg.data
-        source = args.data or d.source
-        data = prepare_tokens(source, vocab_size=d.vocab_size, tokenizer_path=ckpt / "tokenizer.json",
-                              val_fraction=d.val_fraction, max_bytes=d.max_bytes if args.data is None else None,
-                              text_field=d.text_field, on_decode_error=d.on_decode_error, cache_dir=d.cache_dir)
-        split = data.split(args.split)
-        seq_len = cfg.train.seq_len if args.seq_len is None else args.seq_len
-        _check(seq_len <= model.config.max_seq_len, "--seq-len", seq_len,
-               f"exceeds the model's context (max_seq_len={model.config.max_seq_len})")
-        val = evaluate(model, split, batch_size=args.batch_size, seq_len=seq_len, max_batches=args.max_batches,
-                       bytes_per_token=data.bytes_per_token(args.split))
-        results.update({"source": str(source), "split": args.split, "loss": val["val_loss"],
-                        "perplexity": val["val_ppl"], "bits_per_byte": val.get("val_bpb"),
-                        "tokens": val["val_tokens"], "unigram_entropy": unigram_entropy(split), "layers": val["layers"]})
-        print(f"{args.split} loss {val['val_loss']:.4f} nats/token, perplexity {val['val_ppl']:.2f}, "
-              f"bits/byte {val.get('val_bpb', math.nan):.4f} over {val['val_tokens']:,} tokens of {source} "
-              f"(unigram entropy {results['unigram_entropy']:.4f})")
-        for layer in val["layers"]:
-            print(f"  layer {layer['layer']} ({layer['kind']}): Ent_load {layer['ent_load']:.3f}  "
-                  f"Ent_conf {layer['ent_conf']:.3f}  max/mean load {layer['imbalance']:.2f}")
+        corpus, earlier_corpus = _corpus_loss(loaded, args)
+        local.append(corpus)
+        earlier.update(earlier_corpus)
     if args.mc or args.tasks:
         from aoe.eval.harness import AoEHarnessLM
 
-        lm = AoEHarnessLM(model, tokenizer, batch_size=args.batch_size, device=device)
+        lm = AoEHarnessLM(loaded.model, loaded.tokenizer, batch_size=args.batch_size, device=device)
         if args.mc:
-            from aoe.eval.multiple_choice import score_multiple_choice
-
-            results["multiple_choice"] = {}
-            for path, examples in mc_files.items():
-                scores = score_multiple_choice(lm, examples, source=str(path))
-                results["multiple_choice"][str(path)] = {k: v for k, v in scores.items() if k != "predictions"}
-                print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  (n={scores['n']})")
+            taken = {t.name for t in local} | set(_task_names(args.tasks or ""))
+            mc_tasks, earlier["multiple_choice"] = _score_mc_files(lm, mc_files, args.mc_delimiter, taken)
+            local += mc_tasks
         if args.tasks:
-            results["tasks"] = _run_tasks(lm, tokenizer, args)
-            for task, metrics in results["tasks"].items():
+            from aoe.eval.tasks import flatten_results
+
+            harness = _run_tasks(lm, loaded.tokenizer, args)
+            earlier["tasks"] = flatten_results(harness)
+            for task, metrics in earlier["tasks"].items():
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
                 print(f"{task}: {shown}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+        from aoe.io.results import json_default, results_layout
+
+        layout = results_layout(local, _eval_config(loaded, args, device), harness, extra=earlier)
+        Path(args.json).write_text(json.dumps(layout, indent=2, default=json_default, ensure_ascii=False))
     return 0
 
 
@@ -230,12 +296,13 @@ def _new_token_budget(requested: int, prompt_len: int, limit: int) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from aoe.model import generate
-    from aoe.io.checkpoint import load_model
+    from aoe.io.models import load_any
 
     _check_generate_args(args)
     device = _device(args.device)
-    model, cfg, tokenizer = load_model(args.checkpoint, device=device)
-    _check_tokenizer(args.checkpoint, model, tokenizer)
+    loaded = load_any(args.checkpoint, device=device)
+    _check_tokenizer(loaded)
+    model, tokenizer = loaded.model, loaded.tokenizer
     prompt_ids = (tokenizer.encode(args.prompt) if args.prompt else []) or [tokenizer.eos_id]
     limit = model.config.max_seq_len
     if len(prompt_ids) >= limit:
@@ -307,24 +374,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss / perplexity / bits per byte; multiple choice; lm-eval tasks")
-    p.add_argument("checkpoint", help="a checkpoint directory or a run directory (its newest good checkpoint)")
-    p.add_argument("--data", help="corpus to score (default: the one the model was trained on)")
+    p.add_argument("checkpoint", metavar="MODEL", help=MODEL_PATHS)
+    p.add_argument("--data", help="corpus to score (default: the one the model was trained on; for a Hugging Face "
+                                  "directory, which does not record it, the default corpus 'stdlib')")
     p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="window length (default: the training seq_len; for a Hugging Face directory min(128, "
+                        "max_seq_len))")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="score only this many batches")
     p.add_argument("--skip-loss", action="store_true", help="skip the corpus loss (only --mc / --tasks)")
     p.add_argument("--mc", nargs="+", metavar="FILE",
-                   help="JSON Lines multiple-choice files {context, choices, label}: acc and acc_norm")
+                   help="JSON Lines multiple-choice files {context, choices, label}: acc and acc_norm. Each choice "
+                        "is scored after the context and --mc-delimiter, as lm-eval does: write choices without a "
+                        "leading space (a file whose choices begin with whitespace gets a warning)")
+    p.add_argument("--mc-delimiter", default=" ", metavar="TEXT",
+                   help="what goes between the context and each --mc choice (default ' ', lm-eval's "
+                        "target_delimiter; '' for files whose choices carry their own leading space)")
     p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (their data must be reachable)")
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="examples per lm-eval task")
     p.add_argument("--device", default=None)
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write the results to FILE in lm-eval's results layout: \"results\" {task: {\"alias\", "
+                        "\"acc,none\", \"acc_stderr,none\", ...}}, \"configs\", \"versions\", \"n-shot\", "
+                        "\"higher_is_better\", \"n-samples\", \"config\" (model path, batch size, device, dtype, "
+                        "limit); the corpus loss is the task corpus_SPLIT (\"loss,none\", \"perplexity,none\", "
+                        "\"bits_per_byte,none\", \"unigram_entropy,none\"), each --mc file the task mc_STEM. Changed after "
+                        "0.1.0, which wrote only the flat keys (checkpoint, source, split, loss, perplexity, "
+                        "bits_per_byte, tokens, unigram_entropy, layers, multiple_choice, tasks): they are kept, "
+                        "unchanged, beside the layout's keys at the top level")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", metavar="MODEL", help=MODEL_PATHS)
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-new-tokens", type=int, default=100,
                    help="tokens to add (default 100); capped, with a warning, where the prompt and the new tokens "

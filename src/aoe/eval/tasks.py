@@ -1,5 +1,6 @@
 """Running lm-evaluation-harness tasks on the AoE model: ``run_harness`` (what ``aoe eval --tasks``
-calls), with the adapter of ``aoe.eval.harness``."""
+calls), with the adapter of ``aoe.eval.harness``. ``run_harness(..., raw=True)`` returns lm-eval's
+own results, which ``aoe.io.results`` merges into what ``aoe eval --json`` writes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from aoe.eval.harness import AoEHarnessLM, TaskDataUnavailableError
 
-__all__ = ["run_harness"]
+__all__ = ["run_harness", "flatten_results"]
 
 
 def _as_lm(model_or_checkpoint, tokenizer, batch_size: int, device: str) -> AoEHarnessLM:
@@ -60,7 +61,7 @@ def _load_tasks(task_manager, tasks) -> list:
     return built
 
 
-def _flatten_results(results: dict) -> dict[str, dict[str, float]]:
+def flatten_results(results: dict) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} from simple_evaluate's "results": "acc,none" -> "acc" (a metric
     of another filter keeps its ",filter" suffix), "sample_len" -> "n" (examples evaluated);
     aliases and non-numbers (a stderr of "N/A") are dropped."""
@@ -91,7 +92,8 @@ def run_harness(
     bootstrap_iters: int = 100_000,
     task_manager=None,
     seed: int = 1234,
-) -> dict[str, dict[str, float]]:
+    raw: bool = False,
+) -> dict:
     """Evaluate on lm-eval tasks through ``lm_eval.simple_evaluate``.
 
     Args:
@@ -107,9 +109,11 @@ def run_harness(
         task_manager: an ``lm_eval.tasks.TaskManager`` to reuse (building one indexes every
             built-in task, ~10 s).
         seed: random, numpy, torch and few-shot seed.
+        raw: return what ``simple_evaluate`` returns (lm-eval's results layout, without samples)
+            instead of the flat dict.
 
     Returns:
-        {task or group name: {metric: value}}, e.g. {"arc_easy": {"n": 2376.0, "acc": 0.61,
+        {task or group name: {metric: value}} (``flatten_results``), e.g. {"arc_easy": {"n": 2376.0, "acc": 0.61,
         "acc_stderr": 0.01, "acc_norm": 0.58, "acc_norm_stderr": 0.01}}.
 
     Raises:
@@ -134,4 +138,5 @@ def run_harness(
     )
     if results is None:  # pragma: no cover  (non-zero ranks only)
         return {}
-    return _flatten_results(results)
+    results.pop("samples", None)
+    return results if raw else flatten_results(results)
