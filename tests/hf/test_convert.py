@@ -140,8 +140,8 @@ def test_factorize_gate_balanced_and_exact():
 
 
 @pytest.mark.parametrize("name,cls,cfg_cls,extra,match", [
-    ("qwen2", Qwen2MoeForCausalLM, Qwen2MoeConfig, dict(num_experts=4, moe_intermediate_size=24,
-                                                      shared_expert_intermediate_size=48), "shared expert"),
+    ("qwen2-moe-head-dim", Qwen2MoeForCausalLM, Qwen2MoeConfig,
+     dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=48, head_dim=16), "head_dim=16"),
     ("qwen3-head-dim", Qwen3MoeForCausalLM, Qwen3MoeConfig,
      dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=16), "head_dim=16"),
     ("qwen3-bias", Qwen3MoeForCausalLM, Qwen3MoeConfig,
@@ -509,6 +509,188 @@ def test_a_fused_layout_without_its_down_projection_is_named(tmp_path):
 def test_the_table_lists_what_is_supported():
     from aoe.hf.sources import ARCHS, REFUSED
 
-    assert SUPPORTED_SOURCES == tuple(ARCHS) == ("mixtral", "qwen3_moe", "olmoe", "llama", "mistral")
-    assert [a.model_type for a in ARCHS.values() if a.sparse] == ["mixtral", "qwen3_moe", "olmoe"]
-    assert all(a.experts_field for a in ARCHS.values() if a.sparse) and "qwen2_moe" in REFUSED
+    assert SUPPORTED_SOURCES == tuple(ARCHS) == ("mixtral", "qwen3_moe", "olmoe", "llama", "mistral", "qwen2_moe",
+                                                 "qwen2")
+    assert [a.model_type for a in ARCHS.values() if a.sparse] == ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+    assert all(a.experts_field for a in ARCHS.values() if a.sparse) and "qwen2_moe" not in REFUSED
+    assert set(REFUSED) == {"deepseek_v2", "deepseek_v3"} and not set(REFUSED) & set(ARCHS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2-MoE (a shared expert with a sigmoid gate, q/k/v biases) and Qwen2; ffn="moe" (router kept)
+# ---------------------------------------------------------------------------------------------
+QWEN2_KW = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _randomize(model, std=0.5):
+    """Norms away from one, and the parts HF starts at zero or near it (biases, routers, the shared
+    expert's gate) random, so that any of them copied to the wrong place shows in the logits; the
+    routers' scale keeps their top-k far from ties."""
+    _randomize_norms(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or name.endswith("mlp.gate.weight") or "shared_expert_gate" in name:
+                p.normal_(0.0, std)
+    return model
+
+
+def qwen2_moe_dir(path, E=4, k=2, **kw):
+    cfg = Qwen2MoeConfig(**{**QWEN2_KW, "num_experts": E, "num_experts_per_tok": k, "moe_intermediate_size": 48,
+                            "shared_expert_intermediate_size": 96, "mlp_only_layers": [0], **kw})
+    return save(_randomize(Qwen2MoeForCausalLM(cfg)).eval(), path)
+
+
+def _same_function(src, dst, ref_cls, vocab=256):
+    """Logits within fp32 precision, also through the KV cache, and the same greedy tokens."""
+    ref = ref_cls.from_pretrained(src).eval()
+    out = AutoModelForCausalLM.from_pretrained(dst).eval()
+    torch.manual_seed(0)
+    x = torch.randint(0, vocab, (2, 16))
+    with torch.no_grad():
+        a, b = out(x).logits, ref(x).logits
+        assert (a - b).abs().max().item() <= 1e-5 and rel(a, b) <= 1e-5
+        first = out(x[:, :9], use_cache=True)
+        step = out(x[:, 9:], past_key_values=first.past_key_values, use_cache=True)
+        assert (torch.cat([first.logits, step.logits], 1) - b).abs().max().item() <= 1e-5
+        greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(out.generate(x[:1, :6], **greedy), ref.generate(x[:1, :6], **greedy))
+    return out
+
+
+@pytest.mark.parametrize("norm_topk", [False, True])
+def test_qwen2_moe_to_moe_same_logits(tmp_path, norm_topk):
+    src = qwen2_moe_dir(tmp_path / "src", norm_topk_prob=norm_topk)
+    report = convert_to_aoe(src, tmp_path / "out", ffn="moe", verbose=False)
+    assert report.source_type == "qwen2_moe" and report.layer_errors == [0.0, 0.0]
+    out = _same_function(src, tmp_path / "out", Qwen2MoeForCausalLM)
+    c = out.config
+    assert (c.ffn_type, c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.norm_topk_prob) == (
+        "moe", 4, 2, 48, norm_topk)
+    assert (c.num_shared_experts, c.shared_expert_intermediate_size, c.shared_expert_gate, c.qkv_bias) == (1, 96, True, True)
+    assert c.dense_layers == [0] and c.dense_intermediate_size == 128
+    s, d = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    p, q = "model.layers.1.mlp.", "model.layers.1.ffn."
+    assert torch.equal(d[q + "router"], s[p + "gate.weight"].T)
+    assert torch.equal(d[q + "shared.w_gate"], s[p + "shared_expert.gate_proj.weight"].T)
+    assert torch.equal(d[q + "shared.w_out"], s[p + "shared_expert.down_proj.weight"].T)
+    assert torch.equal(d[q + "shared.gate"], s[p + "shared_expert_gate.weight"].T)
+    assert not any("shared" in k for k in d if k.startswith("model.layers.0."))  # the dense layer has none
+    for a in "qkv":
+        assert torch.equal(d[f"model.layers.0.attn.{a}_proj.bias"], s[f"model.layers.0.self_attn.{a}_proj.bias"])
+    assert "model.layers.0.attn.o_proj.bias" not in d
+
+
+@pytest.mark.parametrize("extra", [{}, {"decoder_sparse_step": 2, "mlp_only_layers": []}, {"qkv_bias": False}])
+def test_qwen2_moe_single_expert_to_aoe_same_logits(tmp_path, extra):
+    src = qwen2_moe_dir(tmp_path / "src", E=1, k=1, **extra)
+    report = convert_to_aoe(src, tmp_path / "out", verbose=False)  # full rank: d_low = min(64, 48)
+    assert report.max_error < 1e-12
+    out = _same_function(src, tmp_path / "out", Qwen2MoeForCausalLM)
+    assert out.config.ffn_type == "aoe" and out.config.d_low == 48 and out.config.dense_layers == [0]
+    assert out.config.qkv_bias is extra.get("qkv_bias", True)
+
+
+def test_qwen2_moe_to_aoe_keeps_the_shared_expert_and_reconstructs_the_experts(tmp_path):
+    src = qwen2_moe_dir(tmp_path / "src")
+    report = convert_to_aoe(src, tmp_path / "out", verbose=False)
+    assert report.layer_errors[0] == 0.0 and report.max_error < 1e-12
+    s, d = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert not any(k.endswith("ffn.router") or "gate.weight" in k for k in d)
+    x = torch.randn(7, 64)
+    a, b = _qk_expert_outputs(s, d, 1, 4, x)
+    assert rel(b, a) < 1e-5
+    # the AoE layer's shared part is the source's gated shared expert, as is
+    aoe = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    p = "model.layers.1.mlp."
+    g, u, w2, gate = (s[p + n] for n in ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
+                                           "shared_expert.down_proj.weight", "shared_expert_gate.weight"))
+    expected = torch.sigmoid(x @ gate.T) * ((F.silu(x @ g.T) * (x @ u.T)) @ w2.T)
+    with torch.no_grad():
+        assert rel(aoe.model.layers[1].ffn.shared(x), expected) < 1e-6
+    assert torch.isfinite(aoe(torch.randint(0, 256, (1, 8))).logits).all()
+
+
+def test_cli_converts_qwen2_moe(tmp_path, capsys):
+    src = qwen2_moe_dir(tmp_path / "src", E=2, k=1)
+    assert _run(["convert", str(src), str(tmp_path / "out"), "--d-low", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "converted qwen2_moe -> aoe" in printed and "shared expert of width 96" in printed and "q/k/v biases" in printed
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["d_low"], cfg["num_shared_experts"], cfg["shared_expert_gate"], cfg["qkv_bias"]) == (16, 1, True, True)
+
+
+@pytest.mark.parametrize("source", ["mixtral", "qwen3_moe", "olmoe"])
+def test_moe_sources_to_moe_same_logits(tmp_path, source):
+    if source == "mixtral":
+        src = save(_randomize(MixtralForCausalLM(MixtralConfig(**KW, num_local_experts=4, num_experts_per_tok=2))).eval(),
+                   tmp_path / "src")
+        cls = MixtralForCausalLM
+    else:
+        make, cls = MOE_QK[source][:2]
+        src = make(tmp_path / "src", norm_topk_prob=True)
+        _randomize(cls.from_pretrained(src)).save_pretrained(src)
+    convert_to_aoe(src, tmp_path / "out", ffn="moe", verbose=False)
+    out = _same_function(src, tmp_path / "out", cls, vocab=64)
+    assert out.config.ffn_type == "moe" and out.config.num_shared_experts == 0 and out.config.qkv_bias is False
+
+
+def test_qwen2_dense_upcycled_same_logits(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    src = save(_randomize(Qwen2ForCausalLM(Qwen2Config(**QWEN2_KW))).eval(), tmp_path / "src")
+    report = convert_to_aoe(src, tmp_path / "out", num_experts=4, top_k=2, verbose=False)
+    assert report.source_type == "qwen2" and report.max_error < 1e-12
+    out = _same_function(src, tmp_path / "out", Qwen2ForCausalLM)
+    assert out.config.qkv_bias is True and out.config.num_experts == 4
+
+
+def test_what_ffn_moe_cannot_do_is_refused(tmp_path, llama_dir):
+    src = qwen2_moe_dir(tmp_path / "src", E=2, k=1)
+    with pytest.raises(ConversionError, match="ffn='moe' keeps the source's router, and a llama source"):
+        convert_to_aoe(llama_dir(), tmp_path / "out", ffn="moe", verbose=False)
+    with pytest.raises(ConversionError, match="d_low=8: ffn='moe' keeps every gate projection whole"):
+        convert_to_aoe(src, tmp_path / "out", ffn="moe", d_low=8, verbose=False)
+    with pytest.raises(ConversionError, match="ffn='dense' must be 'aoe'"):
+        convert_to_aoe(src, tmp_path / "out", ffn="dense", verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type,match", [("deepseek_v2", "DeepSeek-V2 has multi-head latent attention"),
+                                               ("deepseek_v3", "DeepSeek-V3 has multi-head latent attention")])
+def test_deepseek_refused_with_its_reason(tmp_path, model_type, match):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ConversionError, match=match):
+        convert_to_aoe(tmp_path / "src", tmp_path / "out", verbose=False)
+
+
+@pytest.mark.parametrize("extra_key", [
+    "model.layers.1.mlp.shared_expert.extra_proj.weight",   # a Qwen2-MoE tensor no table maps
+    "model.layers.1.mlp.experts_bias",                      # beside the experts, not one of them
+])
+def test_an_unmapped_tensor_of_a_sparse_block_is_refused(tmp_path, extra_key):
+    src = qwen2_moe_dir(tmp_path / "src", E=2, k=1)
+    s = load_file(str(src / "model.safetensors"))
+    s[extra_key] = torch.ones(4)
+    save_file(s, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=f"does not understand: \\['{extra_key}'\\]"):
+        convert_to_aoe(src, tmp_path / "out", verbose=False)
+
+
+def test_a_shared_expert_in_a_source_without_one_is_refused(tmp_path):
+    """A Mixtral-typed checkpoint with a shared expert (DeepSeek style) is not silently cut down."""
+    src = mixtral_dir(tmp_path / "mix")
+    s = load_file(str(src / "model.safetensors"))
+    s["model.layers.0.block_sparse_moe.shared_experts.gate_proj.weight"] = torch.ones(48, 32)
+    save_file(s, str(src / "model.safetensors"), metadata={"format": "pt"})
+    for ffn in ("aoe", "moe"):
+        with pytest.raises(ConversionError, match="shared_experts.gate_proj.weight"):
+            convert_to_aoe(src, tmp_path / "out", ffn=ffn, verbose=False)
+
+
+def test_a_shared_expert_of_another_width_is_named(tmp_path):
+    src = _edit_config(qwen2_moe_dir(tmp_path / "src", E=2, k=1), shared_expert_intermediate_size=80)
+    with pytest.raises(ConversionError, match=r"shared_expert.gate_proj.weight has shape \[96, 64\], but config.json "
+                                              r"\(hidden_size=64, shared_expert_intermediate_size=80\) implies \[80, 64\]"):
+        convert_to_aoe(src, tmp_path / "out", verbose=False)

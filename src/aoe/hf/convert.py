@@ -1,6 +1,12 @@
 """Convert a Hugging Face MoE or dense checkpoint into an AoE model (an ``aoe`` HF directory).
 
-    convert_to_aoe(src_dir, dst_dir, num_experts=None, top_k=None, d_low=None, upcycle="copy")
+    convert_to_aoe(src_dir, dst_dir, num_experts=None, top_k=None, d_low=None, upcycle="copy", ffn="aoe")
+
+``ffn="moe"`` (MoE sources only) converts into the native router MoE instead: the router
+(``gate.weight`` [E, D] -> ``router`` [D, E]) and the experts are copied as they are, so the
+converted model computes the source's function (same softmax, top-k and ``norm_topk_prob``);
+``d_low`` must be unset. Everything below about dropping the router and factorizing the gates is
+the default ``ffn="aoe"``.
 
 Sources (a local directory with ``config.json`` and ``*.safetensors``), each a row of the table
 ``aoe.hf.sources.ARCHS`` (adding an architecture is adding a row and a test):
@@ -23,22 +29,32 @@ Sources (a local directory with ``config.json`` and ``*.safetensors``), each a r
   projection (weights [H*Dh], [G*Dh]) as ``qk_norm="full"``; ``renormalize`` defaults to
   ``norm_topk_prob``; ``clip_qkv`` must be unset (refused otherwise: the native attention does
   not clamp).
-* **Llama** (``model_type="llama"``, and "mistral" with the same checks): every dense FFN
+* **Qwen2-MoE** (``model_type="qwen2_moe"``): as Qwen3-MoE (dense ``mlp_only_layers`` /
+  ``decoder_sparse_step`` layers, ``norm_topk_prob``), without q/k norms, and with what Qwen3-MoE
+  lacks: biases on the q/k/v projections (``qkv_bias``, default true; o_proj has none) become the
+  native ``attn_qkv_bias``, and every sparse layer's shared expert (``mlp.shared_expert.*``, a
+  SwiGLU of width ``shared_expert_intermediate_size``) with its sigmoid gate
+  (``mlp.shared_expert_gate`` [1, D]) becomes the layer's ``shared`` experts (``aoe.nn.shared``:
+  ``n_shared_experts=1``, ``shared_expert_gate=True``), copied as is (never factorized).
+* **Llama** (``model_type="llama"``, and "mistral" with the same checks; "qwen2" too, with its
+  q/k/v biases as ``attn_qkv_bias``): every dense FFN
   becomes ``num_experts`` experts (default 1). ``upcycle="copy"``: each expert is a copy of the
   FFN (expert width F); with ``renormalize`` (the default for "copy") the identical experts'
   weights sum to 1, so the converted model computes the same function as the source, for every
   E and k, at full rank. ``upcycle="slice"``: the hidden dimension F is cut into E slices of
   F / E (the experts together are the FFN: exact for E = top_k = 1 only, since AoE weights the
   experts by the softmax over their norms); renormalize defaults to the AoE default (False).
-* Refused with ``ConversionError`` (a ``ValueError``; the reason in the message): **Qwen2-MoE**
-  (a shared expert with its own sigmoid gate, and biases on q/k/v: the native model has
+* Refused with ``ConversionError`` (a ``ValueError``; the reason in the message):
+  **DeepSeek-V2 / V3** (multi-head latent attention, group-limited routing: the native model has
   neither), any other model_type; and inside a supported type: a non-SiLU activation, attention
-  or MLP biases, a head_dim other than hidden_size / num_attention_heads, a RoPE scaling other
-  than "default", OLMoE's ``clip_qkv``, a Qwen3-MoE without any sparse layer. So is a source
-  that cannot be read (an unreadable or invalid ``config.json``, a damaged safetensors file) or
-  whose weights do not have the shapes (or the number of experts) its ``config.json`` gives
-  them; each message names the file or tensor.
-  A sliding window (Mistral, Mixtral, Qwen3-MoE with use_sliding_window) is kept exact by
+  biases other than Qwen2's q/k/v ones, MLP biases, a head_dim other than hidden_size /
+  num_attention_heads, a RoPE scaling other than "default", OLMoE's ``clip_qkv``, a Qwen-MoE
+  without any sparse layer, and any source tensor no table maps (e.g. a shared expert in a
+  source whose row has none: nothing is dropped silently but an AoE conversion's routers). So is
+  a source that cannot be read (an unreadable or invalid ``config.json``, a damaged safetensors
+  file) or whose weights do not have the shapes (or the number of experts) its ``config.json``
+  gives them; each message names the file or tensor.
+  A sliding window (Mistral, Mixtral, Qwen2, Qwen-MoE with use_sliding_window) is kept exact by
   setting ``max_seq_len`` to min(max_position_embeddings, sliding_window): within that length
   the window never bites.
 
@@ -46,8 +62,8 @@ The gate projection W_g [D, F] of every expert is factorized by truncated SVD at
 (default: full rank min(D, F), lossless): ``W_g = U S V^T``, ``w_down = U_R sqrt(S_R)``,
 ``w_up = sqrt(S_R) V_R^T`` (in float64, then cast). The per-layer relative Frobenius error
 ``||W_g - w_down w_up|| / ||W_g||`` (over all the layer's experts; 0 for a layer kept dense) is
-printed and returned. Attention (q/k norms included), norms and embeddings are copied exactly;
-the AoE expert width is d_wide = F.
+printed and returned. Attention (q/k norms and q/k/v biases included), norms, embeddings and
+shared experts are copied exactly; the AoE expert width is d_wide = F.
 
 The source is read one tensor at a time (safetensors only; single file or shards) and the
 result written in shards of at most ``max_shard_bytes`` (5 GiB; one ``model.safetensors`` when it
@@ -72,8 +88,9 @@ from aoe.config import ConfigError, ModelConfig
 from aoe.hf._io import atomic_directory, check_destination
 from aoe.hf.configuration import AoEConfig
 from aoe.hf.sources import (
-    ARCHS, GLOBAL_KEYS, LAYER_KEYS, QK_NORM_KEYS, REFUSED, UNTIED_KEYS, ConversionError, SourceArch, _LazyState,
-    check_common, dense_ffn, hf_config, read_config_json, rope_theta, sparse_ffn,
+    ARCHS, GLOBAL_KEYS, LAYER_KEYS, QK_NORM_KEYS, QKV_BIAS_KEYS, REFUSED, SHARED_EXPERT_KEYS, SHARED_GATE_KEYS,
+    UNTIED_KEYS, ConversionError, SourceArch, _LazyState, check_common, dense_ffn, hf_config, read_config_json,
+    rope_theta, router_key, sparse_ffn,
 )
 
 __all__ = ["convert_to_aoe", "factorize_gate", "ConversionReport", "ConversionError", "SUPPORTED_SOURCES"]
@@ -217,7 +234,7 @@ def _check_expert_count(src: Path, layer: int, keys: list[str], E: int, field_na
 @dataclass(frozen=True)
 class _Plan:
     """E experts, top_k, expert width F (d_wide), gate rank R, renormalization, layers kept dense;
-    for a dense source also its FFN width and the upcycling."""
+    for a dense source also its FFN width and the upcycling; the native FFN ("aoe" or "moe")."""
 
     E: int
     k: int
@@ -227,6 +244,7 @@ class _Plan:
     dense_layers: tuple[int, ...] = ()
     F_dense: int | None = None
     upcycle: str = "copy"
+    ffn: str = "aoe"
 
 
 def _sparse_plan(arch: SourceArch, cfg, src: Path, num_experts, top_k, renormalize) -> _Plan:
@@ -260,7 +278,18 @@ def _dense_plan(cfg, num_experts, top_k, upcycle: str, renormalize) -> _Plan:
     return _Plan(E, k, F, min(cfg.hidden_size, F), renorm, F_dense=F_dense, upcycle=upcycle)
 
 
-def _plan(arch: SourceArch, cfg, src: Path, num_experts, top_k, d_low, upcycle: str, renormalize) -> _Plan:
+def _check_target(arch: SourceArch, ffn: str, d_low) -> None:
+    if ffn not in ("aoe", "moe"):
+        raise ConversionError(f"ffn={ffn!r} must be 'aoe' (router dropped, gates factorized) or 'moe' (router kept)")
+    if ffn == "moe" and not arch.sparse:
+        raise ConversionError(f"ffn='moe' keeps the source's router, and a {arch.model_type} source (dense) has none: "
+                              "convert it with ffn='aoe'")
+    if ffn == "moe" and d_low is not None:
+        raise ConversionError(f"d_low={d_low}: ffn='moe' keeps every gate projection whole; d_low applies to ffn='aoe' only")
+
+
+def _plan(arch: SourceArch, cfg, src: Path, num_experts, top_k, d_low, upcycle: str, renormalize, ffn: str) -> _Plan:
+    _check_target(arch, ffn, d_low)
     if arch.sparse:
         plan = _sparse_plan(arch, cfg, src, num_experts, top_k, renormalize)
     else:
@@ -271,23 +300,28 @@ def _plan(arch: SourceArch, cfg, src: Path, num_experts, top_k, d_low, upcycle: 
     D = cfg.hidden_size
     if not isinstance(R, int) or not 1 <= R <= min(D, plan.F):
         raise ConversionError(f"d_low={R} must be in [1, min(hidden_size={D}, expert width={plan.F})={min(D, plan.F)}]")
-    return _Plan(plan.E, plan.k, plan.F, R, plan.renormalize, plan.dense_layers, plan.F_dense, plan.upcycle)
+    return _Plan(plan.E, plan.k, plan.F, R, plan.renormalize, plan.dense_layers, plan.F_dense, plan.upcycle, ffn)
 
 
 def _model_config(cfg, src: Path, arch: SourceArch, plan: _Plan) -> ModelConfig:
-    """The native model: the source's attention and widths, AoE FFNs as planned."""
+    """The native model: the source's attention and widths, AoE (or MoE) FFNs as planned."""
     max_seq_len = cfg.max_position_embeddings
     window = getattr(cfg, "sliding_window", None)
-    if window is not None and window < max_seq_len:  # within that length the window never bites
+    if window and window < max_seq_len:  # within that length the window never bites (0: Qwen2-MoE's "off")
         max_seq_len = window
+    width = {"d_low": plan.R, "d_wide": plan.F} if plan.ffn == "aoe" else {}
+    shared = {}
+    if arch.shared_width_field is not None:
+        shared = dict(n_shared_experts=1, d_shared=getattr(cfg, arch.shared_width_field), shared_expert_gate=arch.shared_gate)
     return _native_config(
         src, vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
         n_heads=cfg.num_attention_heads, n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         max_seq_len=max_seq_len, rope_theta=rope_theta(cfg), norm_eps=float(cfg.rms_norm_eps),
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        init_std=float(getattr(cfg, "initializer_range", 0.02)), ffn="aoe", d_ffn=plan.F, n_experts=plan.E,
-        top_k=plan.k, d_low=plan.R, d_wide=plan.F, renormalize=plan.renormalize, qk_norm=arch.qk_norm,
+        init_std=float(getattr(cfg, "initializer_range", 0.02)), ffn=plan.ffn, d_ffn=plan.F, n_experts=plan.E,
+        top_k=plan.k, renormalize=plan.renormalize, qk_norm=arch.qk_norm, attn_qkv_bias=arch.qkv_bias(cfg),
         dense_layers=list(plan.dense_layers), dense_d_ffn=cfg.intermediate_size if plan.dense_layers else None,
+        **width, **shared,
     )
 
 
@@ -327,18 +361,31 @@ class _Converter:
         self.used: set[str] = set()
         self.errors: list[float] = []
 
-    def put(self, dst_key: str, src_key: str) -> None:
+    def put(self, dst_key: str, src_key: str, transpose: bool = False, fields: str | None = None) -> None:
+        """Copy one source tensor (transposed: an nn.Linear weight into an input-first native one);
+        ``fields``: the config.json fields its shape comes from (default: the model's dimensions)."""
         if src_key not in self.state:
             raise ConversionError(f"source {str(self.src)!r} lacks {src_key!r}")
         tensor = self.state[src_key]
-        _check_shape(self.src, src_key, tuple(tensor.shape), self.expected[f"model.{dst_key}"], self.dims)
-        self.writer.add(f"model.{dst_key}", tensor.to(self.dtype))
+        expected = self.expected[f"model.{dst_key}"]
+        _check_shape(self.src, src_key, tuple(tensor.shape), expected[::-1] if transpose else expected,
+                     fields or self.dims)
+        self.writer.add(f"model.{dst_key}", (tensor.T if transpose else tensor).to(self.dtype))
         self.used.add(src_key)
 
-    def mapped(self, rows, **fmt) -> None:
+    def mapped(self, rows, transpose: bool = False, fields: str | None = None, **fmt) -> None:
         """Copy the tensors of a key-map table (native key <- source key)."""
         for dst_key, src_key in rows:
-            self.put(dst_key.format(**fmt), src_key.format(**fmt))
+            self.put(dst_key.format(**fmt), src_key.format(**fmt), transpose, fields)
+
+    def shared_experts(self, i: int) -> None:
+        """The source's shared expert (and its sigmoid gate) of the sparse layer i, copied as is."""
+        field = self.arch.shared_width_field
+        if field is not None:
+            dims = f"hidden_size={self.cfg.hidden_size}, {field}={getattr(self.cfg, field)}"
+            self.mapped(SHARED_EXPERT_KEYS, transpose=True, fields=dims, i=i)
+        if self.arch.shared_gate:
+            self.mapped(SHARED_GATE_KEYS, transpose=True, fields=f"hidden_size={self.cfg.hidden_size}", i=i)
 
     def dense_layer(self, i: int, verbose: bool) -> None:
         """A dense MLP of a sparse source stays a dense SwiGLU FFN, copied as is."""
@@ -371,9 +418,13 @@ class _Converter:
 
     def sparse_layer(self, i: int, verbose: bool) -> None:
         """The layer's experts with their gates factorized at rank R; the source's router (among
-        the keys read) is dropped."""
+        the keys read) is dropped. With ffn="moe" the experts and the router are copied as is."""
         w_gate, w_in, w_out, keys = self.expert_weights(i)
         self.used.update(keys)
+        self.shared_experts(i)
+        if self.plan.ffn == "moe":
+            self.moe_layer(i, (w_gate, w_in, w_out), verbose)
+            return
         w_down, w_up, err = factorize_gate(w_gate, self.plan.R)
         self.errors.append(err)
         for name, t in (("w_down", w_down), ("w_up", w_up), ("w_in", w_in), ("w_out", w_out)):
@@ -382,6 +433,17 @@ class _Converter:
         if verbose:
             print(f"layer {i}: gate rank {self.plan.R}/{min(self.cfg.hidden_size, self.plan.F)}, "
                   f"relative reconstruction error {err:.3e}")
+
+    def moe_layer(self, i: int, experts, verbose: bool) -> None:
+        """A native MoE layer: the source's router (transposed to [D, E]) and experts, as they are."""
+        self.put(f"layers.{i}.ffn.router", router_key(self.state, i), transpose=True,
+                 fields=f"hidden_size={self.cfg.hidden_size}, {self.arch.experts_field}={self.plan.E}")
+        for name, t in zip(("w_gate", "w_in", "w_out"), experts):
+            self.writer.add(f"model.layers.{i}.ffn.{name}", t.to(self.dtype))
+        self.writer.add(f"model.layers.{i}.ffn.selection_bias", torch.zeros(self.plan.E, dtype=torch.float32))
+        self.errors.append(0.0)
+        if verbose:
+            print(f"layer {i}: router and {self.plan.E} experts copied as is")
 
     def leftover(self) -> None:
         rest = sorted(k for k in self.state if k not in self.used and not k.endswith("rotary_emb.inv_freq"))
@@ -403,15 +465,18 @@ def convert_to_aoe(
     overwrite: bool = False,
     verbose: bool = True,
     max_shard_bytes: int = 5 * 1024**3,
+    ffn: str = "aoe",
 ) -> ConversionReport:
-    """Convert ``src_dir`` (a Mixtral, Qwen3-MoE, OLMoE, Llama or Mistral HF checkpoint) into an
-    AoE HF directory ``dst_dir``.
+    """Convert ``src_dir`` (a Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Llama, Mistral or Qwen2 HF
+    checkpoint) into an AoE HF directory ``dst_dir`` (model_type "aoe").
 
-    num_experts / top_k: experts and experts per token (defaults: MoE sources: the source's;
+    ffn: the native FFN: "aoe" (the default: routers dropped, gates factorized) or "moe" (MoE
+    sources only: the router and the experts kept as they are, the same function as the source;
+    d_low must be unset). num_experts / top_k: experts and experts per token (defaults: MoE sources: the source's;
     Llama/Mistral: 1 / 1). d_low: rank of the factorized gate (default full rank min(hidden,
     expert width): lossless). upcycle: "copy" or "slice" (dense sources only). renormalize: AoE's
     gate renormalization (default: True for Mixtral and "copy", the source's norm_topk_prob for
-    Qwen3-MoE and OLMoE, False for "slice"). dtype: of the written weights
+    Qwen2-MoE, Qwen3-MoE and OLMoE, False for "slice"). dtype: of the written weights
     (default: the source's). max_shard_bytes: size of the written safetensors shards (one
     ``model.safetensors`` when everything fits, else HF-indexed shards). The source is read one
     tensor at a time. Raises ConversionError (a ValueError) on an unsupported or unreadable source,
@@ -420,7 +485,7 @@ def convert_to_aoe(
     src, arch, cfg = _open_source(src_dir, dst_dir, overwrite, upcycle)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    plan = _plan(arch, cfg, src, num_experts, top_k, d_low, upcycle, renormalize)
+    plan = _plan(arch, cfg, src, num_experts, top_k, d_low, upcycle, renormalize, ffn)
     model_cfg = _model_config(cfg, src, arch, plan)
     state = _LazyState(src)
     if "model.embed_tokens.weight" not in state:
@@ -444,10 +509,13 @@ def convert_to_aoe(
     report = ConversionReport(source_type=arch.model_type, config=hf_cfg.to_dict(), layer_errors=conv.errors)
     if verbose:
         extra = (f", qk_norm={arch.qk_norm!r}" if arch.qk_norm != "none" else "") + (
-            f", dense layers {list(plan.dense_layers)}" if plan.dense_layers else "")
-        print(f"converted {arch.model_type} -> aoe: {model_cfg.n_layers} layers, {plan.E} experts, top_k={plan.k}, "
-              f"d_low={plan.R}, d_wide={plan.F}, renormalize={plan.renormalize}{extra}; max gate reconstruction "
-              f"error {report.max_error:.3e}; wrote {str(dst_dir)!r}")
+            f", dense layers {list(plan.dense_layers)}" if plan.dense_layers else "") + (
+            ", q/k/v biases" if model_cfg.attn_qkv_bias else "") + (
+            f", a shared expert of width {model_cfg.d_shared}" if model_cfg.n_shared_experts else "")
+        width = (f"d_low={plan.R}, d_wide={plan.F}" if plan.ffn == "aoe" else f"d_ffn={plan.F}")
+        error = f"; max gate reconstruction error {report.max_error:.3e}" if plan.ffn == "aoe" else ""
+        print(f"converted {arch.model_type} -> {plan.ffn}: {model_cfg.n_layers} layers, {plan.E} experts, "
+              f"top_k={plan.k}, {width}, renormalize={plan.renormalize}{extra}{error}; wrote {str(dst_dir)!r}")
     return report
 
 
@@ -462,6 +530,8 @@ def _convert_all(conv: _Converter, model_cfg: ModelConfig, verbose: bool) -> Non
         conv.mapped(LAYER_KEYS, i=i)
         if conv.arch.qk_norm != "none":
             conv.mapped(QK_NORM_KEYS, i=i)
+        if model_cfg.attn_qkv_bias:
+            conv.mapped(QKV_BIAS_KEYS, i=i)
         if i in conv.plan.dense_layers:
             conv.dense_layer(i, verbose)
         else:

@@ -1,12 +1,14 @@
 """The Hugging Face architectures ``aoe convert`` reads, as a table, and how their checkpoints are read.
 
 Adding an architecture is adding a row to ``ARCHS`` (and a test): what kind of FFN it has, the
-config.json fields of its expert count and width, its q/k norm, its default gate renormalization,
-which layers stay dense, and any check of its own. Every architecture here has the Llama layout
-of the weights around the FFN; the rows of ``GLOBAL_KEYS``, ``LAYER_KEYS`` and ``QK_NORM_KEYS``
+config.json fields of its expert count and width, its q/k norm, its q/k/v biases, its shared
+expert, its default gate renormalization, which layers stay dense, and any check of its own.
+Every architecture here has the Llama layout of the weights around the FFN; the rows of
+``GLOBAL_KEYS``, ``LAYER_KEYS``, ``QK_NORM_KEYS``, ``QKV_BIAS_KEYS`` and ``SHARED_EXPERT_KEYS``
 map the native key (``{i}``: the layer) to the source key. The FFN weights are read by
-``sparse_ffn`` (per-expert ``experts.{e}.{gate,up,down}`` under ``EXPERT_LAYOUTS``, or the fused
-layout) and ``dense_ffn``.
+``sparse_ffn`` (per-expert ``experts.{e}.{gate,up,down}`` under ``EXPERT_NAMES``, or the fused
+layout), ``router_key`` and ``dense_ffn``. A source tensor none of these reads is refused by the
+converter (nothing is dropped silently but the router of an AoE conversion).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ def _norm_topk_prob(cfg) -> bool:
     return bool(getattr(cfg, "norm_topk_prob", False))
 
 
+def _false(cfg) -> bool:
+    return False
+
+
 def _no_clip_qkv(cfg, src: Path) -> None:
     if getattr(cfg, "clip_qkv", None) is not None:
         raise ConversionError(f"olmoe source {str(src)!r}: clip_qkv={cfg.clip_qkv} (queries, keys and values clamped); "
@@ -56,6 +62,9 @@ class SourceArch:
     dense FFN) width. qk_norm: the native ``qk_norm`` its q/k RMSNorms become. renormalize: the
     default gate renormalization from the source config (sparse sources). dense_layers: the
     layers whose MLP is dense in a sparse source (kept dense). check: refusals of its own.
+    qkv_bias: whether its q/k/v projections have biases (native ``attn_qkv_bias``).
+    shared_width_field: the config.json field of the width of its one shared expert (None: it
+    has none); shared_gate: that expert's output is scaled by a sigmoid gate (Qwen2-MoE).
     """
 
     model_type: str
@@ -66,11 +75,14 @@ class SourceArch:
     renormalize: Callable[[Any], bool] = _norm_topk_prob
     dense_layers: Callable[[Any], list[int]] = _none
     check: Callable[[Any, Path], None] = _no_check
+    qkv_bias: Callable[[Any], bool] = _false
+    shared_width_field: str | None = None
+    shared_gate: bool = False
 
 
-def _qwen3_dense_layers(cfg) -> list[int]:
-    """The Qwen3-MoE layers whose MLP is dense (transformers' rule: sparse iff the layer is not in
-    ``mlp_only_layers`` and (layer + 1) % decoder_sparse_step == 0)."""
+def _qwen_dense_layers(cfg) -> list[int]:
+    """The Qwen2-MoE / Qwen3-MoE layers whose MLP is dense (transformers' rule: sparse iff the layer
+    is not in ``mlp_only_layers`` and (layer + 1) % decoder_sparse_step == 0)."""
     mlp_only = set(getattr(cfg, "mlp_only_layers", None) or [])
     step = getattr(cfg, "decoder_sparse_step", 1) or 1
     return [i for i in range(cfg.num_hidden_layers) if i in mlp_only or (i + 1) % step != 0]
@@ -78,16 +90,22 @@ def _qwen3_dense_layers(cfg) -> list[int]:
 
 ARCHS: dict[str, SourceArch] = {a.model_type: a for a in (
     SourceArch("mixtral", True, experts_field="num_local_experts", renormalize=lambda cfg: True),
-    SourceArch("qwen3_moe", True, "moe_intermediate_size", "num_experts", qk_norm="head", dense_layers=_qwen3_dense_layers),
+    SourceArch("qwen3_moe", True, "moe_intermediate_size", "num_experts", qk_norm="head", dense_layers=_qwen_dense_layers),
     SourceArch("olmoe", True, experts_field="num_experts", qk_norm="full", check=_no_clip_qkv),
     SourceArch("llama", False),
     SourceArch("mistral", False),
+    SourceArch("qwen2_moe", True, "moe_intermediate_size", "num_experts", dense_layers=_qwen_dense_layers,
+               qkv_bias=lambda cfg: bool(getattr(cfg, "qkv_bias", True)),
+               shared_width_field="shared_expert_intermediate_size", shared_gate=True),
+    SourceArch("qwen2", False, qkv_bias=lambda cfg: True),  # Qwen2's q/k/v projections always have biases
 )}
 
+_DEEPSEEK = ("multi-head latent attention (keys and values through a low-rank latent, a decoupled RoPE part) "
+             "and group-limited routing with a score-correction bias; the native model has neither")
 #: Sources refused by name, with the reason.
 REFUSED = {
-    "qwen2_moe": "Qwen2-MoE has a shared expert (with its own sigmoid gate) and biases on the q/k/v projections; "
-                 "the native AoE model has neither",
+    "deepseek_v2": f"DeepSeek-V2 has {_DEEPSEEK}",
+    "deepseek_v3": f"DeepSeek-V3 has {_DEEPSEEK}",
 }
 
 #: native key <- source key (the native keys under "model." in the HF directory)
@@ -99,6 +117,15 @@ LAYER_KEYS = (
     ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
 )
 QK_NORM_KEYS = tuple((f"layers.{{i}}.attn.{a}_norm.weight", f"model.layers.{{i}}.self_attn.{a}_norm.weight") for a in "qk")
+QKV_BIAS_KEYS = tuple((f"layers.{{i}}.attn.{a}_proj.bias", f"model.layers.{{i}}.self_attn.{a}_proj.bias") for a in "qkv")
+#: native <- source, each transposed (the source's are nn.Linear weights [out, in]; the native
+#: ``aoe.nn.shared.SharedExperts`` is input dimension first).
+SHARED_EXPERT_KEYS = (
+    ("layers.{i}.ffn.shared.w_gate", "model.layers.{i}.mlp.shared_expert.gate_proj.weight"),
+    ("layers.{i}.ffn.shared.w_in", "model.layers.{i}.mlp.shared_expert.up_proj.weight"),
+    ("layers.{i}.ffn.shared.w_out", "model.layers.{i}.mlp.shared_expert.down_proj.weight"),
+)
+SHARED_GATE_KEYS = (("layers.{i}.ffn.shared.gate", "model.layers.{i}.mlp.shared_expert_gate.weight"),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,23 +233,22 @@ def rope_theta(cfg) -> float:
 
 
 # Per-expert weight names (gate, up, down) of the layouts save_pretrained writes: Mixtral's
-
-
-# Per-expert weight names (gate, up, down) of the layouts save_pretrained writes: Mixtral's
-# w1/w3/w2 (under block_sparse_moe. or mlp.), Qwen3-MoE's and OLMoE's gate_proj/up_proj/down_proj.
+# w1/w3/w2 (under block_sparse_moe. or mlp.), Qwen2-MoE's, Qwen3-MoE's and OLMoE's gate_proj/up_proj/down_proj.
 EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
 
 def sparse_ffn(state, i: int, n_experts: int):
     """w_gate [E, D, F], w_in [E, D, F], w_out [E, F, D] (native layout) of the sparse layer i, and
-    every source key of that layer's MoE block (the router included: AoE drops it).
+    the source keys of its experts and its router (``router_key``: AoE drops it); anything else in
+    the block (a shared expert) is read by its own table or left over.
 
     Reads the per-expert ``experts.{e}.{gate,up,down}`` Linear weights ([F, D], [F, D], [D, F]) that
     ``save_pretrained`` writes, or the fused ``experts.gate_up_proj`` [E, 2F, D] (gate rows first)
     and ``experts.down_proj`` [E, D, F] of transformers 5's in-memory layout."""
     for block in ("block_sparse_moe", "mlp"):
         p = f"model.layers.{i}.{block}.experts"
-        keys = [k for k in state if k.startswith(f"model.layers.{i}.{block}.")]
+        router = f"model.layers.{i}.{block}.gate.weight"
+        keys = [k for k in state if k.startswith(f"{p}.")] + ([router] if router in state else [])
         for g, u, d in EXPERT_NAMES:
             if f"{p}.0.{g}.weight" in state:
                 try:
@@ -246,12 +272,20 @@ def sparse_ffn(state, i: int, n_experts: int):
     raise ConversionError(f"layer {i}: no expert weights found (expected block_sparse_moe.experts.* or mlp.experts.*)")
 
 
+def router_key(state, i: int) -> str:
+    """The source key of layer i's router weight [E, D] (``block_sparse_moe.gate`` or ``mlp.gate``)."""
+    for block in ("block_sparse_moe", "mlp"):
+        if f"model.layers.{i}.{block}.gate.weight" in state:
+            return f"model.layers.{i}.{block}.gate.weight"
+    raise ConversionError(f"layer {i}: no router weight found (expected model.layers.{i}.block_sparse_moe.gate.weight "
+                          f"or model.layers.{i}.mlp.gate.weight)")
+
+
 def dense_ffn(state: dict, i: int):
     p = f"model.layers.{i}.mlp"
+    keys = [f"{p}.{name}_proj.weight" for name in ("gate", "up", "down")]
     try:
-        w_gate = state[f"{p}.gate_proj.weight"].T
-        w_in = state[f"{p}.up_proj.weight"].T
-        w_out = state[f"{p}.down_proj.weight"].T
+        w_gate, w_in, w_out = (state[k].T for k in keys)
     except KeyError as e:
         raise ConversionError(f"layer {i}: missing dense FFN weight {e}") from None
-    return w_gate, w_in, w_out, [k for k in state if k.startswith(f"{p}.")]
+    return w_gate, w_in, w_out, keys
