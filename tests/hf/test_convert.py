@@ -564,6 +564,11 @@ def test_qwen2_moe_to_moe_same_logits(tmp_path, norm_topk):
     report = convert_to_aoe(src, tmp_path / "out", ffn="moe", verbose=False)
     assert report.source_type == "qwen2_moe" and report.layer_errors == [0.0, 0.0]
     out = _same_function(src, tmp_path / "out", Qwen2MoeForCausalLM)
+    from aoe.hf.export import load_hf_as_native
+
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():  # the native model read back from the directory is the same model
+        assert torch.equal(load_hf_as_native(tmp_path / "out")(x).logits, out(x).logits)
     c = out.config
     assert (c.ffn_type, c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.norm_topk_prob) == (
         "moe", 4, 2, 48, norm_topk)
