@@ -188,3 +188,57 @@ def test_an_unknown_harness_task_is_a_message_other_harness_errors_are_not(train
     monkeypatch.setattr(aoe.eval.tasks, "run_harness", bug)
     with pytest.raises(ValueError, match="a bug"):
         main(["eval", str(trained[0]), "--skip-loss", "--tasks", "piqa"])
+
+
+# ---------------------------------------------------------------------------------------------
+# aoe eval --json: lm-eval's results layout; choices that begin with whitespace
+# ---------------------------------------------------------------------------------------------
+def _mc_file(path, spaced: bool):
+    space = " " if spaced else ""
+    path.write_text("\n".join(json.dumps({"context": "def", "choices": [space + "main(", space + "the the"],
+                                          "label": i % 2}) for i in range(4)) + "\n")
+    return path
+
+
+def test_eval_json_is_lm_evals_results_layout(trained, tmp_path, capsys):
+    from lm_eval.utils import make_table
+
+    run, _ = trained
+    mc, out_json = _mc_file(tmp_path / "plain.jsonl", spaced=False), tmp_path / "eval.json"
+    assert main(["eval", str(run), "--max-batches", "2", "--mc", str(mc), "--json", str(out_json)]) == 0
+    assert capsys.readouterr().err == ""  # no whitespace warning for a normal file
+    layout = json.loads(out_json.read_text())
+    for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config"):
+        assert key in layout, key
+    mc_task, corpus = layout["results"]["mc_plain"], layout["results"]["corpus_val"]
+    assert mc_task["alias"] == str(mc) and mc_task["sample_len"] == 4
+    for metric in ("acc", "acc_norm", "acc_bytes"):
+        assert mc_task[f"{metric},none"] == layout["multiple_choice"][str(mc)][metric]  # the earlier key, kept
+        assert mc_task[f"{metric}_stderr,none"] == layout["multiple_choice"][str(mc)][f"{metric}_stderr"]
+    assert corpus["loss,none"] == layout["loss"] > 0 and corpus["perplexity,none"] == layout["perplexity"]
+    assert corpus["bits_per_byte,none"] == layout["bits_per_byte"] and corpus["sample_len"] == layout["tokens"]
+    assert layout["n-samples"]["mc_plain"] == {"original": 4, "effective": 4}
+    assert layout["higher_is_better"]["corpus_val"]["loss"] is False and layout["configs"]["mc_plain"]["target_delimiter"] == " "
+    config = layout["config"]
+    assert config["model"] == layout["checkpoint"] and config["batch_size"] == 8 and config["device"] == "cpu"
+    assert config["model_dtype"] == "torch.float32" and config["limit"] is None
+    table = make_table(layout)  # lm-eval's own reader of its results
+    assert str(mc) in table and "acc_norm" in table and "bits_per_byte" in table
+
+
+def test_choices_with_a_leading_space_warn_once_and_mc_delimiter(trained, tmp_path, capsys):
+    run, _ = trained
+    spaced, plain = _mc_file(tmp_path / "spaced.jsonl", True), _mc_file(tmp_path / "plain.jsonl", False)
+    results = {}
+    for name, args in (("spaced", [str(spaced)]), ("plain", [str(plain)]),
+                       ("own", [str(spaced), "--mc-delimiter", ""])):
+        out_json = tmp_path / f"{name}.json"
+        assert main(["eval", str(run), "--skip-loss", "--mc", *args, "--json", str(out_json)]) == 0
+        err = capsys.readouterr().err
+        if name == "spaced":
+            assert err.count("\n") == 1 and err.startswith(f"warning: {spaced}: 8 of 8 choices begin with whitespace")
+        else:
+            assert err == ""
+        results[name] = next(iter(json.loads(out_json.read_text())["results"].values()))
+    for key in ("acc,none", "acc_norm,none", "acc_bytes,none"):  # '' scores " main(" as ' ' scores "main("
+        assert results["own"][key] == results["plain"][key]

@@ -139,3 +139,61 @@ def test_a_choice_longer_than_the_context_names_the_example(model, tokenizer):
         score_multiple_choice(lm, examples, source="mc.jsonl")
     with pytest.raises(MultipleChoiceFormatError, match="no examples"):
         score_multiple_choice(lm, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Choices that begin with whitespace: one warning per file; the scoring is unchanged
+# ---------------------------------------------------------------------------------------------
+SPACED = [
+    {"context": "the cat sat on", "choices": [" a mat", " paris", "the blue green model"], "label": 0},
+    {"context": "experts route each token to", "choices": ["\tthemselves", " rome"], "label": 1},
+    {"context": "red blue", "choices": ["green", "yes"], "label": 0},
+]
+
+
+def _whitespace_warnings(caught):
+    from aoe.eval.multiple_choice import MultipleChoiceWhitespaceWarning
+
+    return [w for w in caught if issubclass(w.category, MultipleChoiceWhitespaceWarning)]
+
+
+def test_choices_beginning_with_whitespace_warn_once_naming_the_file(tmp_path):
+    import warnings
+
+    path = write_jsonl(tmp_path / "spaced.jsonl", SPACED)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_multiple_choice(path) == SPACED
+    found = _whitespace_warnings(caught)
+    assert len(found) == 1, [str(w.message) for w in caught]
+    message = str(found[0].message)
+    assert str(path) in message and "4 of 7 choices begin with whitespace" in message
+    assert "--mc-delimiter ''" in message and found[0].filename == __file__  # points at the caller
+
+
+def test_no_warning_for_a_normal_file_or_an_empty_delimiter(tmp_path):
+    import warnings
+
+    normal = write_jsonl(tmp_path / "normal.jsonl", EXAMPLES)
+    spaced = write_jsonl(tmp_path / "spaced.jsonl", SPACED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_multiple_choice(normal)
+        load_multiple_choice(normal, target_delimiter="")
+        load_multiple_choice(spaced, target_delimiter="")  # the choices carry their own space
+        load_multiple_choice(spaced, target_delimiter="=")  # lm-eval's rule: only a delimiter ending in whitespace
+
+
+def test_scoring_is_unchanged_by_leading_whitespace(model, tokenizer):
+    """The default scores a spaced choice after two spaces (as lm-eval does); the delimiter ''
+    scores the spaced file exactly as the default scores the same file without the spaces."""
+    lm = AoEHarnessLM(model, tokenizer, batch_size=3)
+    stripped = [{**ex, "choices": [c.lstrip() for c in ex["choices"]]} for ex in SPACED]
+    own_space = [{**ex, "choices": [" " + c for c in ex["choices"]]} for ex in stripped]
+    plain = score_multiple_choice(lm, stripped)
+    own_space = score_multiple_choice(lm, own_space, target_delimiter="")
+    doubled = score_multiple_choice(lm, SPACED)
+    assert [p["loglikelihoods"] for p in own_space["predictions"]] == [p["loglikelihoods"] for p in plain["predictions"]]
+    ctx, cont = split_like_harness(tokenizer, SPACED[0]["context"], "  a mat")  # the double space, by hand
+    assert doubled["predictions"][0]["loglikelihoods"][0] == pytest.approx(direct_logprob(model, ctx, cont)[0], abs=1e-4)
+    assert doubled["predictions"][0]["loglikelihoods"][0] != plain["predictions"][0]["loglikelihoods"][0]

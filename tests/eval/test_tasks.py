@@ -81,3 +81,25 @@ def test_offline_task_data_named(model, tokenizer, task_manager, monkeypatch):
         run_harness(AoEHarnessLM(model, tokenizer), None, ["no_such_task_xyz"], task_manager=task_manager)
     with pytest.raises(ValueError, match="needs its tokenizer"):
         run_harness(model, None, ["no_such_task_xyz"], task_manager=task_manager)
+
+
+def test_the_json_layout_of_local_files_is_what_lm_eval_writes(model, tokenizer, task_manager, local_task):
+    """The same file as a harness task (lm-eval's own results) and as an --mc file
+    (``aoe.io.results``): the same entry keys and values, side by side in one layout."""
+    from aoe.eval.tasks import flatten_results
+    from aoe.io.results import multiple_choice_task, results_layout
+
+    task, path = local_task
+    lm = AoEHarnessLM(model, tokenizer, batch_size=4)
+    raw = run_harness(lm, None, [task], task_manager=task_manager, bootstrap_iters=100, raw=True)
+    assert "samples" not in raw and set(flatten_results(raw)) == {"local_mc"}
+    ours = multiple_choice_task("mc_file", str(path), score_multiple_choice(lm, load_multiple_choice(path)), " ")
+    layout = json.loads(json.dumps(results_layout([ours], {"model": "m"}, raw)))
+    theirs, mine = layout["results"]["local_mc"], layout["results"]["mc_file"]
+    assert set(theirs) - {"sample_count"} <= set(mine)
+    for key, value in theirs.items():
+        if key not in ("name", "alias", "sample_count"):
+            assert mine[key] == pytest.approx(value), key
+    assert layout["n-samples"]["mc_file"] == layout["n-samples"]["local_mc"]
+    assert layout["versions"]["local_mc"] == raw["versions"]["local_mc"] and layout["config"] == {"model": "m"}
+    assert layout["higher_is_better"]["mc_file"]["acc"] is layout["higher_is_better"]["local_mc"]["acc"] is True
