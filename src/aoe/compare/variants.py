@@ -105,6 +105,35 @@ def _variants(m: ModelConfig) -> list[Variant]:
                 f"dense_active)", ("model.ffn=dense", f"model.dense_d_ffn={active_factorized}",
                                    f"model.dense_gate_rank={m.d_low}"), "dense", "dense_active"),
         *(_dlow_variant(r) for r in sorted({max(1, m.d_low // 2), m.d_low * 2})),
+        *_selection_variants(m),
+    ]
+
+
+def _selection_variants(m: ModelConfig) -> list[Variant]:
+    """Both layers under the paper's other rules, each matched to top-k's compute.
+
+    Top-p with p = k/E and max_k = k: the k largest of E probabilities sum to at least k/E, so no
+    token takes more than k experts (max_k only states it), and a token whose probabilities are
+    near uniform (every token at init) takes k; a confident token takes fewer. Expert choice with
+    capacity factor 1: each expert takes n*k/E tokens of a sequence of n, so the rows computed are
+    exactly top-k's n*k (rounded up per expert when E does not divide n*k); evaluation routes by
+    top-k (``ec_inference=top_k``: no token sees later tokens through its routing).
+    """
+    E, k = m.n_experts, m.top_k
+    p = f"{k / E:.6g}"
+    top_p = ("model.selection=top_p", f"model.top_p={p}", "model.min_k=1", f"model.max_k={k}")
+    ec = ("model.selection=expert_choice", "model.capacity_factor=1.0", "model.ec_inference=top_k")
+    topp_text = f"top-p (p = k/E = {p}, 1 to {k} experts per token: at most top-{k}'s compute)"
+    ec_text = f"expert choice (capacity factor 1: top-{k}'s rows; top-{k} at evaluation)"
+    return [
+        Variant("moe_topp", "MoE (top-p)", f"router MoE, {topp_text}, no balancing loss",
+                ("model.ffn=moe", "model.aux_loss_coef=0.0", *top_p), "moe", "moe"),
+        Variant("aoe_topp", "AoE (top-p)", f"Autonomy-of-Experts, d_low={m.d_low}, {topp_text}, no balancing loss",
+                ("model.ffn=aoe", "model.aux_loss_coef=0.0", *top_p), "aoe", "moe_topp"),
+        Variant("moe_ec", "MoE (expert choice)", f"router MoE, {ec_text}, of {E} experts",
+                ("model.ffn=moe", "model.aux_loss_coef=0.0", *ec), "moe", "moe"),
+        Variant("aoe_ec", "AoE (expert choice)", f"Autonomy-of-Experts, d_low={m.d_low}, {ec_text}, of {E} experts",
+                ("model.ffn=aoe", "model.aux_loss_coef=0.0", *ec), "aoe", "moe_ec"),
     ]
 
 

@@ -14,6 +14,8 @@ from aoe.nn.configs import AoEFFNConfig, DenseFFNConfig, MoEFFNConfig
 from aoe.nn.factorized import GATE_INITS  # the layers' own options: their lists, in one place each
 from aoe.nn.grouped_mm import BACKENDS as GROUPED_MM_BACKENDS
 from aoe.nn.selection import NORMS as SCORE_NORMS
+from aoe.nn.selection import SELECTIONS
+from aoe.nn.sparse import EC_INFERENCE
 
 FFN_KINDS = ("dense", "moe", "aoe")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -109,6 +111,23 @@ class ModelConfig(_Section):
     dense_layers: list[int] = field(default_factory=list)
     #: Grouped-matmul backend of the expert engine: "auto", "torch" or "loop" (see aoe.nn.grouped_mm).
     grouped_mm: str = "auto"
+    #: How a sparse layer chooses experts (aoe.nn.selection): "top_k" (each token its top_k best);
+    #: "top_p" (each token experts in order until their probabilities sum to top_p, between min_k
+    #: and max_k of them); "expert_choice" (in each sequence each expert takes its
+    #: ceil(capacity_factor * tokens * top_k / n_experts) best tokens; see ec_inference).
+    selection: str = "top_k"
+    #: top_p's threshold of cumulative probability, in (0, 1]. None = top_k / n_experts (never more
+    #: than top_k experts; top_k of them when the probabilities are uniform).
+    top_p: float | None = None
+    #: top_p: the least experts a token takes.
+    min_k: int = 1
+    #: top_p: the most experts a token takes (None = n_experts).
+    max_k: int | None = None
+    #: expert_choice: tokens per expert relative to top-k's average (1 = top-k's compute).
+    capacity_factor: float = 1.0
+    #: expert_choice outside training (evaluation, generation): "top_k" routes each token by itself
+    #: (causal); "expert_choice" keeps expert choice, whose routing sees later tokens of a sequence.
+    ec_inference: str = "top_k"
     #: Shared experts of every sparse layer: always-active SwiGLU experts each token uses besides
     #: its top_k chosen ones, their output added (Qwen2-MoE: 1; DeepSeek-MoE: 1-2). 0 = none.
     n_shared_experts: int = 0
@@ -153,6 +172,8 @@ class ModelConfig(_Section):
         sparse = dict(n_experts=self.n_experts, top_k=self.top_k, aux_loss_coef=self.aux_loss_coef,
                       bias_update_rate=self.bias_update_rate, grouped_mm=self.grouped_mm,
                       backward_chunks=self.backward_chunks, gate_init=self.gate_init,
+                      selection=self.selection, top_p=self.top_p, min_k=self.min_k, max_k=self.max_k,
+                      capacity_factor=self.capacity_factor, ec_inference=self.ec_inference,
                       n_shared_experts=self.n_shared_experts, d_shared=self.d_shared,
                       shared_gate=self.shared_expert_gate, **optional)
         if kind == "dense":
@@ -193,6 +214,7 @@ class ModelConfig(_Section):
         if self.dense_gate_rank is not None and self.ffn != "dense" and not self.dense_layers:
             self._fail("dense_gate_rank", f'applies to dense FFNs only (ffn={self.ffn!r}, no dense_layers); set it to null')
         self._check_shared()
+        self._check_selection()
         if self.ffn == "aoe" and self.z_loss_coef > 0:
             self._fail("z_loss_coef", 'applies to ffn="moe" only (AoE has no router logits); set it to 0')
         seen = set()
@@ -208,6 +230,21 @@ class ModelConfig(_Section):
             except ValueError as e:
                 raise ConfigError(f"model.d_low={self.d_low}: {e}; lower model.d_low or set model.d_wide") from None
 
+
+    def _check_selection(self) -> None:
+        self._choice("selection", SELECTIONS)
+        self._choice("ec_inference", EC_INFERENCE)
+        self._positive("min_k", "max_k", "capacity_factor")
+        self._finite("capacity_factor")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            self._fail("top_p", "must be in (0, 1] (null = top_k / n_experts)")
+        if self.min_k > self.n_experts:
+            self._fail("min_k", f"exceeds model.n_experts={self.n_experts}")
+        if self.max_k is not None and not self.min_k <= self.max_k <= self.n_experts:
+            self._fail("max_k", f"must be in [model.min_k={self.min_k}, model.n_experts={self.n_experts}] (null = n_experts)")
+        if self.selection == "expert_choice" and self.bias_update_rate > 0:
+            self._fail("bias_update_rate", "has no effect with selection=expert_choice (each expert takes its "
+                       "capacity whatever a per-expert bias); set it to 0")
 
     def _check_shared(self) -> None:
         if self.n_shared_experts == 0:

@@ -81,6 +81,15 @@ class AoE(SparseFFN):
             (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
         d_shared: width of one shared expert (None = the expert width d_wide).
         shared_gate: scale the shared experts' output by ``sigmoid(x @ shared.gate)`` (Qwen2-MoE).
+        selection: how experts are chosen (``aoe.nn.selection``): "top_k" (default), "top_p"
+            (dynamic k) or "expert_choice" (each expert takes its best tokens of a sequence).
+        top_p: top-p's threshold of cumulative probability, in (0, 1] (None = top_k / n_experts,
+            which never takes more than top_k experts).
+        min_k, max_k: top-p's least and most experts per token (max_k None = n_experts).
+        capacity_factor: expert choice: each expert takes C = ceil(capacity_factor * n * top_k / E)
+            tokens of a sequence of n (1 = top-k's compute).
+        ec_inference: expert choice outside training: "top_k" (default: routes each token by itself,
+            as generation needs) or "expert_choice" (leaks later tokens into a causal LM's routing).
     """
 
     CHOSEN_EXPERT_PARAMS = ("w_up", "w_in", "w_out")  # w_down: every expert scores every token
@@ -107,10 +116,18 @@ class AoE(SparseFFN):
         n_shared_experts: int = 0,
         d_shared: int | None = None,
         shared_gate: bool = False,
+        selection: str = "top_k",
+        top_p: float | None = None,
+        min_k: int = 1,
+        max_k: int | None = None,
+        capacity_factor: float = 1.0,
+        ec_inference: str = "top_k",
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
             bias_update_rate=bias_update_rate, grouped_mm=grouped_mm, backward_chunks=backward_chunks,
+            selection=selection, top_p=top_p, min_k=min_k, max_k=max_k, capacity_factor=capacity_factor,
+            ec_inference=ec_inference,
         )
         self.d_low = check_positive("d_low", d_low)
         if (d_wide is None) == (d_ffn is None):
@@ -155,9 +172,11 @@ class AoE(SparseFFN):
     def forward_flops(self) -> int:
         """Matmul FLOPs (2 x multiply-adds) per token of the forward pass: every expert's low-rank
         activation 2*E*D*L, plus per chosen expert 2*(L*W + 2*D*W), plus the shared experts'
-        (``aoe.nn.shared``)."""
+        (``aoe.nn.shared``). A dynamic rule counts k as ``experts_per_token_count()`` does
+        (top-p: its bound; expert choice: its mean)."""
         D, L, W = self.d_model, self.d_low, self.d_wide
-        return 2 * self.n_experts * D * L + self.top_k * 2 * (L * W + 2 * D * W) + self.shared_flops()
+        chosen = round(self.experts_per_token_count() * 2 * (L * W + 2 * D * W))
+        return 2 * self.n_experts * D * L + chosen + self.shared_flops()
 
     def extra_repr(self) -> str:
         init = "" if self.gate_init == "normal" else f", gate_init={self.gate_init!r}"

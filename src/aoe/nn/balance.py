@@ -1,7 +1,8 @@
 """Load balancing (losses and the aux-loss-free bias) and routing statistics.
 
-Definitions (per layer, T tokens, K slots per token, E experts):
-- ``f_i`` = share of the T*K (token, slot) assignments that go to expert i (sums to 1).
+Definitions (per layer, T tokens, E experts, S (token, expert) assignments: T*k for top-k; the
+tokens' dynamic counts for top-p; the experts' capacities for expert choice):
+- ``f_i`` = share of the S assignments that go to expert i (sums to 1).
 - ``P_i`` = mean over tokens of the softmax probability of expert i (the softmax that selects).
 - Load-balancing loss (Switch/GShard form): ``E * sum_i f_i * P_i`` (1 when perfectly balanced);
   the gradient flows through P only.
@@ -9,6 +10,18 @@ Definitions (per layer, T tokens, K slots per token, E experts):
 - ``Ent_load = -sum_i q_i log q_i`` with q = f (maximum log E = perfectly balanced).
 - ``Ent_conf = mean over tokens of -sum_i p_i log p_i`` with p the softmax over all E scores.
 - Imbalance: max_i load_i / mean_i load_i (1 = balanced).
+
+The same definitions serve every selection rule (``aoe.nn.selection``), with f counting the
+assignments the rule made. Under expert choice every expert takes the same C tokens per sequence,
+so f is uniform, the load-balancing loss is the constant 1 with zero gradient, and the
+aux-loss-free bias cannot change a choice (a per-expert constant does not reorder an expert's
+column of tokens): the layers refuse ``bias_update_rate > 0`` with it. Top-p's bias is added to
+the ranking (the order in which a token takes experts), while the cumulative sum that stops it
+adds the unbiased probabilities. Padded tokens (``token_mask``) make no assignment and are in no
+mean.
+
+Per-rule statistics (``RoutingInfo``): experts per token (top-p: its mean and distribution) and
+unchosen tokens (expert choice: tokens no expert took; they pass through the residual only).
 """
 
 from __future__ import annotations
@@ -61,14 +74,30 @@ def imbalance(tokens_per_expert_E: torch.Tensor) -> float:
 class RoutingInfo:
     """What a sparse layer decided in its last forward (detached; T = all tokens of that call).
 
-    expert_indices [T, K], gate_weights [T, K] (fp32), probs [T, E] (fp32 softmax over all
-    experts), tokens_per_expert [E] (int64), aux_loss (float; the weighted sum added to ``aux_loss``).
+    expert_indices [T, K] (-1 in a slot a dynamic rule left unused), gate_weights [T, K] (fp32; 0
+    in an unused slot), probs [T, E] (fp32 softmax over all experts), tokens_per_expert [E]
+    (int64), rule (the selection rule this forward used: "top_k", "top_p" or "expert_choice"),
+    experts_per_token [T] (int64; None for top-k, where it is K for every token).
     """
 
     expert_indices: torch.Tensor
     gate_weights: torch.Tensor
     probs: torch.Tensor
     tokens_per_expert: torch.Tensor
+    rule: str = "top_k"
+    experts_per_token: torch.Tensor | None = None
+
+    def experts_per_token_counts(self) -> torch.Tensor:
+        """[T] int64: the experts each token used."""
+        if self.experts_per_token is not None:
+            return self.experts_per_token
+        T, K = self.expert_indices.shape
+        return torch.full((T,), K, dtype=torch.long, device=self.expert_indices.device)
+
+    @property
+    def causal(self) -> bool:
+        """False when a token's routing depended on later tokens of its sequence (expert choice)."""
+        return self.rule != "expert_choice"
 
     def ent_load(self) -> float:
         return load_entropy(self.tokens_per_expert)

@@ -5,7 +5,8 @@ A config holds exactly the arguments of its layer's constructor and offers
     build()              the layer (``DenseFFN`` / ``MoE`` / ``AoE``)
     num_params()         its parameters
     num_active_params()  the parameters one token uses (k of E experts' expert weights; a router,
-                         AoE's w_down of every expert and the shared experts in full)
+                         AoE's w_down of every expert and the shared experts in full; for top-p
+                         and expert choice k is the layer's ``experts_per_token_count()``)
     flops_per_token()    forward matmul FLOPs per token (2 x multiply-adds)
 
 The defaults live once, in the layers' signatures: a config's field defaults are read from them.
@@ -96,6 +97,12 @@ class MoEFFNConfig(_LayerConfig):
     n_shared_experts: int = _default(MoE, "n_shared_experts")
     d_shared: int | None = _default(MoE, "d_shared")
     shared_gate: bool = _default(MoE, "shared_gate")
+    selection: str = _default(MoE, "selection")
+    top_p: float | None = _default(MoE, "top_p")
+    min_k: int = _default(MoE, "min_k")
+    max_k: int | None = _default(MoE, "max_k")
+    capacity_factor: float = _default(MoE, "capacity_factor")
+    ec_inference: str = _default(MoE, "ec_inference")
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,12 @@ class AoEFFNConfig(_LayerConfig):
     n_shared_experts: int = _default(AoE, "n_shared_experts")
     d_shared: int | None = _default(AoE, "d_shared")
     shared_gate: bool = _default(AoE, "shared_gate")
+    selection: str = _default(AoE, "selection")
+    top_p: float | None = _default(AoE, "top_p")
+    min_k: int = _default(AoE, "min_k")
+    max_k: int | None = _default(AoE, "max_k")
+    capacity_factor: float = _default(AoE, "capacity_factor")
+    ec_inference: str = _default(AoE, "ec_inference")
 
 
 FFNConfig = DenseFFNConfig | MoEFFNConfig | AoEFFNConfig

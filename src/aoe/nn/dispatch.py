@@ -1,10 +1,16 @@
 """Dropless dispatch: (token, slot) pairs sorted by expert, and the deterministic way back.
 
-Every token has k slots (its k chosen experts). Slot ``s = t * k + j`` is token t's j-th choice.
-``Dispatch`` sorts the T*k slots by expert (stable, so equal experts keep token order), which makes
-every expert's rows one contiguous block for the grouped matmuls. No token is ever dropped.
+Every token has K slots (top-k: its k chosen experts). Slot ``t * K + j`` is token t's j-th
+choice. ``Dispatch`` sorts the slots by expert (stable, so equal experts keep token order), which
+makes every expert's rows one contiguous block for the grouped matmuls. No token is ever dropped.
 
-Shape legend: T tokens, K slots per token (top-k), S = T*K slots, E experts, D model dim.
+A rule with a variable number of experts per token (top-p, expert choice) gives a padded [T, K]
+grid and the slots in use (``valid_TK``): only those S (token, expert) pairs become rows; the unused
+slots sort after every expert (as expert E) and are cut off. The way back is the same for both:
+each token's rows summed in slot order, over a fixed axis (an unused slot reads a zero row), never
+with atomics, so it is deterministic on every device. Top-k's fixed K keeps its one-view sum.
+
+Shape legend: T tokens, K slots per token, S sorted rows (T*K for top-k), E experts, D model dim.
 """
 
 from __future__ import annotations
@@ -33,9 +39,39 @@ class Dispatch:
     tokens_per_expert_E: torch.Tensor
     offsets_E: torch.Tensor
     top_k: int
+    padded: bool = False
 
     @staticmethod
-    def build(expert_indices_TK: torch.Tensor, n_experts: int) -> "Dispatch":
+    def build(expert_indices_TK: torch.Tensor, n_experts: int, valid_TK: torch.Tensor | None = None) -> "Dispatch":
+        """Sort the slots in use by expert. ``valid_TK`` None: every slot (top-k's fast path).
+
+        With ``valid_TK``, ``inverse_S`` has one entry per slot of the grid [T*K]: its sorted row,
+        or S (a zero row appended on the way back) for an unused slot.
+        """
+        if valid_TK is None:
+            return Dispatch._build_fixed(expert_indices_TK, n_experts)
+        top_k = expert_indices_TK.shape[1]
+        valid_X = valid_TK.reshape(-1)  # X = T*K grid slots
+        expert_X = torch.where(valid_X, expert_indices_TK.reshape(-1), n_experts)  # unused slots sort last
+        order_X = torch.argsort(expert_X, stable=True)
+        n_rows = int(valid_X.sum())  # the one host sync of a dynamic rule: the row count
+        inverse_X = torch.empty_like(order_X)
+        inverse_X[order_X] = torch.arange(order_X.numel(), device=order_X.device)
+        tokens_per_expert_E = torch.bincount(expert_X, minlength=n_experts + 1)[:n_experts]
+        order_S = order_X[:n_rows]
+        return Dispatch(
+            order_S=order_S,
+            inverse_S=torch.where(valid_X, inverse_X, n_rows),
+            token_S=order_S // top_k,
+            expert_S=expert_X[order_S],
+            tokens_per_expert_E=tokens_per_expert_E,
+            offsets_E=tokens_per_expert_E.cumsum(0).to(torch.int32),
+            top_k=top_k,
+            padded=True,
+        )
+
+    @staticmethod
+    def _build_fixed(expert_indices_TK: torch.Tensor, n_experts: int) -> "Dispatch":
         top_k = expert_indices_TK.shape[1]
         expert_unsorted_S = expert_indices_TK.reshape(-1)
         order_S = torch.argsort(expert_unsorted_S, stable=True)
@@ -54,7 +90,7 @@ class Dispatch:
 
     def gather_tokens(self, x_TD: torch.Tensor) -> torch.Tensor:
         """[T, D] -> [S, D]: each sorted row is a copy of its token (differentiable)."""
-        return _GatherTokens.apply(x_TD, self.token_S, self.inverse_S, self.top_k)
+        return _GatherTokens.apply(x_TD, self.token_S, self.inverse_S, self.top_k, self.padded)
 
     def sort_slots(self, values_TK: torch.Tensor) -> torch.Tensor:
         """[T, K] per-slot values -> [S] in sorted order."""
@@ -66,36 +102,48 @@ class Dispatch:
         The unsort is a permutation and the sum runs over a fixed axis; the backward is one gather.
         No atomics anywhere, so the result is deterministic on every device.
         """
-        return _CombineSlots.apply(y_SD, self.token_S, self.inverse_S, self.top_k)
+        return _CombineSlots.apply(y_SD, self.token_S, self.inverse_S, self.top_k, self.padded)
+
+
+def _sum_slots(rows_SD: torch.Tensor, inverse_X: torch.Tensor, top_k: int, padded: bool) -> torch.Tensor:
+    """[S, D] sorted rows -> [T, D]: each token's K slots summed in slot order (``inverse_X`` [T*K]:
+    the sorted row of each slot; with ``padded``, S for an unused slot, which reads a zero row).
+    Padded, the K slots are added one at a time, so no [T, K, D] temporary is made."""
+    n_tokens = inverse_X.numel() // top_k if top_k else 0
+    if not padded:
+        return rows_SD.index_select(0, inverse_X).view(n_tokens, top_k, rows_SD.shape[-1]).sum(dim=1)
+    rows_SD = torch.cat([rows_SD, rows_SD.new_zeros(1, rows_SD.shape[-1])])
+    slot_TK = inverse_X.view(n_tokens, top_k)
+    out_TD = rows_SD.index_select(0, slot_TK[:, 0])
+    for j in range(1, top_k):
+        out_TD = out_TD + rows_SD.index_select(0, slot_TK[:, j])
+    return out_TD
 
 
 class _GatherTokens(torch.autograd.Function):
     """Copy token rows to their slots; backward sums each token's K slot gradients (no atomics)."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_S, inverse_S, top_k):
+    def forward(ctx, x_TD, token_S, inverse_S, top_k, padded):
         ctx.save_for_backward(inverse_S)
-        ctx.top_k = top_k
+        ctx.top_k, ctx.padded = top_k, padded
         return x_TD.index_select(0, token_S)
 
     @staticmethod
     def backward(ctx, grad_SD):
         (inverse_S,) = ctx.saved_tensors
-        n_tokens = inverse_S.numel() // ctx.top_k
-        grad_TD = grad_SD.index_select(0, inverse_S).view(n_tokens, ctx.top_k, grad_SD.shape[-1]).sum(dim=1)
-        return grad_TD, None, None, None
+        return _sum_slots(grad_SD, inverse_S, ctx.top_k, ctx.padded), None, None, None, None
 
 
 class _CombineSlots(torch.autograd.Function):
     """Sum each token's K sorted rows; backward copies each token's gradient to its K rows."""
 
     @staticmethod
-    def forward(ctx, y_SD, token_S, inverse_S, top_k):
+    def forward(ctx, y_SD, token_S, inverse_S, top_k, padded):
         ctx.save_for_backward(token_S)
-        n_tokens = y_SD.shape[0] // top_k
-        return y_SD.index_select(0, inverse_S).view(n_tokens, top_k, y_SD.shape[-1]).sum(dim=1)
+        return _sum_slots(y_SD, inverse_S, top_k, padded)
 
     @staticmethod
     def backward(ctx, grad_TD):
         (token_S,) = ctx.saved_tensors
-        return grad_TD.index_select(0, token_S), None, None, None
+        return grad_TD.index_select(0, token_S), None, None, None, None

@@ -52,6 +52,15 @@ class MoE(SparseFFN):
             (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
         d_shared: width of one shared expert (None = the expert width d_ffn).
         shared_gate: scale the shared experts' output by ``sigmoid(x @ shared.gate)`` (Qwen2-MoE).
+        selection: how experts are chosen (``aoe.nn.selection``): "top_k" (default), "top_p"
+            (dynamic k) or "expert_choice" (each expert takes its best tokens of a sequence).
+        top_p: top-p's threshold of cumulative probability, in (0, 1] (None = top_k / n_experts,
+            which never takes more than top_k experts).
+        min_k, max_k: top-p's least and most experts per token (max_k None = n_experts).
+        capacity_factor: expert choice: each expert takes C = ceil(capacity_factor * n * top_k / E)
+            tokens of a sequence of n (1 = top-k's compute).
+        ec_inference: expert choice outside training: "top_k" (default: routes each token by itself,
+            as generation needs) or "expert_choice" (leaks later tokens into a causal LM's routing).
     """
 
     CHOSEN_EXPERT_PARAMS = ("w_gate", "w_down", "w_up", "w_in", "w_out")
@@ -77,10 +86,18 @@ class MoE(SparseFFN):
         n_shared_experts: int = 0,
         d_shared: int | None = None,
         shared_gate: bool = False,
+        selection: str = "top_k",
+        top_p: float | None = None,
+        min_k: int = 1,
+        max_k: int | None = None,
+        capacity_factor: float = 1.0,
+        ec_inference: str = "top_k",
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
             bias_update_rate=bias_update_rate, grouped_mm=grouped_mm, backward_chunks=backward_chunks,
+            selection=selection, top_p=top_p, min_k=min_k, max_k=max_k, capacity_factor=capacity_factor,
+            ec_inference=ec_inference,
         )
         self.d_ffn = check_positive("d_ffn", d_ffn)
         self.z_loss_coef = check_non_negative("z_loss_coef", z_loss_coef)
@@ -137,12 +154,13 @@ class MoE(SparseFFN):
     def forward_flops(self) -> int:
         """Matmul FLOPs (2 x multiply-adds) per token of the forward pass: router 2*D*E (two-layer
         router: 2*(D*H + H*E)) + k * 2*3*D*F (factorized gate of rank r: k * 2*(D*r + r*F + 2*D*F)),
-        plus the shared experts' (``aoe.nn.shared``)."""
+        plus the shared experts' (``aoe.nn.shared``). A dynamic rule counts k as
+        ``experts_per_token_count()`` does (top-p: its bound; expert choice: its mean)."""
         D, E, F_ = self.d_model, self.n_experts, self.d_ffn
         H, r = self.router_hidden, self.gate_rank
         router = 2 * D * E if H is None else 2 * (D * H + H * E)
         expert = 2 * 3 * D * F_ if r is None else 2 * (D * r + r * F_ + 2 * D * F_)
-        return router + self.top_k * expert + self.shared_flops()
+        return router + round(self.experts_per_token_count() * expert) + self.shared_flops()
 
     def extra_repr(self) -> str:
         extra = "" if self.gate_rank is None else f", gate_rank={self.gate_rank}"

@@ -6,7 +6,7 @@
 A subclass says how experts are scored (``expert_scores``) and what feeds each expert's gate
 (``expert_outputs``); between them, ``route`` turns the scores into a ``Routing`` record (the
 selection, the dispatch, the sorted gate weights): the one seam where how experts are chosen
-lives. ``forward_with_aux(x)`` returns the output and the auxiliary loss (a scalar tensor in the
+lives (the rule: ``selection``, see ``aoe.nn.selection``). ``forward_with_aux(x)`` returns the output and the auxiliary loss (a scalar tensor in the
 graph, already multiplied by its coefficients): the decoder LM sums these up its blocks. ``forward(x)`` returns the output only and keeps the loss in ``layer.aux_loss``, for a
 layer dropped into another model (``total_aux_loss(model)`` sums them). Either way the decisions
 are ``layer.last_routing`` (a detached ``RoutingInfo``); ``update_selection_biases(model)`` steps
@@ -20,6 +20,7 @@ Shape legend: T tokens, D model dim, E experts, K chosen per token, S = T*K sort
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,9 @@ from torch import nn
 from aoe.nn.balance import RoutingInfo, load_balancing_loss, update_selection_bias
 from aoe.nn.dispatch import Dispatch
 from aoe.nn.grouped_mm import check_backend
-from aoe.nn.selection import Selection, select_top_k
+from aoe.nn.selection import SELECTIONS, Selection, select_expert_choice, select_top_k, select_top_p
+
+EC_INFERENCE = ("top_k", "expert_choice")
 from aoe.nn.shared import SharedExperts
 
 
@@ -41,6 +44,7 @@ class Routing:
     selection: Selection
     dispatch: Dispatch
     gate_weight_S: torch.Tensor
+    rule: str = "top_k"
 
 
 def check_positive(name: str, value: int) -> int:
@@ -71,7 +75,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class SparseFFN(nn.Module):
-    """Base class of ``MoE`` and ``AoE``: top-k expert selection over a dropless expert engine."""
+    """Base class of ``MoE`` and ``AoE``: expert selection (top-k, top-p or expert choice) over a
+    dropless expert engine. The selection options are ``SelectionOptions``'s fields."""
 
     def __init__(
         self,
@@ -84,6 +89,12 @@ class SparseFFN(nn.Module):
         bias_update_rate: float,
         grouped_mm: str,
         backward_chunks: int | None = None,
+        selection: str = "top_k",
+        top_p: float | None = None,
+        min_k: int = 1,
+        max_k: int | None = None,
+        capacity_factor: float = 1.0,
+        ec_inference: str = "top_k",
     ):
         super().__init__()
         self.d_model = check_positive("d_model", d_model)
@@ -96,6 +107,7 @@ class SparseFFN(nn.Module):
         self.bias_update_rate = check_non_negative("bias_update_rate", bias_update_rate)
         self.grouped_mm = check_backend(grouped_mm)
         self.backward_chunks = None if backward_chunks is None else check_positive("backward_chunks", backward_chunks)
+        self._init_selection(selection, top_p, min_k, max_k, capacity_factor, ec_inference)
         # Aux-loss-free balancing: added to the scores for selection only (all zeros when off).
         self.register_buffer("selection_bias", torch.zeros(n_experts))
         self.register_buffer("load_since_update", torch.zeros(n_experts), persistent=False)
@@ -116,6 +128,48 @@ class SparseFFN(nn.Module):
             return
         width = expert_width if d_shared is None else check_positive("d_shared", d_shared)
         self.shared = SharedExperts(self.d_model, width, n_shared_experts, gate=shared_gate, init_std=init_std)
+
+    def _init_selection(self, selection, top_p, min_k, max_k, capacity_factor, ec_inference) -> None:
+        """Check and keep the selection rule's options (see ``aoe.nn.selection``)."""
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection={selection!r} is not a rule; choose one of {SELECTIONS}")
+        E = self.n_experts
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p={top_p!r} must be a number in (0, 1] (None = top_k / n_experts)")
+        if not isinstance(min_k, int) or isinstance(min_k, bool) or not 1 <= min_k <= E:
+            raise ValueError(f"min_k={min_k!r} must be an integer in [1, n_experts={E}]")
+        if max_k is not None and (not isinstance(max_k, int) or isinstance(max_k, bool) or not min_k <= max_k <= E):
+            raise ValueError(f"max_k={max_k!r} must be an integer in [min_k={min_k}, n_experts={E}] (None = n_experts)")
+        if not (isinstance(capacity_factor, (int, float)) and 0 < capacity_factor < float("inf")):
+            raise ValueError(f"capacity_factor={capacity_factor!r} must be a positive number")
+        if ec_inference not in EC_INFERENCE:
+            raise ValueError(f"ec_inference={ec_inference!r} is not a rule; choose one of {EC_INFERENCE}")
+        if selection == "expert_choice" and self.bias_update_rate > 0:
+            raise ValueError(f"bias_update_rate={self.bias_update_rate} has no effect with selection='expert_choice' "
+                             "(each expert takes its C tokens whatever a per-expert bias); set it to 0")
+        self.selection = selection
+        self.top_p = float(top_p) if top_p is not None else self.top_k / E
+        self.min_k, self.max_k = min_k, E if max_k is None else max_k
+        self.capacity_factor = float(capacity_factor)
+        self.ec_inference = ec_inference
+
+    def selection_rule(self) -> str:
+        """The rule this forward uses: ``selection``, except expert choice outside training with
+        ``ec_inference="top_k"`` (a causal model must not route on later tokens when generating)."""
+        if self.selection == "expert_choice" and not self.training and self.ec_inference == "top_k":
+            return "top_k"
+        return self.selection
+
+    def experts_per_token_count(self) -> float:
+        """The experts per token that ``num_active_params`` and ``forward_flops`` count: k for top-k;
+        for top-p its bound ``min(max_k, ceil(top_p * E))`` (the k largest of E probabilities sum to
+        at least k / E, so no token takes more); for expert choice the mean by construction,
+        ``capacity_factor * k`` (per sequence of n tokens: C * E / n, up to C's rounding up)."""
+        if self.selection == "top_p":
+            return min(self.max_k, max(self.min_k, math.ceil(self.top_p * self.n_experts - 1e-9)))
+        if self.selection == "expert_choice":
+            return self.capacity_factor * self.top_k
+        return self.top_k
 
     # -- what a subclass provides ------------------------------------------------------------
     def expert_scores(self, x_TD: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, object]:
@@ -155,22 +209,34 @@ class SparseFFN(nn.Module):
         if real_N is not None:  # N real tokens of the T: only they are scored and routed
             x_TD = x_TD.index_select(0, real_N)
         scores_TE, state = self.expert_scores(x_TD, dtype)
-        routing = self.route(scores_TE)
+        seq_len = x.shape[-2] if x.dim() >= 2 else 1  # expert choice: sequences are the second-to-last dim
+        routing = self.route(scores_TE, seq_len, None if token_mask is None else token_mask.reshape(-1, seq_len))
         out_TD = routing.dispatch.combine(self.expert_outputs(x_TD, state, routing, dtype))
         if self.shared is not None:  # every token, whichever experts it chose
             out_TD = out_TD + self.shared(x_TD)
-        self._record(routing.selection, routing.dispatch)
+        self._record(routing.selection, routing.dispatch, routing.rule)
         if real_N is not None:  # back to all T rows: the padded ones exactly 0 (a permutation: no sums)
             out_TD = out_TD.new_zeros(x.shape[:-1].numel(), self.d_model).index_copy(0, real_N, out_TD)
         return out_TD.view(*x.shape[:-1], self.d_model), self._aux_loss(scores_TE, routing.selection, routing.dispatch)
 
-    def route(self, scores_TE: torch.Tensor) -> Routing:
-        """Choose experts from the fp32 scores [T, E] (top-k; the selection bias when balancing
-        without a loss) and sort the (token, slot) pairs by expert."""
-        bias_E = self.selection_bias if self.bias_update_rate > 0 else None
-        selection = select_top_k(scores_TE, self.top_k, renormalize=self.renormalize, selection_bias_E=bias_E)
-        dispatch = Dispatch.build(selection.expert_indices_TK, self.n_experts)
-        return Routing(selection, dispatch, dispatch.sort_slots(selection.gate_weights_TK))
+    def route(self, scores_TE: torch.Tensor, seq_len: int | None = None,
+              token_mask_BN: torch.Tensor | None = None) -> Routing:
+        """Choose experts from the fp32 scores [T, E] by ``selection_rule()`` (the selection bias
+        when balancing without a loss) and sort the (token, expert) pairs by expert. Expert choice
+        reads the T tokens as sequences of ``seq_len`` (None: one sequence), or as the real tokens
+        of the padded sequences of ``token_mask_BN``."""
+        rule, bias_E = self.selection_rule(), (self.selection_bias if self.bias_update_rate > 0 else None)
+        if rule == "top_k":
+            selection = select_top_k(scores_TE, self.top_k, renormalize=self.renormalize, selection_bias_E=bias_E)
+        elif rule == "top_p":
+            selection = select_top_p(scores_TE, self.top_p, self.min_k, self.max_k, renormalize=self.renormalize,
+                                     selection_bias_E=bias_E)
+        else:
+            seq_len = scores_TE.shape[0] if seq_len is None or (token_mask_BN is None and not scores_TE.shape[0]) else seq_len
+            selection = select_expert_choice(scores_TE, self.capacity_factor, self.top_k, renormalize=self.renormalize,
+                                             seq_len=max(1, seq_len), token_mask_BN=token_mask_BN)
+        dispatch = Dispatch.build(selection.expert_indices_TK, self.n_experts, selection.valid_TK)
+        return Routing(selection, dispatch, dispatch.sort_slots(selection.gate_weights_TK), rule)
 
     def _aux_loss(self, scores_TE: torch.Tensor, selection: Selection, dispatch: Dispatch) -> torch.Tensor:
         loss = scores_TE.new_zeros(())
@@ -182,13 +248,16 @@ class SparseFFN(nn.Module):
         return loss
 
     @torch.no_grad()
-    def _record(self, selection: Selection, dispatch: Dispatch) -> None:
+    def _record(self, selection: Selection, dispatch: Dispatch, rule: str = "top_k") -> None:
         counts_E = dispatch.tokens_per_expert_E.detach()
+        indices_TK, valid_TK = selection.expert_indices_TK.detach(), selection.valid_TK
         self.last_routing = RoutingInfo(
-            expert_indices=selection.expert_indices_TK.detach(),
+            expert_indices=indices_TK if valid_TK is None else indices_TK.masked_fill(~valid_TK, -1),
             gate_weights=selection.gate_weights_TK.detach(),
             probs=selection.probs_TE.detach(),
             tokens_per_expert=counts_E,
+            rule=rule,
+            experts_per_token=None if valid_TK is None else valid_TK.sum(dim=1),
         )
         if self.training and self.bias_update_rate > 0:
             self.load_since_update += counts_E.to(self.load_since_update.dtype)
@@ -201,9 +270,10 @@ class SparseFFN(nn.Module):
         """Parameters one token uses: the shared ones in full (a router, the shared experts), the
         chosen experts' k / E share of ``CHOSEN_EXPERT_PARAMS``."""
         total = 0 if self.shared is None else self.shared.num_params()
+        k = self.experts_per_token_count()  # top-p: its bound; expert choice: its mean (see there)
         for name, p in self.named_parameters(recurse=False):
-            total += p.numel() // self.n_experts * self.top_k if name in self.CHOSEN_EXPERT_PARAMS else p.numel()
-        return total
+            total += p.numel() // self.n_experts * k if name in self.CHOSEN_EXPERT_PARAMS else p.numel()
+        return round(total)
 
     def shared_flops(self) -> int:
         """Forward matmul FLOPs per token of the shared experts (0 without)."""
@@ -215,7 +285,10 @@ class SparseFFN(nn.Module):
             update_selection_bias(self.selection_bias, self.load_since_update, self.bias_update_rate)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}, renormalize={self.renormalize}"
+        rule = {"top_k": "", "top_p": f", selection='top_p', top_p={self.top_p:g}, min_k={self.min_k}, max_k={self.max_k}",
+                "expert_choice": f", selection='expert_choice', capacity_factor={self.capacity_factor:g}, "
+                                 f"ec_inference={self.ec_inference!r}"}[self.selection]
+        return f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}, renormalize={self.renormalize}{rule}"
 
 
 def sparse_layers(model: nn.Module) -> list[SparseFFN]:

@@ -2,7 +2,8 @@
 
 - ``RoutingStats``: per sparse layer, tokens per expert, Ent_load, Ent_conf, max/mean load, the
   mean gate weight of each rank (top-1, top-2, ...) and the number of dead experts, accumulated
-  over several forwards (definitions in ``aoe.nn.balance``).
+  over several forwards (definitions in ``aoe.nn.balance``); for top-p and expert choice also
+  the experts per token (mean and distribution) and the tokens no expert took.
 - ``MetricsLogger``: ``OUT/metrics.jsonl`` (one JSON object per line; training entries carry
   ``step`` and ``loss``, validation entries ``step`` and ``val_loss``), and TensorBoard scalars
   when the ``tensorboard`` package is installed.
@@ -34,7 +35,14 @@ class RoutingStats:
     "gate_weight_mean", "dead_experts"}`` with Ent_conf the token-weighted mean over the collected
     forwards; ``gate_weight_mean[j]`` the mean over tokens of the (j+1)-th largest chosen gate
     weight (how much of the expert outputs reaches the residual stream: without renormalization
-    they sum to less than 1); ``dead_experts`` the number of experts that received no token.
+    they sum to less than 1; 0 for a slot a token left unused); ``dead_experts`` the number of
+    experts that received no token.
+
+    A layer whose ``selection`` is not top-k adds ``"selection"`` (its rule), ``"experts_per_token"``
+    (the mean), ``"experts_per_token_hist"`` (entry j: the tokens that used j experts),
+    ``"unchosen_tokens"`` (tokens no expert took: expert choice's drops, which pass through the
+    residual only) and ``"causal"`` (false when some collected forward routed by expert choice,
+    whose routing sees later tokens of a sequence; true when evaluation fell back to top-k).
     Under torch.distributed the counts and sums are reduced over ranks, so every rank sees the
     global statistics.
     """
@@ -51,8 +59,10 @@ class RoutingStats:
     def reset(self) -> None:
         self.counts = [torch.zeros(m.n_experts, dtype=torch.float64) for _, m in self.layers]
         self.conf_sum = torch.zeros(len(self.layers), dtype=torch.float64)
-        self.gate_sums = [torch.zeros(m.top_k, dtype=torch.float64) for _, m in self.layers]
+        self.gate_sums = [torch.zeros(max_slots(m), dtype=torch.float64) for _, m in self.layers]
+        self.hists = [torch.zeros(max_slots(m) + 1, dtype=torch.float64) for _, m in self.layers]
         self.n_tokens = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.leaky = torch.zeros(len(self.layers), dtype=torch.float64)  # forwards routed by expert choice
 
     @torch.no_grad()
     def collect(self) -> None:
@@ -64,19 +74,23 @@ class RoutingStats:
             n = info.probs.shape[0]
             if n:
                 self.conf_sum[i] += confidence_entropy(info.probs) * n
-                self.gate_sums[i] += info.gate_weights.double().sort(dim=-1, descending=True).values.sum(0).cpu()
+                gate_sum = info.gate_weights.double().sort(dim=-1, descending=True).values.sum(0).cpu()
+                self.gate_sums[i][: gate_sum.numel()] += gate_sum
+                self.hists[i] += torch.bincount(info.experts_per_token_counts().cpu(),
+                                                minlength=self.hists[i].numel()).double()
                 self.n_tokens[i] += n
+            self.leaky[i] += 0.0 if info.causal else 1.0
 
     def summary(self, dist_info: DistInfo | None = None) -> list[dict[str, Any]]:
         if not self.layers:
             return []
         n = len(self.layers)
-        flat = torch.cat([*self.counts, *self.gate_sums, self.conf_sum, self.n_tokens])
+        flat = torch.cat([*self.counts, *self.gate_sums, *self.hists, self.conf_sum, self.n_tokens, self.leaky])
         if dist_info is not None:
             all_reduce_sum(flat, dist_info)
-        sizes = [c.numel() for c in self.counts] + [g.numel() for g in self.gate_sums]
-        parts = list(flat.split([*sizes, n, n]))
-        conf_sum, n_tokens = parts[-2], parts[-1]
+        sizes = [c.numel() for c in self.counts] + [g.numel() for g in self.gate_sums] + [h.numel() for h in self.hists]
+        parts = list(flat.split([*sizes, n, n, n]))
+        conf_sum, n_tokens, leaky = parts[-3], parts[-2], parts[-1]
         out = []
         for i, (idx, layer) in enumerate(self.layers):
             counts, gate_sum = parts[i], parts[n + i]
@@ -91,7 +105,23 @@ class RoutingStats:
                 "gate_weight_mean": [float(g) / tokens if tokens > 0 else float("nan") for g in gate_sum.tolist()],
                 "dead_experts": int((counts == 0).sum()) if tokens > 0 else None,
             })
+            if getattr(layer, "selection", "top_k") != "top_k":
+                out[-1].update(_rule_stats(layer.selection, parts[2 * n + i], tokens, float(leaky[i])))
         return out
+
+
+def max_slots(layer: SparseFFN) -> int:
+    """The most experts one token of ``layer`` can use (top-p: max_k; expert choice: every expert)."""
+    rule = getattr(layer, "selection", "top_k")
+    return {"top_p": getattr(layer, "max_k", layer.top_k), "expert_choice": layer.n_experts}.get(rule, layer.top_k)
+
+
+def _rule_stats(rule: str, hist: torch.Tensor, tokens: float, leaky_forwards: float) -> dict[str, Any]:
+    """The dynamic rules' statistics from the histogram of experts per token."""
+    used = hist.sum()
+    mean = float((hist * torch.arange(hist.numel(), dtype=hist.dtype)).sum() / used) if used > 0 else float("nan")
+    return {"selection": rule, "experts_per_token": mean, "experts_per_token_hist": [int(h) for h in hist.tolist()],
+            "unchosen_tokens": int(hist[0]), "causal": leaky_forwards == 0}
 
 
 def _clean(value: Any) -> Any:
