@@ -112,14 +112,19 @@ def test_generate_cache_equals_no_cache(tiny_config, ffn):
     assert torch.equal(a, seq)
 
 
-def test_padding_and_unsupported_inputs_refused(tiny_config):
+def test_padding_accepted_and_unsupported_inputs_refused(tiny_config):
+    """Padding is supported (tests/hf/test_padding.py checks it is exact); malformed masks,
+    foreign position ids and inputs_embeds are refused."""
     model = AoEForCausalLM(tiny_config()).eval()
     x = torch.randint(0, 64, (2, 5))
     mask = torch.ones_like(x)
     model(x, attention_mask=mask)  # all ones: fine
     mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padding"):
-        model(x, attention_mask=mask)
+    assert torch.isfinite(model(x, attention_mask=mask).logits).all()
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x, attention_mask=mask[:, None, None, :])  # 4-D masks are another convention
+    with pytest.raises(ValueError, match="0 .pad. and 1"):
+        model(x, attention_mask=mask * 2)
     with pytest.raises(ValueError, match="position_ids"):
         model(x, position_ids=torch.arange(1, 6)[None].expand(2, 5))
     model(x, position_ids=torch.arange(5)[None].expand(2, 5))
