@@ -699,3 +699,14 @@ def test_a_shared_expert_of_another_width_is_named(tmp_path):
     with pytest.raises(ConversionError, match=r"shared_expert.gate_proj.weight has shape \[96, 64\], but config.json "
                                               r"\(hidden_size=64, shared_expert_intermediate_size=80\) implies \[80, 64\]"):
         convert_to_aoe(src, tmp_path / "out", verbose=False)
+
+
+def test_cli_convert_ffn_moe_keeps_the_router(tmp_path, capsys):
+    src = qwen2_moe_dir(tmp_path / "src")
+    assert _run(["convert", str(src), str(tmp_path / "out"), "--ffn", "moe"]) == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["ffn_type"] == "moe" and cfg["num_shared_experts"] == 1
+    _same_function(src, tmp_path / "out", Qwen2MoeForCausalLM)
+    capsys.readouterr()
+    assert _run(["convert", str(src), str(tmp_path / "out2"), "--ffn", "moe", "--d-low", "8"]) == 1
+    assert "d_low" in capsys.readouterr().err

@@ -34,10 +34,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
-        help="HF Mixtral / Qwen3-MoE / OLMoE / Llama / Mistral checkpoint -> AoE model (Hugging Face directory)",
-        description="Drop the router of an MoE checkpoint (Mixtral, Qwen3-MoE, OLMoE; their q/k norms are kept) "
-                    "or upcycle a dense one (Llama, Mistral) into experts, and factorize every expert's gate "
-                    "projection by truncated SVD into AoE's w_down @ w_up. Qwen2-MoE (shared expert) is refused.",
+        help="HF Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / Llama / Mistral / Qwen2 checkpoint -> AoE model (Hugging Face directory)",
+        description="Drop the router of an MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; their q/k norms, "
+                    "q/k/v biases and shared experts are kept) or upcycle a dense one (Llama, Mistral, Qwen2) into "
+                    "experts, and factorize every expert's gate projection by truncated SVD into AoE's w_down @ w_up. "
+                    "With --ffn moe an MoE source keeps its router and experts (the native router MoE). "
+                    "DeepSeek-V2/V3 are refused (latent attention, grouped routing).",
     )
     p.add_argument("src", help="source Hugging Face checkpoint directory (config.json + *.safetensors)")
     p.add_argument("dst", help="destination directory")
@@ -48,6 +50,9 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--renormalize", choices=("yes", "no"), default=None,
                    help="renormalize the chosen experts' weights (default: yes for Mixtral and copy, the source's "
                         "norm_topk_prob for Qwen3-MoE / OLMoE, no for slice)")
+    p.add_argument("--ffn", choices=("aoe", "moe"), default="aoe",
+                   help="aoe (default): drop the routers, factorize the gates; moe: MoE sources only, keep the "
+                        "router and the experts as they are (no --d-low)")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="dtype of the written weights (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     p.set_defaults(func=run_convert)
@@ -129,7 +134,7 @@ def run_convert(args) -> int:
     try:
         convert_to_aoe(
             args.src, args.dst, num_experts=args.num_experts, top_k=args.top_k, d_low=args.d_low,
-            upcycle=args.upcycle, renormalize=renorm, dtype=args.dtype, overwrite=args.overwrite,
+            upcycle=args.upcycle, renormalize=renorm, dtype=args.dtype, overwrite=args.overwrite, ffn=args.ffn,
         )
         return 0
     except (ConversionError, OSError) as e:  # the source, the options or the destination; anything else is a bug
