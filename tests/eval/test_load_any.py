@@ -65,12 +65,14 @@ def test_an_hf_directory_loads_the_native_model(dirs, model, tokenizer):
     assert torch.equal(m(ids).logits, model(ids).logits) and cfg == loaded.config and tok.eos_id == tokenizer.eos_id
 
 
-def test_loading_a_native_checkpoint_does_not_import_transformers(dirs):
+def test_loading_needs_no_trainer_and_transformers_only_for_an_hf_directory(dirs):
     code = ("import sys; from aoe.io.models import load_any; "
             f"loaded = load_any({str(dirs['run'])!r}); assert loaded.kind == 'checkpoint'; "
-            "print('transformers' in sys.modules)")
+            "print('transformers' in sys.modules, 'aoe.train' in sys.modules); "
+            f"loaded = load_any({str(dirs['hf'])!r}); assert loaded.kind == 'hf'; "
+            "print('transformers' in sys.modules, 'aoe.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert out.split("\n")[:2] == ["False False", "True False"]
 
 
 def _eval(path, dirs, capsys, name):
