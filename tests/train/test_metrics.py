@@ -57,3 +57,40 @@ def test_layer_indices_come_from_the_blocks():
     stats = RoutingStats(model)
     assert [i for i, _ in stats.layers] == [0, 2]
     assert [layer for _, layer in stats.layers] == [model.layers[0].ffn, model.layers[2].ffn]
+
+
+def test_dynamic_rules_report_experts_per_token_and_unchosen_tokens():
+    from aoe import MoE
+
+    layer = MoE(8, 8, 4, 2, selection="expert_choice", capacity_factor=0.5)
+    stats = RoutingStats(torch.nn.ModuleList([layer]))
+    layer(torch.randn(2, 6, 8))
+    stats.collect()
+    first = layer.last_routing.experts_per_token_counts()
+    layer(torch.randn(1, 6, 8))
+    stats.collect()
+    counts = torch.cat([first, layer.last_routing.experts_per_token_counts()])
+    (row,) = stats.summary()
+    hist = torch.bincount(counts, minlength=5).tolist()
+    assert row["selection"] == "expert_choice" and row["causal"] is False
+    assert row["experts_per_token_hist"] == hist and row["unchosen_tokens"] == hist[0]
+    assert row["experts_per_token"] == pytest.approx(counts.double().mean().item())
+    assert len(row["gate_weight_mean"]) == 4  # a token can use every expert
+    # capacity factor 0.5 of a 6-token sequence: ceil(0.5 * 6 * 2 / 4) = 2 tokens per expert
+    assert sum(row["tokens_per_expert"]) == 3 * 4 * 2
+    layer.eval()  # ec_inference="top_k": evaluation routes by top-k, causally
+    stats.reset()
+    layer(torch.randn(3, 6, 8))
+    stats.collect()
+    (row,) = stats.summary()
+    assert row["causal"] is True and row["experts_per_token"] == 2.0 and row["unchosen_tokens"] == 0
+
+
+def test_top_k_layers_keep_their_keys():
+    layer = AoE(8, 2, 4, 2, d_wide=8)
+    stats = RoutingStats(torch.nn.ModuleList([layer]))
+    layer(torch.randn(5, 8))
+    stats.collect()
+    (row,) = stats.summary()
+    assert set(row) == {"layer", "kind", "tokens_per_expert", "ent_load", "ent_conf", "imbalance",
+                        "gate_weight_mean", "dead_experts"}

@@ -20,7 +20,10 @@ before they existed; ``from_dict`` then derives them as stated)::
                "val_loss", "perplexity", "bits_per_byte", "params_total", "params_active",
                "flops_per_token", "tokens_per_s", "peak_memory_bytes", "train_time_s", "steps", "tokens",
                "layers": [{"layer", "kind", "ent_load", "ent_conf", "imbalance", "tokens_per_expert",
-                           "gate_weight_mean": [float] * k, "dead_experts": int | null}, ...]}, ...],
+                           "gate_weight_mean": [float] * k, "dead_experts": int | null,
+                           # new, for a layer whose selection is not top-k (aoe.train.metrics):
+                           "selection", "experts_per_token", "experts_per_token_hist": [int, ...],
+                           "unchosen_tokens": int, "causal": bool}, ...]}, ...],
      "sweep": {"lrs": [float, ...], "steps": int, "seed": int,              # new, optional
                "runs": [{"variant", "lr", "status", "val_loss", "run_dir"}, ...],
                "chosen": {variant: lr}},
@@ -97,12 +100,27 @@ class LayerStats:
     tokens_per_expert: tuple[float, ...]
     gate_weight_mean: tuple[float, ...]  # () when not recorded
     dead_experts: int | None  # None when not recorded
+    # the selection rule's statistics (absent for top-k and in older files: None / NaN / ())
+    selection: str | None = None
+    experts_per_token: float = NAN
+    experts_per_token_hist: tuple[float, ...] = ()
+    unchosen_tokens: int | None = None
+    causal: bool | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping) -> LayerStats:
+        causal = d.get("causal") if isinstance(d, Mapping) else None
         return cls(integer(d, "layer"), text(d, "kind"), number(d, "ent_load"), number(d, "ent_conf"),
                    number(d, "imbalance"), numbers(d.get("tokens_per_expert")),
-                   numbers(d.get("gate_weight_mean")), integer(d, "dead_experts"))
+                   numbers(d.get("gate_weight_mean")), integer(d, "dead_experts"), text(d, "selection"),
+                   number(d, "experts_per_token"), numbers(d.get("experts_per_token_hist")),
+                   integer(d, "unchosen_tokens"), causal if isinstance(causal, bool) else None)
+
+    @property
+    def unchosen_share(self) -> float:
+        """The share of tokens no expert took (NaN when not recorded)."""
+        total = sum(h for h in self.experts_per_token_hist if is_number(h))
+        return self.unchosen_tokens / total if self.unchosen_tokens is not None and total > 0 else NAN
 
     def gate_weight(self, rank: int) -> float:
         """Mean gate weight of the ``rank``-th largest chosen expert (0 = top-1); NaN when absent."""

@@ -9,6 +9,7 @@ from aoe.compare.markdown import DASH, escape, fmt, fmt_bytes, fmt_lr, fmt_mean_
 from aoe.compare.sections.setup import unigram_baseline
 from aoe.compare.stats import mean
 from aoe.compare.study import Study
+from aoe.compare.results import LayerStats
 from aoe.compare.summary import LayerSeries, VariantSummary
 
 HEADLINE = ["variant", "seeds", "params total", "params active", "FLOPs/token", "val loss (nats)", "perplexity",
@@ -86,8 +87,58 @@ def per_layer(study: Study, figures: Figures) -> list[str]:
         lines += [f"**{s.label}** (`{s.name}`" + (f", E = {E}, max log E = {math.log(E):.3f}" if E else "") + ")", ""]
         lines += [table(["layer", "Ent_load", "Ent_conf", "max/mean load", "gate top-1", "gate top-2", "dead experts"],
                         [_layer_row(i, d) for i, d in s.per_layer.items()]), ""]
+    lines += selection_rules(study)
     lines += figures.markdown("ent_load_layers", "ent_conf_layers")
     heatmaps = figures.markdown(*(f"heatmap:{s.name}" for s in sparse))
     if heatmaps:
         lines += ["### Expert load", "", *heatmaps]
+    return lines
+
+
+def _last_training_layers(study: Study, s: VariantSummary) -> list[tuple[LayerStats, ...]]:
+    """Per completed run, the layers of its last logged training window (() when none)."""
+    out = []
+    for r in s.done:
+        logged = [e for e in study.logs.of(r) if "loss" in e and isinstance(e.get("layers"), list)]
+        out.append(tuple(LayerStats.from_dict(d) for d in logged[-1]["layers"] if isinstance(d, dict)) if logged else ())
+    return out
+
+
+def _rule_row(layer: int, train: list[LayerStats], val: list[LayerStats]) -> list[object]:
+    hists = [l.experts_per_token_hist for l in train if l.experts_per_token_hist]
+    width = max((len(h) for h in hists), default=0)
+    hist = [sum(h[j] for h in hists if j < len(h)) for j in range(width)]
+    total = sum(hist)
+    shares = " / ".join(f"{h / total:.2f}" for h in hist) if total > 0 else DASH
+    rule = next((l.selection for l in val if l.selection), None)
+    causal = [l.causal for l in val if l.causal is not None]
+    evaluation = DASH if rule is None or not causal else ("causal (top-k)" if all(causal) else f"{rule} (sees later tokens)")
+    return [layer, fmt_mean_std([l.experts_per_token for l in train], 2), shares,
+            fmt_mean_std([l.unchosen_share for l in train], 3), fmt_mean_std([l.experts_per_token for l in val], 2),
+            evaluation]
+
+
+def selection_rules(study: Study) -> list[str]:
+    """The per-layer statistics of the top-p and expert-choice variants: experts per token (mean and
+    distribution) and tokens no expert took, in the last training window and on validation batches."""
+    lines = []
+    for s in study.sparse:
+        train_runs, val_runs = _last_training_layers(study, s), [r.layers for r in s.done]
+        if not any(l.selection for layers in (*train_runs, *val_runs) for l in layers):
+            continue
+        rows = []
+        for layer in s.per_layer:
+            train = [l for layers in train_runs for l in layers if l.layer == layer]
+            val = [l for layers in val_runs for l in layers if l.layer == layer]
+            rows.append(_rule_row(layer, train, val))
+        lines += [f"**{s.label}** (`{s.name}`): selection rule statistics", "",
+                  table(["layer", "experts/token (train)", "share of tokens with 0 / 1 / 2 / ... experts (train)",
+                         "unchosen tokens (train)", "experts/token (eval)", "evaluation routing"], rows), ""]
+    if lines:
+        lines = ["### Selection rules", "",
+                 "For the top-p and expert-choice variants: the experts each token used, in the last logged training "
+                 "window (mean ± std over seeds; the distribution pooled over seeds) and on the validation batches; "
+                 "unchosen tokens are those no expert took (expert choice: they pass through the residual only). "
+                 "Expert choice evaluated with ec_inference=top_k routes validation tokens by top-k (causal); with "
+                 "ec_inference=expert_choice a token's routing sees later tokens of its sequence.", "", *lines]
     return lines
