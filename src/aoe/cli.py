@@ -178,7 +178,9 @@ def _corpus_loss(loaded, args: argparse.Namespace):
     from aoe.train.evaluate import evaluate
 
     model, d = loaded.model, loaded.config.data
-    if loaded.tokenizer is not None and loaded.tokenizer.eos_token != EOS_TOKEN:
+    if loaded.tokenizer is None:
+        raise CLIError(f"{loaded.tokenizer_missing}: the corpus loss needs the model's tokenizer")
+    if loaded.tokenizer.eos_token != EOS_TOKEN:
         raise CLIError(f"{loaded.path}: the corpus loss needs a tokenizer whose document separator is {EOS_TOKEN!r}; "
                        f"this model's ends documents with {loaded.tokenizer.eos_token!r}: pass --skip-loss "
                        "(--mc and --tasks work)")

@@ -112,6 +112,8 @@ def test_an_hf_directory_without_a_tokenizer_is_named(dirs, tmp_path, capsys):
     assert main(["generate", str(bare), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"{bare} has no tokenizer.json" in err and err.count("\n") == 1
+    assert main(["eval", str(bare), "--data", str(dirs["corpus"])]) == 2
+    assert "has no tokenizer.json (no tokenizer files at all): the corpus loss needs" in capsys.readouterr().err
     (bare / "tokenizer.model").write_bytes(b"\x00")
     assert main(["eval", str(bare), "--skip-loss", "--mc", str(dirs["mc"])]) == 2
     assert "only tokenizer.model" in capsys.readouterr().err
