@@ -343,6 +343,10 @@ class TrainConfig(_Section):
     keep_checkpoints: int = 2
     #: Compile the model with torch.compile.
     compile: bool = False
+    #: Expert parallelism: shard each sparse layer's experts over this many ranks (1 = off: every
+    #: rank holds every expert). Must divide the world size and model.n_experts; the world is then
+    #: expert_parallel x (world / expert_parallel) data-parallel replicas (see aoe.parallel).
+    expert_parallel: int = 1
     #: Compute dtype: "auto" (bfloat16 autocast on a GPU that supports it, float32 on CPU),
     #: "float32" or "bfloat16".
     dtype: str = "auto"
@@ -385,7 +389,9 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         self._positive("max_steps", "batch_size", "micro_batch_size", "seq_len", "lr", "log_every",
-                       "eval_batches", "num_threads")
+                       "eval_batches", "num_threads", "expert_parallel")
+        if self.expert_parallel > 1 and self.compile:
+            self._fail("expert_parallel", "does not work with train.compile=true yet; set train.compile=false")
         self._positive("factor_lr_scale")
         self._non_negative("seed", "warmup_steps", "weight_decay", "factor_weight_decay", "grad_clip", "eval_every",
                            "checkpoint_every", "keep_checkpoints")

@@ -1,4 +1,4 @@
-"""The training loop: one process on a CPU, or many under torchrun (DDP).
+"""The training loop: one process on a CPU, or many under torchrun (DDP, or expert parallelism).
 
     cfg -> data (memory-mapped tokens) -> model -> AdamW + warm-up/cosine -> steps
         -> metrics.jsonl / TensorBoard, periodic validation, atomic checkpoints -> summary.json
@@ -7,6 +7,10 @@ A step: the global batch (``train.batch_size`` windows of ``train.seq_len`` toke
 over ranks) is split into micro-batches; their losses (next-token cross entropy + the sparse
 layers' auxiliary losses) are averaged by gradient accumulation; gradients are clipped to
 ``train.grad_clip``; AdamW steps; the aux-loss-free selection biases (if on) are updated.
+
+Expert parallelism (``train.expert_parallel=N > 1``, ``aoe.parallel``): each sparse layer's experts
+are sharded over N ranks, tokens travel to their experts by all-to-all; no DDP (the gradients are
+averaged by ``ExpertParallel.reduce_gradients``); checkpoints keep the single-process format.
 
 Determinism: on CPU, a run with the same config, seed and thread count computes the same losses,
 and a run resumed from a checkpoint continues exactly where the uninterrupted run would be (the
@@ -146,7 +150,10 @@ class Trainer:
         self._check_data()
 
         torch.manual_seed(self.cfg.train.seed)
-        self.model = Transformer(self.cfg.model).to(self.device)
+        self.model = Transformer(self.cfg.model)
+        self.params_total = (self.model.num_params(), self.model.num_params(active=True))
+        self.expert_parallel = self._shard_experts(self.cfg)
+        self.model = self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         t = self.cfg.train
         self.accum_steps = t.grad_accum_steps(self.dist.world_size)
@@ -168,7 +175,7 @@ class Trainer:
             self._write_config()
 
         self.step_model: torch.nn.Module = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and self.expert_parallel is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.step_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -180,6 +187,16 @@ class Trainer:
         self.peak_flops = measure_matmul_flops(self.device, self.dtype) * self.dist.world_size
 
     # -- set-up helpers ----------------------------------------------------------------------------
+    def _shard_experts(self, cfg: RunConfig):
+        """``train.expert_parallel > 1``: shard the (still full, on the CPU) model's experts."""
+        ep_size = cfg.train.expert_parallel
+        if ep_size == 1:
+            return None
+        from aoe.parallel import ExpertParallel, check_expert_parallel
+
+        check_expert_parallel(ep_size, self.dist.world_size, cfg.model.n_experts)
+        return ExpertParallel(self.model, ep_size)
+
     @staticmethod
     def _resolve_vocab(cfg: RunConfig, data: TokenData) -> RunConfig:
         cfg = copy.deepcopy(cfg)
@@ -228,14 +245,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def _trainer_state(self) -> dict[str, Any]:
+    def _trainer_state(self, optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
         s = self.state
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "step": s.step, "tokens": s.tokens, "train_time_s": s.train_time_s, "skipped_steps": s.skipped_steps,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "sampler": self.sampler.state_dict(),
             "rng": rng,
             "world_size": self.dist.world_size,
@@ -245,13 +262,17 @@ class Trainer:
         """Write a checkpoint of the current step (rank 0) and return its path (None on other ranks).
         Every rank returns only once it is written, and every rank raises if it could not be."""
         path, error = None, None
-        if self.dist.is_main:
-            try:
-                path = ckpt.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg, self._trainer_state(),
-                                            tokenizer=self.data.tokenizer, keep=self.cfg.train.keep_checkpoints,
-                                            retry_hint="free some space, then continue with --resume")
-            except Exception as e:
-                error = e
+        full = (self.expert_parallel.full_experts_for_saving(self.optimizer) if self.expert_parallel
+                else contextlib.nullcontext())  # expert parallel: rank 0 holds the full experts inside
+        with full as optimizer_state:
+            if self.dist.is_main:
+                try:
+                    path = ckpt.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg,
+                                                self._trainer_state(optimizer_state), tokenizer=self.data.tokenizer,
+                                                keep=self.cfg.train.keep_checkpoints,
+                                                retry_hint="free some space, then continue with --resume")
+                except Exception as e:
+                    error = e
         failed = self._any_rank(error is not None)
         if error is not None:
             raise error
@@ -288,8 +309,11 @@ class Trainer:
         if config_to_dict(saved)["model"] != config_to_dict(self.cfg)["model"]:
             raise ConfigError(f"--resume: the model config differs from the one in {str(path)!r}; "
                               "resume with the same model.* settings")
-        ckpt.load_model_state(self.model, path)
+        with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
+            ckpt.load_model_state(self.model, path)
         state = ckpt.load_trainer_state(path)
+        if self.expert_parallel is not None:
+            state["optimizer"] = self.expert_parallel.slice_optimizer_state(state["optimizer"], self.optimizer)
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # optimizer state follows the model's device
             for p in group["params"]:
@@ -318,7 +342,8 @@ class Trainer:
             xb = x[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
             yb = y[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
             last = i == self.accum_steps - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.step_model.no_sync()
+            ddp = self.dist.enabled and self.expert_parallel is None
+            sync = contextlib.nullcontext() if last or not ddp else self.step_model.no_sync()
             with sync:
                 with self._autocast():
                     out = self.step_model(xb, yb)
@@ -331,9 +356,14 @@ class Trainer:
                 sums[2] += 1
             sums[0] += lv / self.accum_steps
             sums[1] += av / self.accum_steps
+        if self.expert_parallel is not None:  # no DDP: average the gradients here
+            self.expert_parallel.reduce_gradients(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if self.expert_parallel is not None:
+            grad_norm = self.expert_parallel.clip_grad_norm_(params, clip)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not math.isfinite(grad_norm):
             sums[2] += 1
         all_reduce_sum(sums, self.dist)
@@ -367,9 +397,26 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
         t = self.cfg.train
+        if self.expert_parallel is not None:
+            return self._validate_expert_parallel()
         return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
                         max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
                         autocast=self._autocast(), dist_info=self.dist)
+
+    def _validate_expert_parallel(self) -> dict[str, Any]:
+        """The ranks of an expert group must run their forwards in lockstep, so they evaluate the
+        same batches (the batches are shared out over the replicas); every sum is then counted N
+        times by the world's reduction: the means are unchanged, the counts divided back by N."""
+        t, g = self.cfg.train, self.expert_parallel.groups
+        replicas = DistInfo(rank=g.dp_rank, world_size=g.dp_size)
+        result = evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
+                          max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
+                          autocast=self._autocast(), dist_info=replicas)
+        if g.dp_size > 1:  # evaluate's reduction ran over the whole world: each count N times
+            result["val_tokens"] //= g.ep_size
+            for layer in result["layers"]:
+                layer["tokens_per_expert"] = [c // g.ep_size for c in layer["tokens_per_expert"]]
+        return result
 
     def fit(self) -> dict[str, Any]:
         """Train up to ``train.max_steps`` and return the summary.
@@ -476,8 +523,8 @@ class Trainer:
             "perplexity": val["val_ppl"],
             "bits_per_byte": val.get("val_bpb"),
             "layers": val["layers"],
-            "params_total": self.model.num_params(),
-            "params_active": self.model.num_params(active=True),
+            "params_total": self.params_total[0],
+            "params_active": self.params_total[1],
             "flops_per_token": self.flops_per_token,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "unigram_entropy": unigram_entropy(self.data.val),

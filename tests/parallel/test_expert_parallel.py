@@ -1,0 +1,245 @@
+"""Expert parallelism with real processes (gloo on 127.0.0.1): the sharded layers and the trainer
+against one process on the same tokens.
+
+Layer level: the outputs, the input gradients and every parameter gradient of a layer whose
+experts are sharded over 2 or 4 ranks equal those of the whole layer on all the tokens (fp32
+rel 1e-6, fp64 rel 1e-12); an expert no token chose gets an exactly-zero gradient. Trainer level:
+the per-step losses of EP=2 and EP=2 x DP=2 equal the single-process run at the same global batch
+(rel 1e-5), and their checkpoints (single-process format) resume in one process and back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from aoe.nn.aoe import AoE
+from aoe.nn.moe import MoE
+
+D, T_PER_RANK = 8, 6
+TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world: int, *args) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` fresh processes (errors re-raised here)."""
+    mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+# -- layer level -------------------------------------------------------------------------------------
+LAYERS = {
+    "aoe": lambda: AoE(D, d_low=4, n_experts=8, top_k=2, d_wide=12, bias_update_rate=1e-3),
+    "moe": lambda: MoE(D, d_ffn=12, n_experts=8, top_k=2, bias_update_rate=1e-3),
+    "moe_factorized": lambda: MoE(D, d_ffn=12, n_experts=8, top_k=2, gate_rank=3, bias_update_rate=1e-3),
+}
+IDLE = 5  # the expert no token may choose (its selection bias is -inf-like)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
+    scale = max(float(b.abs().max()), 1e-30)
+    err = float((a - b).abs().max())
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+def _check_layer(kind: str, dtype: torch.dtype, rank: int, world: int, groups) -> None:
+    from aoe.parallel import shard_layer
+    from aoe.parallel.expert import ExpertShard, sharded_names
+
+    torch.manual_seed(0)
+    whole = LAYERS[kind]().to(dtype)
+    whole.selection_bias[IDLE] = -1e4  # selection only: the gate weights stay the softmax's
+    part = copy.deepcopy(whole)
+    shard_layer(part, ExpertShard(groups.ep_group, world, rank, whole.n_experts // world))
+    x = torch.randn(world * T_PER_RANK, D, dtype=dtype, requires_grad=True)
+    probe = torch.randn(world * T_PER_RANK, D, dtype=dtype)
+    mine = slice(rank * T_PER_RANK, (rank + 1) * T_PER_RANK)
+    x_mine = x.detach()[mine].clone().requires_grad_()
+
+    (whole(x) * probe).sum().backward()
+    y_mine = part(x_mine)
+    (y_mine * probe[mine]).sum().backward()
+    tol, name = TOL[dtype], f"{kind} {dtype} rank {rank}/{world}"
+    _close(y_mine, whole(x.detach())[mine], tol, f"{name} output")
+    _close(x_mine.grad, x.grad[mine], tol, f"{name} input grad")
+    lo, hi = part.expert_shard.first, part.expert_shard.first + part.expert_shard.n_local
+    sharded = set(sharded_names(part))
+    for pname, p in part.named_parameters():
+        full_grad = dict(whole.named_parameters())[pname].grad
+        if pname in sharded:  # this rank's experts: every rank's tokens already summed in
+            _close(p.grad, full_grad[lo:hi], tol, f"{name} {pname}.grad")
+            if lo <= IDLE < hi:
+                assert torch.equal(p.grad[IDLE - lo], torch.zeros_like(p.grad[IDLE - lo])), f"{name} idle {pname}"
+        else:  # replicated (router, AoE's w_down): each rank's share, summed over ranks
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            _close(grad, full_grad, tol, f"{name} {pname}.grad (summed)")
+    assert int(part.last_routing.tokens_per_expert[IDLE]) == 0
+
+
+def _layer_worker(rank: int, world: int, port: int, cases: list[tuple[str, torch.dtype]]) -> None:
+    from aoe.parallel import expert_groups
+
+    _join(rank, world, port)
+    groups = expert_groups(world)
+    for kind, dtype in cases:
+        _check_layer(kind, dtype, rank, world, groups)
+    if world == 2:
+        _check_empty_rank(rank, world, groups)
+    dist.destroy_process_group()
+
+
+def test_sharded_layers_match_the_whole_layer_on_two_ranks():
+    """... and a rank without tokens still serves its experts."""
+    cases = [(k, dt) for k in ("aoe", "moe") for dt in (torch.float32, torch.float64)]
+    _spawn(_layer_worker, 2, cases + [("moe_factorized", torch.float64)])
+
+
+def test_sharded_layers_match_the_whole_layer_on_four_ranks():
+    _spawn(_layer_worker, 4, [("aoe", torch.float64), ("moe", torch.float32)])
+
+
+def _check_empty_rank(rank: int, world: int, groups) -> None:
+    """Rank 1 has no tokens at all: it still serves its experts, and rank 0's result is exact."""
+    from aoe.parallel import shard_layer
+    from aoe.parallel.expert import ExpertShard
+
+    torch.manual_seed(0)
+    whole = LAYERS["aoe"]().double()
+    part = copy.deepcopy(whole)
+    shard_layer(part, ExpertShard(groups.ep_group, world, rank, whole.n_experts // world))
+    x = torch.randn(5, D, dtype=torch.float64)
+    y = part(x if rank == 0 else x[:0])
+    y.sum().backward()
+    if rank == 0:
+        _close(y, whole(x), 1e-12, "output")
+    else:
+        assert y.shape == (0, D)
+
+
+def test_bad_expert_parallel_sizes_are_config_errors():
+    from aoe.config import ConfigError
+    from aoe.parallel import check_expert_parallel
+
+    with pytest.raises(ConfigError, match=r"train.expert_parallel=3 does not divide the world size 4"):
+        check_expert_parallel(3, 4, 8)
+    with pytest.raises(ConfigError, match=r"train.expert_parallel=4 does not divide model.n_experts=6"):
+        check_expert_parallel(4, 4, 6)
+    with pytest.raises(ConfigError, match=r"train.expert_parallel=0"):
+        check_expert_parallel(0, 4, 8)
+
+
+def test_expert_parallel_needs_torchrun_and_is_validated(make_cfg, tmp_path):
+    from aoe.config import ConfigError
+    from aoe.train.trainer import Trainer
+
+    with pytest.raises(ConfigError, match=r"train.expert_parallel=2 does not divide the world size 1"):
+        Trainer(make_cfg(**{"train.expert_parallel": 2}), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match=r"train.expert_parallel=2 .*train.compile=false"):
+        make_cfg(**{"train.expert_parallel": 2, "train.compile": True})
+
+
+# -- trainer level ---------------------------------------------------------------------------------
+STEPS = {"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 0, "train.keep_checkpoints": 0,
+         "train.batch_size": 8, "train.micro_batch_size": 1}
+
+
+def _trainer_worker(rank: int, world: int, port: int, overrides: list[str], out: str, resume_from: str | None):
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from aoe.config import load_config
+    from aoe.train.distributed import shutdown_distributed
+    from aoe.train.trainer import Trainer
+
+    try:
+        Trainer(load_config("tiny", overrides), out, progress=False).fit()
+        if resume_from:  # the single-process run's checkpoint, continued by this world
+            Trainer(load_config("tiny", overrides), resume_from, resume=True, progress=False).fit()
+    finally:
+        shutdown_distributed()
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {e["step"]: e["loss"] for e in map(json.loads, lines) if "loss" in e}
+
+
+def _same_losses(got: dict[int, float], want: dict[int, float], what: str) -> None:
+    assert sorted(got) == sorted(want), what
+    for step, loss in want.items():
+        assert abs(got[step] - loss) <= 1e-5 * abs(loss), f"{what} step {step}: {got[step]} != {loss}"
+
+
+def _copy_until(run: Path, dest: Path, step: int) -> Path:
+    """A run directory holding ``run``'s checkpoint of ``step`` and its metrics up to there."""
+    shutil.copytree(run, dest)
+    for c in (dest / "checkpoints").iterdir():
+        if c.name != f"step_{step:08d}":
+            shutil.rmtree(c)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, cache_dir):
+    from aoe.config import load_config
+    from aoe.train.trainer import Trainer
+    from tiny_runs import tiny_overrides
+
+    torch.set_num_threads(1)
+    overrides = tiny_overrides(cache_dir, **STEPS)
+    out = tmp_path_factory.mktemp("ep") / "single"
+    Trainer(load_config("tiny", overrides), out, progress=False).fit()
+    return overrides, out
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_matches_one_process_and_resumes_there(single_run, tmp_path):
+    from aoe.config import load_config
+    from safetensors.torch import load_file
+
+    from aoe.train.trainer import Trainer
+
+    overrides, single = single_run
+    ep = tmp_path / "ep2"
+    _spawn(_trainer_worker, 2, [*overrides, "train.expert_parallel=2"], str(ep), None)
+    want = _losses(single)
+    _same_losses(_losses(ep), want, "EP=2")
+    final = "checkpoints/step_00000006/model.safetensors"  # the single-process format, full experts
+    got, expected = load_file(ep / final), load_file(single / final)
+    assert got.keys() == expected.keys()
+    for name, b in expected.items():
+        assert got[name].shape == b.shape, name
+        _close(got[name], b, 1e-5, f"EP=2 checkpoint {name}")
+    resumed = _copy_until(ep, tmp_path / "resumed", 3)  # full experts and AdamW moments, gathered
+    torch.set_num_threads(1)
+    Trainer(load_config("tiny", overrides), resumed, resume=True, progress=False).fit()
+    _same_losses(_losses(resumed), want, "EP=2 checkpoint resumed in one process")
+
+
+@pytest.mark.slow
+def test_expert_and_data_parallel_training_matches_one_process(single_run, tmp_path):
+    overrides, single = single_run
+    run, resumed = tmp_path / "ep2dp2", _copy_until(single, tmp_path / "resumed", 3)
+    _spawn(_trainer_worker, 4, [*overrides, "train.expert_parallel=2"], str(run), str(resumed))
+    want = _losses(single)
+    _same_losses(_losses(run), want, "EP=2 x DP=2")
+    _same_losses(_losses(resumed), want, "one-process checkpoint resumed by EP=2 x DP=2")
