@@ -76,8 +76,9 @@ class RoutingStats:
                 self.conf_sum[i] += confidence_entropy(info.probs) * n
                 gate_sum = info.gate_weights.double().sort(dim=-1, descending=True).values.sum(0).cpu()
                 self.gate_sums[i][: gate_sum.numel()] += gate_sum
-                self.hists[i] += torch.bincount(info.experts_per_token_counts().cpu(),
-                                                minlength=self.hists[i].numel()).double()
+                if getattr(layer, "selection", "top_k") != "top_k":  # (top-k: every token uses k)
+                    self.hists[i] += torch.bincount(info.experts_per_token_counts().cpu(),
+                                                    minlength=self.hists[i].numel()).double()
                 self.n_tokens[i] += n
             self.leaky[i] += 0.0 if info.causal else 1.0
 
