@@ -9,6 +9,10 @@ Compared in one process, interleaved (every repetition runs every contender once
   (how MoE layers are commonly written);
 - hf-olmoe-<impl>: Hugging Face transformers' ``OlmoeSparseMoeBlock`` of the same shape, with each
   experts implementation of the installed transformers that runs on the device (eager, grouped_mm).
+- with ``--rules``: ours-MoE and ours-AoE under the other selection rules (``aoe.nn.selection``):
+  ``-topp`` (top-p with p = k/E: at most k experts per token, k where the probabilities are near
+  uniform, as at init) and ``-ec`` (expert choice, capacity factor 1: exactly top-k's T*k rows per
+  sequence of ``--seq-len`` tokens). Their mean experts per token is printed beside them.
 
 Also measured: the dense matmul rate of this device and dtype (an [T*k, D] x [D, F] matmul), and
 each layer's ideal time = its training FLOPs / that rate. Training FLOPs are 3x the forward matmul
@@ -24,11 +28,13 @@ Usage:
     python benchmarks/bench_layers.py                        # CPU target shape, fp32
     python benchmarks/bench_layers.py --preset gpu-e64       # bf16, T=16384, D=2048, F=1024, E=64, k=8
     python benchmarks/bench_layers.py --preset gpu-e8        # bf16, T=16384, D=2048, F=4096, E=8, k=2
+    python benchmarks/bench_layers.py --rules --no-hf        # + top-p and expert choice, against top-k
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -148,6 +154,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers OLMoE block")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--rules", action="store_true", help="also top-p and expert choice of both layers")
+    ap.add_argument("--only-ours", action="store_true", help="skip the naive loop and the transformers block")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per sequence (expert choice routes within each; default: one sequence of all)")
     for key in ("tokens", "d_model", "d_ffn", "n_experts", "top_k", "d_low"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     args = ap.parse_args(argv)
@@ -168,12 +178,18 @@ def main(argv=None):
     aoe = AoE(D, L, E, k, d_ffn=F_).to(device=device, dtype=dtype)
     aoe_rc = AoE(D, L, E, k, d_ffn=F_, recompute_scores=True).to(device=device, dtype=dtype)
     contenders = {"ours-MoE": moe, "ours-AoE": aoe, "ours-AoE-recompute": aoe_rc}
-    contenders["naive-loop"] = lambda x: naive_loop_moe(moe, x)
-    if not args.no_hf:
+    if not args.only_ours:
+        contenders["naive-loop"] = lambda x: naive_loop_moe(moe, x)
+    if not args.no_hf and not args.only_ours:
         contenders.update(hf_blocks(cfg, device, dtype))
+    if args.rules:
+        contenders.update(rule_contenders(moe, aoe, device, dtype))
     params_of = {n: list((moe if n == "naive-loop" else m).parameters()) for n, m in contenders.items()}
 
-    x = torch.randn(1, cfg["tokens"], D, device=device, dtype=dtype, requires_grad=True)
+    seq_len = args.seq_len or cfg["tokens"]
+    if cfg["tokens"] % seq_len:
+        sys.exit(f"--seq-len {seq_len} does not divide tokens={cfg['tokens']}")
+    x = torch.randn(cfg["tokens"] // seq_len, seq_len, D, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     fns = {n: m for n, m in contenders.items()}
 
@@ -196,6 +212,11 @@ def main(argv=None):
 
     med = {n: statistics.median(t) for n, t in times.items()}
     flops = {n: train_flops_per_token(n, cfg, aoe.d_wide) * cfg["tokens"] for n in fns}
+    experts_per_token = {}
+    for n, m in contenders.items():
+        if getattr(m, "last_routing", None) is not None:
+            experts_per_token[n] = float(m.last_routing.experts_per_token_counts().double().mean())
+            flops[n] *= experts_per_token[n] / k if n.endswith(("-topp", "-ec")) else 1  # the rows it computed
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads" if device.type == "cpu" \
         else torch.cuda.get_device_name(device)
     print(f"# bench_layers --preset {args.preset}: {json.dumps(cfg)}")
@@ -219,10 +240,35 @@ def main(argv=None):
             print(f"ours-MoE is {med[n] / med['ours-MoE']:.2f}x faster than {n}")
     print(f"peak memory AoE/MoE = {memory['ours-AoE'] / memory['ours-MoE']:.3f} "
           f"(recompute: {memory['ours-AoE-recompute'] / memory['ours-MoE']:.3f})")
+    if args.rules:
+        print_rules(med, memory, experts_per_token)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=cfg, machine=machine, torch=torch.__version__, matmul_flops_per_s=rate,
-                           median_s=med, peak_bytes=memory, train_flops=flops), f, indent=2)
+                           median_s=med, peak_bytes=memory, train_flops=flops, experts_per_token=experts_per_token,
+                           seq_len=seq_len), f, indent=2)
+
+
+def rule_contenders(moe: MoE, aoe: AoE, device, dtype) -> dict:
+    """ours-MoE and ours-AoE (same weights) under top-p (p = k/E) and expert choice (capacity 1)."""
+    out = {}
+    for name, base in (("ours-MoE", moe), ("ours-AoE", aoe)):
+        for suffix, rule in (("-topp", dict(selection="top_p")), ("-ec", dict(selection="expert_choice"))):
+            layer = copy.deepcopy(base)
+            layer._init_selection(rule["selection"], None, 1, None, 1.0, "top_k")
+            out[name + suffix] = layer.to(device=device, dtype=dtype)
+    return out
+
+
+def print_rules(med, memory, experts_per_token):
+    print()
+    print("| layer | rule | experts/token | fwd+bwd ms | vs its top-k | peak MiB | mem vs its top-k |")
+    print("|---|---|---|---|---|---|---|")
+    for base in ("ours-MoE", "ours-AoE"):
+        for suffix, rule in (("", "top-k"), ("-topp", "top-p (p = k/E)"), ("-ec", "expert choice (capacity 1)")):
+            n = base + suffix
+            print(f"| {base} | {rule} | {experts_per_token.get(n, float('nan')):.3f} | {med[n] * 1e3:.1f} | "
+                  f"{med[n] / med[base]:.2f}x | {memory[n] / 2**20:.1f} | {memory[n] / memory[base]:.3f}x |")
 
 
 if __name__ == "__main__":
