@@ -22,7 +22,7 @@ w_gate (or its factors w_down, w_up), w_in, w_out); shared experts stay replicat
 
 The alternative for AoE, sharding w_down too, saves the replicated w_down (E*D*L per layer) but
 adds, per token, an all-gather of its [E] norms (the softmax needs all of them) and, for the k
-chosen experts, the c_e rows anyway; see ``scoring_bytes`` and benchmarks/RESULTS.md.
+chosen experts, the c_e rows anyway; see ``scoring_bytes`` in benchmarks/bench_expert_parallel.py.
 
 Shape legend: T tokens, D model dim, L AoE rank, S sorted rows sent, R rows received, E experts,
 M = E / N experts per rank, N ranks of the expert group, C row width (D [+ L] + 1).
