@@ -23,7 +23,6 @@ N real tokens (with a token mask), B sequences.
 from __future__ import annotations
 
 import math
-import math
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +46,6 @@ class Routing:
     selection: Selection
     dispatch: Dispatch
     gate_weight_S: torch.Tensor
-    rule: str = "top_k"
     rule: str = "top_k"
 
 
@@ -112,7 +110,6 @@ class SparseFFN(nn.Module):
         self.grouped_mm = check_backend(grouped_mm)
         self.backward_chunks = None if backward_chunks is None else check_positive("backward_chunks", backward_chunks)
         self._init_selection(selection, top_p, min_k, max_k, capacity_factor, ec_inference)
-        self._init_selection(selection, top_p, min_k, max_k, capacity_factor, ec_inference)
         # Aux-loss-free balancing: added to the scores for selection only (all zeros when off).
         self.register_buffer("selection_bias", torch.zeros(n_experts))
         self.register_buffer("load_since_update", torch.zeros(n_experts), persistent=False)
@@ -133,48 +130,6 @@ class SparseFFN(nn.Module):
             return
         width = expert_width if d_shared is None else check_positive("d_shared", d_shared)
         self.shared = SharedExperts(self.d_model, width, n_shared_experts, gate=shared_gate, init_std=init_std)
-
-    def _init_selection(self, selection, top_p, min_k, max_k, capacity_factor, ec_inference) -> None:
-        """Check and keep the selection rule's options (see ``aoe.nn.selection``)."""
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection={selection!r} is not a rule; choose one of {SELECTIONS}")
-        E = self.n_experts
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p={top_p!r} must be a number in (0, 1] (None = top_k / n_experts)")
-        if not isinstance(min_k, int) or isinstance(min_k, bool) or not 1 <= min_k <= E:
-            raise ValueError(f"min_k={min_k!r} must be an integer in [1, n_experts={E}]")
-        if max_k is not None and (not isinstance(max_k, int) or isinstance(max_k, bool) or not min_k <= max_k <= E):
-            raise ValueError(f"max_k={max_k!r} must be an integer in [min_k={min_k}, n_experts={E}] (None = n_experts)")
-        if not (isinstance(capacity_factor, (int, float)) and 0 < capacity_factor < float("inf")):
-            raise ValueError(f"capacity_factor={capacity_factor!r} must be a positive number")
-        if ec_inference not in EC_INFERENCE:
-            raise ValueError(f"ec_inference={ec_inference!r} is not a rule; choose one of {EC_INFERENCE}")
-        if selection == "expert_choice" and self.bias_update_rate > 0:
-            raise ValueError(f"bias_update_rate={self.bias_update_rate} has no effect with selection='expert_choice' "
-                             "(each expert takes its C tokens whatever a per-expert bias); set it to 0")
-        self.selection = selection
-        self.top_p = float(top_p) if top_p is not None else self.top_k / E
-        self.min_k, self.max_k = min_k, E if max_k is None else max_k
-        self.capacity_factor = float(capacity_factor)
-        self.ec_inference = ec_inference
-
-    def selection_rule(self) -> str:
-        """The rule this forward uses: ``selection``, except expert choice outside training with
-        ``ec_inference="top_k"`` (a causal model must not route on later tokens when generating)."""
-        if self.selection == "expert_choice" and not self.training and self.ec_inference == "top_k":
-            return "top_k"
-        return self.selection
-
-    def experts_per_token_count(self) -> float:
-        """The experts per token that ``num_active_params`` and ``forward_flops`` count: k for top-k;
-        for top-p its bound ``min(max_k, ceil(top_p * E))`` (the k largest of E probabilities sum to
-        at least k / E, so no token takes more); for expert choice the mean by construction,
-        ``capacity_factor * k`` (per sequence of n tokens: C * E / n, up to C's rounding up)."""
-        if self.selection == "top_p":
-            return min(self.max_k, max(self.min_k, math.ceil(self.top_p * self.n_experts - 1e-9)))
-        if self.selection == "expert_choice":
-            return self.capacity_factor * self.top_k
-        return self.top_k
 
     def _init_selection(self, selection, top_p, min_k, max_k, capacity_factor, ec_inference) -> None:
         """Check and keep the selection rule's options (see ``aoe.nn.selection``)."""
@@ -317,7 +272,6 @@ class SparseFFN(nn.Module):
         """Parameters one token uses: the shared ones in full (a router, the shared experts), the
         chosen experts' k / E share of ``CHOSEN_EXPERT_PARAMS``."""
         total = 0 if self.shared is None else self.shared.num_params()
-        k = self.experts_per_token_count()  # top-p: its bound; expert choice: its mean (see there)
         k = self.experts_per_token_count()  # top-p: its bound; expert choice: its mean (see there)
         for name, p in self.named_parameters(recurse=False):
             total += p.numel() // self.n_experts * k if name in self.CHOSEN_EXPERT_PARAMS else p.numel()
