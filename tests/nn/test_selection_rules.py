@@ -98,8 +98,22 @@ def test_expert_choice_matches_reference(kind, case, renormalize, lead):
 
 
 @pytest.mark.parametrize("kind", ["moe", "aoe"])
-def test_expert_choice_with_no_token_chosen(kind):
-    """Every token picked by no expert (a routing that takes nothing): the output is exactly 0."""
+def test_expert_choice_unchosen_tokens_pass_through_the_residual_only(kind):
+    """A token no expert took gets an exactly-zero output and no gradient through the experts."""
+    layer = build(kind, selection="expert_choice", capacity_factor=1e-6)  # C = 1: at most E of 12 tokens
+    x = torch.randn(12, D, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    unchosen = layer.last_routing.experts_per_token_counts() == 0
+    assert int(unchosen.sum()) >= 12 - E
+    assert torch.equal(out[unchosen], torch.zeros_like(out[unchosen]))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad[unchosen], torch.zeros_like(grad[unchosen]))
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+def test_expert_choice_with_no_token_to_choose(kind):
+    """Every token picked by no expert: C >= 1 for any sequence with a token, so this is a batch with
+    no real token (all padding); the output is exactly 0 and nothing is routed."""
     layer = build(kind, selection="expert_choice")
     x = torch.randn(4, 5, D, dtype=torch.float64, requires_grad=True)
     out = layer(x, torch.zeros(4, 5, dtype=torch.bool))
