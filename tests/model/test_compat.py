@@ -23,3 +23,16 @@ def test_version_0_1_0_checkpoint_gives_the_same_outputs(name, tmp_path):
         out = model(torch.tensor(EXPECTED["input_ids"]))
     torch.testing.assert_close(out.logits, torch.tensor(entry["logits"]), rtol=1e-5, atol=1e-6)
     assert float(out.aux_loss) == pytest.approx(entry["aux_loss"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED["models"]))
+def test_version_0_1_0_configs_read_as_trained_with_the_authors_gate_init(name):
+    """Those runs predate ``gate_init``: they were trained with the authors' init ("normal"), and
+    their saved config reads so although new models default to "balanced"."""
+    from aoe.config import ModelConfig
+    from aoe.io.checkpoint import find_latest_checkpoint, load_run_config
+
+    ckpt = find_latest_checkpoint(FIXTURES / name)
+    assert "gate_init" not in (ckpt / "config.yaml").read_text()
+    assert ModelConfig().gate_init == "balanced"
+    assert load_run_config(ckpt).model.gate_init == "normal"

@@ -23,22 +23,36 @@ def _layers(gate_init, seed=0):
 
 
 def test_normal_init_draws_what_it_always_drew():
-    """The authors' scheme is the default and consumes the random stream exactly as before the
-    option existed: every weight ~ N(0, std) in registration order, w_out at its own std."""
+    """The authors' scheme (the default before "balanced") consumes the random stream exactly as
+    before the option existed: every weight ~ N(0, std) in registration order, w_out at its own std."""
     torch.manual_seed(3)
-    layer = AoE(32, 8, 4, 2, d_wide=40)
+    layer = AoE(32, 8, 4, 2, d_wide=40, gate_init="normal")
     torch.manual_seed(3)
     expected = [torch.empty(4, 32, 8).normal_(std=0.02), torch.empty(4, 8, 40).normal_(std=0.02),
                 torch.empty(4, 32, 40).normal_(std=0.02), torch.empty(4, 40, 32).normal_(std=0.02)]
     for got, want in zip((layer.w_down, layer.w_up, layer.w_in, layer.w_out), expected):
         assert torch.equal(got, want)
     torch.manual_seed(3)
-    moe = MoE(32, 40, 4, 2, gate_rank=8)
+    moe = MoE(32, 40, 4, 2, gate_rank=8, gate_init="normal")
     torch.manual_seed(3)
     expected = {name: torch.empty_like(p).normal_(std=0.02) for name, p in moe.named_parameters()}
     expected["w_out"] = torch.empty_like(moe.w_out).normal_(std=0.02)  # drawn again at its own std
     for name, p in moe.named_parameters():
         assert torch.equal(p, expected[name]), name
+
+
+def test_balanced_is_the_default_of_every_layer_and_of_new_model_configs():
+    from aoe.config import ModelConfig
+    from aoe.nn.configs import AoEFFNConfig, DenseFFNConfig, MoEFFNConfig
+
+    layers = (AoE(8, 2, 2, 1, d_wide=8), MoE(8, 8, 2, 1, gate_rank=2), DenseFFN(8, 8, gate_rank=2))
+    assert [layer.gate_init for layer in layers] == ["balanced"] * 3
+    assert ModelConfig().gate_init == "balanced"
+    assert {c.gate_init for c in (AoEFFNConfig, DenseFFNConfig, MoEFFNConfig)} == {"balanced"}
+    torch.manual_seed(0)
+    default = AoE(8, 2, 2, 1, d_wide=8)
+    torch.manual_seed(0)
+    assert torch.equal(default.w_up, AoE(8, 2, 2, 1, d_wide=8, gate_init="balanced").w_up)
 
 
 @pytest.mark.parametrize("kind", ["aoe", "moe", "dense"])

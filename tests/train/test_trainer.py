@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -331,3 +332,19 @@ def test_nan_skip_policy_skips_then_gives_up(tmp_path, make_cfg, capsys):
     with pytest.raises(TrainingError, match="consecutive steps skipped"):
         train(cfg, tmp_path / "run", progress=False)
     assert "step skipped" in capsys.readouterr().err
+
+
+def test_a_run_started_with_the_authors_gate_init_resumes_under_the_new_default(tmp_path, make_cfg):
+    """gate_init only decides how a new model starts: a run started with "normal" resumes from a
+    config that does not say it (today's default "balanced") and keeps saying "normal"."""
+    from aoe.io.checkpoint import load_run_config
+
+    old = make_cfg(**{"train.max_steps": 8, "model.ffn": "aoe", "model.gate_init": "normal"})
+    train(old, tmp_path / "full", progress=False)
+    train(old, tmp_path / "cut", progress=False)
+    shutil.rmtree(list_checkpoints(tmp_path / "cut")[-1])  # as if stopped after the step-4 checkpoint
+    now = make_cfg(**{"train.max_steps": 8, "model.ffn": "aoe"})
+    assert now.model.gate_init == "balanced"
+    Trainer(now, tmp_path / "cut", resume=True, progress=False).fit()
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+    assert load_run_config(list_checkpoints(tmp_path / "cut")[-1]).model.gate_init == "normal"

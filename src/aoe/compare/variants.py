@@ -58,7 +58,8 @@ def _variants(m: ModelConfig) -> list[Variant]:
     active = k * f
     active_factorized = match_d_wide(m.d_model, active, m.d_low)
     moe_fact = ("model.ffn=moe", f"model.moe_gate_rank={m.d_low}", f"model.d_ffn={factorized_ffn}")
-    balanced, no_wd = "model.gate_init=balanced", "train.factor_weight_decay=0.0"
+    balanced, authors, no_wd = "model.gate_init=balanced", "model.gate_init=normal", "train.factor_weight_decay=0.0"
+    dense_fact = ("model.ffn=dense", f"model.dense_d_ffn={active_factorized}", f"model.dense_gate_rank={m.d_low}")
     return [
         Variant("dense", "Dense", f"SwiGLU FFN of width {E * f} (= n_experts x d_ffn: total parameters matched, all active)",
                 ("model.ffn=dense", f"model.dense_d_ffn={E * f}"), "dense"),
@@ -89,12 +90,20 @@ def _variants(m: ModelConfig) -> list[Variant]:
                 ("model.ffn=moe", "model.bias_update_rate=0.001"), "moe", "moe"),
         # the factorized gate's own knobs
         Variant("aoe_balanced", "AoE (balanced gate init)",
-                "AoE with w_up ~ N(0, 1/d_low): the gate w_down @ w_up starts at an unfactorized gate's scale",
+                "AoE with w_up ~ N(0, 1/d_low): the gate w_down @ w_up starts at an unfactorized gate's scale "
+                "(the default init; the name stays for older commands)",
                 ("model.ffn=aoe", balanced), "aoe", "aoe"),
+        Variant("aoe_normal_init", "AoE (authors' gate init)",
+                "AoE with every gate factor ~ N(0, init_std), as the authors' code (the default before)",
+                ("model.ffn=aoe", "model.aux_loss_coef=0.0", authors), "aoe", "aoe"),
         Variant("aoe_factor_nowd", "AoE (no decay on w_down, w_up)", "AoE without weight decay on the gate factors",
                 ("model.ffn=aoe", no_wd), "aoe", "aoe"),
         Variant("moe_factorized_balanced", "MoE + factorized W_g (balanced init)",
-                "MoE + factorized W_g with w_up ~ N(0, 1/d_low)", (*moe_fact, balanced), "moe", "moe_factorized"),
+                "MoE + factorized W_g with w_up ~ N(0, 1/d_low) (the default init)", (*moe_fact, balanced), "moe",
+                "moe_factorized"),
+        Variant("moe_factorized_normal_init", "MoE + factorized W_g (authors' init)",
+                "MoE + factorized W_g with every gate factor ~ N(0, init_std)", (*moe_fact, authors), "moe",
+                "moe_factorized"),
         Variant("moe_factorized_nowd", "MoE + factorized W_g (no decay on factors)",
                 "MoE + factorized W_g without weight decay on w_down, w_up", (*moe_fact, no_wd), "moe", "moe_factorized"),
         Variant("dense_active", "Dense (MoE's active width)",
@@ -102,8 +111,10 @@ def _variants(m: ModelConfig) -> list[Variant]:
                 ("model.ffn=dense", f"model.dense_d_ffn={active}"), "dense"),
         Variant("dense_factorized", "Dense + factorized W_g",
                 f"SwiGLU FFN with its gate factorized at rank {m.d_low}, width {active_factorized} (parameters of "
-                f"dense_active)", ("model.ffn=dense", f"model.dense_d_ffn={active_factorized}",
-                                   f"model.dense_gate_rank={m.d_low}"), "dense", "dense_active"),
+                f"dense_active)", dense_fact, "dense", "dense_active"),
+        Variant("dense_factorized_normal_init", "Dense + factorized W_g (authors' init)",
+                "dense_factorized with every gate factor ~ N(0, init_std)", (*dense_fact, authors), "dense",
+                "dense_factorized"),
         *(_dlow_variant(r) for r in sorted({max(1, m.d_low // 2), m.d_low * 2})),
         *_selection_variants(m),
     ]

@@ -201,6 +201,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     return config_from_dict(apply_overrides(d, overrides))
 
 
+#: Model keys whose default changed, with the value a saved run config WITHOUT the key was trained
+#: with: a run saved before the key existed (or before its default changed) reads as it was run.
+#: gate_init: "normal" (the authors' init) was the only init, then the default, until "balanced"
+#: became the default for new models (docs/results/tiny-balanced).
+SAVED_MODEL_DEFAULTS = {"gate_init": "normal"}
+
+#: Model keys that only decide how a new model's weights start: a resumed run keeps the value it
+#: was started with (its weights come from the checkpoint), whatever the config given now says.
+INIT_ONLY_MODEL_KEYS = ("gate_init",)
+
+
+def load_saved_config(path: str | os.PathLike) -> RunConfig:
+    """Read a run config the trainer saved (a checkpoint's or a run's config.yaml): as
+    ``load_config``, except that a model key of ``SAVED_MODEL_DEFAULTS`` the file lacks takes the
+    value the run was trained with, not today's default."""
+    d = _read_file(path)
+    model = d["model"] = d.get("model") or {}
+    for key, value in SAVED_MODEL_DEFAULTS.items():
+        model.setdefault(key, value)
+    return config_from_dict(d)
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config: JSON if the path ends in .json, else YAML. Returns the path."""
     p = Path(path)

@@ -104,9 +104,10 @@ class ModelConfig(_Section):
     #: expert's; no selection involved. None = off.
     dense_gate_rank: int | None = None
     #: How every factorized gate (AoE's, and the moe_gate_rank / dense_gate_rank ablations') starts:
-    #: "normal" (the authors': every factor ~ N(0, init_std)) or "balanced" (w_up ~ N(0, 1/rank),
-    #: so w_down @ w_up has an unfactorized gate's scale). See aoe.nn.factorized.
-    gate_init: str = "normal"
+    #: "balanced" (the default for new models: w_up ~ N(0, 1/rank), so w_down @ w_up has an unfactorized
+    #: gate's scale) or "normal" (the authors': every factor ~ N(0, init_std); the default before,
+    #: and what a saved run config without this key was trained with). See aoe.nn.factorized.
+    gate_init: str = "balanced"
     #: Indices of the blocks that keep a dense FFN in a sparse model (e.g. [0]: first layer dense).
     dense_layers: list[int] = field(default_factory=list)
     #: Grouped-matmul backend of the expert engine: "auto", "torch" or "loop" (see aoe.nn.grouped_mm).

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from aoe.config import RunConfig, load_config, save_config
+from aoe.config import RunConfig, save_config
+from aoe.config.files import load_saved_config
 from aoe.utils.files import (
     WriteError, file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors, signals_deferred,
 )
@@ -417,7 +418,9 @@ def load_model_state(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:
-    return load_config(Path(path) / CONFIG_FILE)
+    """The run config a checkpoint was saved with (keys added since read as the run was trained:
+    ``aoe.config.files.SAVED_MODEL_DEFAULTS``)."""
+    return load_saved_config(Path(path) / CONFIG_FILE)
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:

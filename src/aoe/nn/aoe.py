@@ -74,9 +74,9 @@ class AoE(SparseFFN):
         backward_chunks: blocks of sorted rows the expert backward runs over (bounds its
             temporaries); None = ``clamp(S // (256 * E), 1, 4)`` (see ``aoe.nn.experts``).
         init_std: std of the normal init of every weight (w_up: see ``gate_init``).
-        gate_init: "normal" (the authors': every factor ~ N(0, init_std)) or "balanced"
-            (w_up ~ N(0, 1/d_low): the gate w_down @ w_up starts with an unfactorized gate's
-            scale); see ``aoe.nn.factorized``.
+        gate_init: "balanced" (the default: w_up ~ N(0, 1/d_low), so the gate w_down @ w_up
+            starts with an unfactorized gate's scale) or "normal" (the authors': every factor
+            ~ N(0, init_std)); see ``aoe.nn.factorized`` for why and what it measured.
         n_shared_experts: always-active SwiGLU experts every token uses besides its k chosen ones
             (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
         d_shared: width of one shared expert (None = the expert width d_wide).
@@ -112,7 +112,7 @@ class AoE(SparseFFN):
         grouped_mm: str = "auto",
         backward_chunks: int | None = None,
         init_std: float = 0.02,
-        gate_init: str = "normal",
+        gate_init: str = "balanced",
         n_shared_experts: int = 0,
         d_shared: int | None = None,
         shared_gate: bool = False,
@@ -179,5 +179,5 @@ class AoE(SparseFFN):
         return 2 * self.n_experts * D * L + chosen + self.shared_flops()
 
     def extra_repr(self) -> str:
-        init = "" if self.gate_init == "normal" else f", gate_init={self.gate_init!r}"
+        init = "" if self.gate_init == "balanced" else f", gate_init={self.gate_init!r}"
         return f"{super().extra_repr()}, d_low={self.d_low}, d_wide={self.d_wide}, norm={self.norm!r}{init}"

@@ -25,11 +25,11 @@ class DenseFFN(nn.Module):
         d_model: model width D; d_ffn: hidden width F.
         init_std: std of the normal init of every weight (w_out: ``out_std`` of ``reset_parameters``).
         gate_rank: factorize the gate projection at this rank (None = a full w_gate [D, F]).
-        gate_init: with ``gate_rank``: "normal" or "balanced" (see ``aoe.nn.factorized``).
+        gate_init: with ``gate_rank``: "balanced" (the default) or "normal" (see ``aoe.nn.factorized``).
     """
 
     def __init__(self, d_model: int, d_ffn: int, *, init_std: float = 0.02, gate_rank: int | None = None,
-                 gate_init: str = "normal"):
+                 gate_init: str = "balanced"):
         super().__init__()
         self.d_model = check_positive("d_model", d_model)
         self.d_ffn = check_positive("d_ffn", d_ffn)
@@ -76,5 +76,5 @@ class DenseFFN(nn.Module):
 
     def extra_repr(self) -> str:
         extra = "" if self.gate_rank is None else f", gate_rank={self.gate_rank}"
-        extra += "" if self.gate_rank is None or self.gate_init == "normal" else f", gate_init={self.gate_init!r}"
+        extra += "" if self.gate_rank is None or self.gate_init == "balanced" else f", gate_init={self.gate_init!r}"
         return f"d_model={self.d_model}, d_ffn={self.d_ffn}{extra}"

@@ -46,8 +46,8 @@ class MoE(SparseFFN):
         init_std: std of the normal init of every weight.
         gate_rank: factorize each expert's gate projection at this rank (None = a full w_gate).
         router_hidden: hidden width of a two-layer router (None = the linear router [D, E]).
-        gate_init: with ``gate_rank``, how the factors start: "normal" (every factor
-            ~ N(0, init_std)) or "balanced" (w_up ~ N(0, 1/gate_rank)); see ``aoe.nn.factorized``.
+        gate_init: with ``gate_rank``, how the factors start: "balanced" (the default: w_up
+            ~ N(0, 1/gate_rank)) or "normal" (every factor ~ N(0, init_std)); see ``aoe.nn.factorized``.
         n_shared_experts: always-active SwiGLU experts every token uses besides its k chosen ones
             (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
         d_shared: width of one shared expert (None = the expert width d_ffn).
@@ -82,7 +82,7 @@ class MoE(SparseFFN):
         init_std: float = 0.02,
         gate_rank: int | None = None,
         router_hidden: int | None = None,
-        gate_init: str = "normal",
+        gate_init: str = "balanced",
         n_shared_experts: int = 0,
         d_shared: int | None = None,
         shared_gate: bool = False,
@@ -165,5 +165,5 @@ class MoE(SparseFFN):
     def extra_repr(self) -> str:
         extra = "" if self.gate_rank is None else f", gate_rank={self.gate_rank}"
         extra += "" if self.router_hidden is None else f", router_hidden={self.router_hidden}"
-        extra += "" if self.gate_init == "normal" else f", gate_init={self.gate_init!r}"
+        extra += "" if self.gate_rank is None or self.gate_init == "balanced" else f", gate_init={self.gate_init!r}"
         return f"{super().extra_repr()}, d_ffn={self.d_ffn}{extra}"

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from aoe.config import ConfigError, RunConfig, config_to_dict, save_config
+from aoe.config.files import INIT_ONLY_MODEL_KEYS
 from aoe.data import BatchSampler, DataError, TokenData, prepare_tokens, unigram_entropy
 from aoe.model import Transformer
 from aoe.nn.sparse import update_selection_biases
@@ -298,6 +299,15 @@ class Trainer:
             return "no checkpoint holds this run yet; free some space, then run again"
         return f"the newest good checkpoint is {str(latest)!r}; free some space, then continue with --resume"
 
+    def _keep_saved_init(self, saved: RunConfig) -> None:
+        """Init-only settings (``INIT_ONLY_MODEL_KEYS``) do not change a resumed model, whose weights
+        come from the checkpoint: the run keeps the ones it was started with, whatever today's
+        defaults or the config given now say (a run started before a default changed resumes)."""
+        for key in INIT_ONLY_MODEL_KEYS:
+            value = getattr(saved.model, key)
+            setattr(self.cfg.model, key, value)
+            setattr(self.model.config, key, value)
+
     def _resume(self) -> None:
         path = None
         if self.dist.is_main:  # one rank looks (and moves a corrupt checkpoint aside); all load the same one
@@ -306,6 +316,7 @@ class Trainer:
         if path is None:
             raise ckpt.CheckpointError(f"--resume: {str(self.out_dir)!r} holds no complete checkpoint to resume from")
         saved = ckpt.load_run_config(path)
+        self._keep_saved_init(saved)
         if config_to_dict(saved)["model"] != config_to_dict(self.cfg)["model"]:
             raise ConfigError(f"--resume: the model config differs from the one in {str(path)!r}; "
                               "resume with the same model.* settings")
