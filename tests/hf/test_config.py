@@ -1,6 +1,7 @@
 import pytest
 
 import dataclasses
+import json
 
 from aoe.config import ModelConfig
 from aoe.hf import AoEConfig
@@ -60,3 +61,17 @@ def test_defaults_are_model_configs():
     hf, native = AoEConfig(), ModelConfig()
     for hf_name, native_name in HF_TO_NATIVE:
         assert getattr(hf, hf_name) == getattr(native, native_name), hf_name
+
+
+def test_selection_rules_round_trip_under_names_generation_never_reads(tmp_path):
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ffn=48, n_experts=4, top_k=2, max_seq_len=32,
+                      selection="top_p", top_p=0.4, min_k=1, max_k=3)
+    hf = AoEConfig.from_model_config(cfg)
+    assert (hf.expert_selection, hf.router_top_p, hf.min_experts_per_tok, hf.max_experts_per_tok) == ("top_p", 0.4, 1, 3)
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "top_p" not in saved and saved["router_top_p"] == 0.4
+    assert AoEConfig.from_pretrained(tmp_path).to_model_config() == cfg
+    ec = ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ffn=48, n_experts=4, top_k=2, max_seq_len=32,
+                     selection="expert_choice", capacity_factor=1.5, ec_inference="expert_choice")
+    assert AoEConfig.from_model_config(ec).to_model_config() == ec

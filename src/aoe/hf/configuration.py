@@ -15,6 +15,9 @@ default", as in ``ModelConfig``).
     router_aux_loss_coef = aux_loss_coef   router_z_loss_coef = z_loss_coef
     dense_intermediate_size = dense_d_ffn  qkv_bias = attn_qkv_bias (Qwen2's names)
     num_shared_experts = n_shared_experts  shared_expert_intermediate_size = d_shared
+    expert_selection = selection     router_top_p = top_p (never the sampling top_p)
+    min_experts_per_tok = min_k      max_experts_per_tok = max_k
+    expert_capacity_factor = capacity_factor   expert_choice_inference = ec_inference
     (d_low, d_wide, rope_theta, qk_norm ("none" | "head" |
     "full"), dense_layers, dense_gate_rank, gate_init, bias_update_rate, recompute_scores, recompute_gate, backward_chunks,
     grouped_mm, shared_expert_gate keep their names)
@@ -69,6 +72,13 @@ HF_TO_NATIVE: tuple[tuple[str, str], ...] = (
     ("num_shared_experts", "n_shared_experts"),
     ("shared_expert_intermediate_size", "d_shared"),
     ("shared_expert_gate", "shared_expert_gate"),
+    # the selection rules; "router_top_p" so that it is never read as the sampling top_p
+    ("expert_selection", "selection"),
+    ("router_top_p", "top_p"),
+    ("min_experts_per_tok", "min_k"),
+    ("max_experts_per_tok", "max_k"),
+    ("expert_capacity_factor", "capacity_factor"),
+    ("expert_choice_inference", "ec_inference"),
 )
 
 
@@ -126,6 +136,12 @@ class AoEConfig(PretrainedConfig):
     num_shared_experts: int = _DEFAULTS.n_shared_experts
     shared_expert_intermediate_size: int | None = _DEFAULTS.d_shared
     shared_expert_gate: bool = _DEFAULTS.shared_expert_gate
+    expert_selection: str = _DEFAULTS.selection
+    router_top_p: float | None = _DEFAULTS.top_p
+    min_experts_per_tok: int = _DEFAULTS.min_k
+    max_experts_per_tok: int | None = _DEFAULTS.max_k
+    expert_capacity_factor: float = _DEFAULTS.capacity_factor
+    expert_choice_inference: str = _DEFAULTS.ec_inference
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
