@@ -265,7 +265,11 @@ def test_expert_parallel_training_matches_one_process_and_resumes_there(single_r
     assert got.keys() == expected.keys()
     for name, b in expected.items():
         assert got[name].shape == b.shape, name
-        _close(got[name], b, 1e-5, f"EP=2 checkpoint {name}")
+        # 1e-4, not 1e-5: fp32 gradients summed in another order differ by rounding, and AdamW
+        # divides each gradient by its own running RMS, so a small gradient's relative rounding
+        # error becomes the same relative error of an lr-sized step (measured: 1.6e-5 of the
+        # largest weight after 4 steps; the losses above still agree to 1e-5)
+        _close(got[name], b, 1e-4, f"EP=2 checkpoint {name}")
     resumed = _copy_until(ep, tmp_path / "resumed", 2)  # full experts and AdamW moments, gathered
     torch.set_num_threads(1)
     Trainer(load_config("tiny", overrides), resumed, resume=True, progress=False).fit()
