@@ -52,15 +52,8 @@ class MoE(SparseFFN):
             (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
         d_shared: width of one shared expert (None = the expert width d_ffn).
         shared_gate: scale the shared experts' output by ``sigmoid(x @ shared.gate)`` (Qwen2-MoE).
-        selection: how experts are chosen (``aoe.nn.selection``): "top_k" (default), "top_p"
-            (dynamic k) or "expert_choice" (each expert takes its best tokens of a sequence).
-        top_p: top-p's threshold of cumulative probability, in (0, 1] (None = top_k / n_experts,
-            which never takes more than top_k experts).
-        min_k, max_k: top-p's least and most experts per token (max_k None = n_experts).
-        capacity_factor: expert choice: each expert takes C = ceil(capacity_factor * n * top_k / E)
-            tokens of a sequence of n (1 = top-k's compute).
-        ec_inference: expert choice outside training: "top_k" (default: routes each token by itself,
-            as generation needs) or "expert_choice" (leaks later tokens into a causal LM's routing).
+        selection, top_p, min_k, max_k, capacity_factor, ec_inference: the selection rule and
+            its options (default top-k); see ``SparseFFN``.
     """
 
     CHOSEN_EXPERT_PARAMS = ("w_gate", "w_down", "w_up", "w_in", "w_out")

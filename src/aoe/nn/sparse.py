@@ -78,7 +78,19 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class SparseFFN(nn.Module):
     """Base class of ``MoE`` and ``AoE``: expert selection (top-k, top-p or expert choice) over a
-    dropless expert engine. The selection options are ``SelectionOptions``'s fields."""
+    dropless expert engine. The selection options are ``SelectionOptions``'s fields:
+
+    Args (the selection rule, shared by both layers):
+        selection: how experts are chosen (``aoe.nn.selection``): "top_k" (default), "top_p"
+            (dynamic k) or "expert_choice" (each expert takes its best tokens of a sequence).
+        top_p: top-p's threshold of cumulative probability, in (0, 1] (None = top_k / n_experts,
+            which never takes more than top_k experts).
+        min_k, max_k: top-p's least and most experts per token (max_k None = n_experts).
+        capacity_factor: expert choice: each expert takes C = ceil(capacity_factor * n * top_k / E)
+            tokens of a sequence of n (1 = top-k's compute).
+        ec_inference: expert choice outside training: "top_k" (default: routes each token by itself,
+            as generation needs) or "expert_choice" (leaks later tokens into a causal LM's routing).
+    """
 
     def __init__(
         self,
