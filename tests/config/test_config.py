@@ -157,6 +157,9 @@ def test_malformed_overrides(bad):
     (["train.stop_signals=[SIGKILL]"], "not a signal a process can catch"),
     (["train.stop_signals=[SIGNOPE]"], "train.stop_signals"),
     (["train.stop_signals=[SIGTERM, SIGTERM]"], "lists a signal twice"),
+    (["train.dist_timeout_s=0"], "train.dist_timeout_s=0.0 must be > 0"),
+    (["train.dist_timeout_s=.inf"], "train.dist_timeout_s=inf must be finite"),
+    (["train.collective_timeout_s=-5"], "train.collective_timeout_s=-5.0 must be > 0"),
 ])
 def test_invalid_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

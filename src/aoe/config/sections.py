@@ -361,6 +361,14 @@ class TrainConfig(_Section):
     #: 128 + the signal's number (preemption: schedulers send SIGTERM, some SIGUSR1 first).
     #: [] leaves every signal's default handling alone.
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    #: Several processes: a rank whose heartbeat (written every second by a thread of each rank)
+    #: has stopped for this many seconds is dead (SIGKILL, out of memory, a lost node); the others
+    #: print which rank and the checkpoint to resume from, and exit with status 75. After a failed
+    #: collective, a dead peer is named within 5 s whatever this says.
+    dist_timeout_s: float = 300.0
+    #: Several processes: how long one collective may wait for the other ranks (a live but stuck
+    #: rank) before it fails. None = torch's default (30 min for gloo, 10 min for nccl).
+    collective_timeout_s: float | None = None
 
     @property
     def micro_batch(self) -> int:
@@ -390,7 +398,8 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         self._positive("max_steps", "batch_size", "micro_batch_size", "seq_len", "lr", "log_every",
-                       "eval_batches", "num_threads", "expert_parallel")
+                       "eval_batches", "num_threads", "expert_parallel", "dist_timeout_s", "collective_timeout_s")
+        self._finite("dist_timeout_s", "collective_timeout_s")
         if self.expert_parallel > 1 and self.compile:
             self._fail("expert_parallel", "does not work with train.compile=true yet; set train.compile=false")
         self._positive("factor_lr_scale")

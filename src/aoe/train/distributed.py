@@ -1,9 +1,15 @@
-"""torch.distributed set-up from the torchrun environment (gloo on CPU, nccl on CUDA) and small helpers."""
+"""torch.distributed set-up from the torchrun environment (gloo on CPU, nccl on CUDA) and small helpers.
+
+A multi-process run also starts this rank's ``Watchdog`` (``aoe.train.watchdog``: heartbeats in
+the rendezvous store; a rank that dies is named by the others, which exit within
+``train.dist_timeout_s``); ``shutdown_distributed`` stops it before leaving the group.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,23 +34,48 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(device: torch.device) -> DistInfo:
+_WATCHDOG = None  # this process's Watchdog while it is in a group (aoe.train.watchdog)
+
+
+def init_distributed(device: torch.device, timeout_s: float | None = None,
+                     collective_timeout_s: float | None = None) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     A single process (no torchrun) returns DistInfo() without creating a group. The backend is nccl
-    for CUDA devices and gloo otherwise. Idempotent.
+    for CUDA devices and gloo otherwise. Idempotent. ``collective_timeout_s``: how long a collective
+    may wait (None: torch's default, 30 min for gloo, 10 min for nccl). ``timeout_s``: start a
+    ``Watchdog`` that ends this process when a peer has been silent that long (None: none).
     """
+    global _WATCHDOG
     if not launched_by_torchrun():
         return DistInfo()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        timeout = {} if collective_timeout_s is None else {"timeout": timedelta(seconds=collective_timeout_s)}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **timeout)
+        if timeout_s is not None:
+            from aoe.train.watchdog import Watchdog
+
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
+            _WATCHDOG = Watchdog(rank, world, timeout_s, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                 hosts_store=not agent_store).start()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
-def shutdown_distributed() -> None:
+def current_watchdog():
+    """This process's ``Watchdog`` (None: one process, or none was asked for)."""
+    return _WATCHDOG
+
+
+def shutdown_distributed(failed: bool = False) -> None:
+    """Stop the watchdog (telling the peers this rank left: ``failed`` says whether with an error),
+    then leave the process group."""
+    global _WATCHDOG
+    if _WATCHDOG is not None:
+        _WATCHDOG.stop("error" if failed else "done")
+        _WATCHDOG = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

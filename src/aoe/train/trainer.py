@@ -22,6 +22,14 @@ the signal may reach only one of them), a checkpoint is saved, and ``TrainingInt
 process with exit code 128 + the signal's number (143 for SIGTERM). A write the system refuses
 (disk full...) stops the run with a ``CheckpointWriteError`` or ``TrainingWriteError`` naming the
 path, the cause and the checkpoint to resume from.
+
+Faults of several processes: a rank that dies (SIGKILL...) is named by the others' watchdog
+(``aoe.train.watchdog``), which exit with status 75 within ``train.dist_timeout_s`` (within seconds
+when a collective fails first), pointing at the newest good checkpoint for ``--resume``. A
+non-finite loss on any rank is known to every rank by the step's loss all-reduce, so all of them
+skip that step or stop after it (``train.nan_policy``), and the message names the ranks that saw it.
+Debug option: the environment variable ``AOE_DEBUG_NONFINITE="RANK:STEP[,RANK:STEP...]"`` makes
+that rank's loss NaN at that step (for testing the above; never set it in a real run).
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ from aoe.model import Transformer
 from aoe.nn.sparse import update_selection_biases
 from aoe.train import checkpoint as ckpt
 from aoe.train.distributed import (
-    DistInfo, all_reduce_max, all_reduce_sum, broadcast_object, init_distributed, shutdown_distributed,
+    DistInfo, all_reduce_max, all_reduce_sum, broadcast_object, current_watchdog, init_distributed,
+    shutdown_distributed,
 )
 from aoe.train.evaluate import evaluate
 from aoe.train.metrics import MetricsLogger, RoutingStats, measure_matmul_flops
@@ -57,6 +66,21 @@ from aoe.train.signals import StopSignals, TrainingInterrupted
 from aoe.utils.files import WriteError, atomic_write_text, reporting_write_errors, tmp_sibling
 
 MAX_CONSECUTIVE_SKIPS = 10
+DEBUG_NONFINITE_ENV = "AOE_DEBUG_NONFINITE"  # debug only: "RANK:STEP,..." -> that rank's loss is NaN at that step
+
+
+def _debug_nonfinite_steps() -> set[tuple[int, int]]:
+    """The (rank, step) pairs of ``AOE_DEBUG_NONFINITE`` (empty when unset)."""
+    text = os.environ.get(DEBUG_NONFINITE_ENV, "").strip()
+    pairs = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            rank, step = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ConfigError(f"{DEBUG_NONFINITE_ENV}={text!r}: expected RANK:STEP pairs separated by commas "
+                              "(e.g. 1:3), or unset it") from None
+        pairs.add((rank, step))
+    return pairs
 
 
 class TrainingError(RuntimeError):
@@ -139,7 +163,13 @@ class Trainer:
             stop_signals = tuple(signal.Signals[name] for name in cfg.train.stop_signals)
         self.stop_signals = StopSignals(stop_signals)
         self.out_dir = Path(out_dir)
-        self.dist = init_distributed(resolve_device(cfg.train.device, DistInfo(), set_current=False))
+        self.dist = init_distributed(resolve_device(cfg.train.device, DistInfo(), set_current=False),
+                                     timeout_s=cfg.train.dist_timeout_s,
+                                     collective_timeout_s=cfg.train.collective_timeout_s)
+        self.watchdog = current_watchdog()
+        if self.watchdog is not None:
+            self.watchdog.resume_hint = self._resume_hint
+        self._debug_nonfinite = _debug_nonfinite_steps()
         self.device = resolve_device(cfg.train.device, self.dist)
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         if cfg.train.num_threads is not None and self.device.type == "cpu":
@@ -299,6 +329,13 @@ class Trainer:
             return "no checkpoint holds this run yet; free some space, then run again"
         return f"the newest good checkpoint is {str(latest)!r}; free some space, then continue with --resume"
 
+    def _resume_hint(self) -> str:
+        """For the watchdog's last line: the checkpoint ``--resume`` would continue from."""
+        latest = ckpt.find_latest_checkpoint(self.out_dir)
+        if latest is None:
+            return "no checkpoint holds this run yet; run it again"
+        return f"the newest good checkpoint is {str(latest)!r}; continue with --resume"
+
     def _keep_saved_init(self, saved: RunConfig) -> None:
         """Init-only settings (``INIT_ONLY_MODEL_KEYS``) do not change a resumed model, whose weights
         come from the checkpoint: the run keeps the ones it was started with, whatever today's
@@ -347,7 +384,9 @@ class Trainer:
         lr = lr_at(self.state.step, t)
         set_lr(self.optimizer, lr)
         x, y = next(self.sampler)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, aux loss, non-finite flag
+        world, step = self.dist.world_size, self.state.step + 1
+        poison = (self.dist.rank, step) in self._debug_nonfinite  # AOE_DEBUG_NONFINITE (tests only)
+        sums = torch.zeros(3 + world, dtype=torch.float64)  # loss, aux loss, non-finite flag, each rank's flag
         micro = x.shape[0] // self.accum_steps
         for i in range(self.accum_steps):
             xb = x[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
@@ -359,12 +398,15 @@ class Trainer:
                 with self._autocast():
                     out = self.step_model(xb, yb)
                 loss = (out.loss + out.aux_loss) / self.accum_steps
+                if poison:
+                    loss = loss * float("nan")
                 loss.backward()
             if collect_routing:
                 self.routing.collect()
-            lv, av = float(out.loss.detach()), float(out.aux_loss.detach())
+            lv, av = float("nan") if poison else float(out.loss.detach()), float(out.aux_loss.detach())
             if not (math.isfinite(lv) and math.isfinite(av)):
                 sums[2] += 1
+                sums[3 + self.dist.rank] += 1
             sums[0] += lv / self.accum_steps
             sums[1] += av / self.accum_steps
         if self.expert_parallel is not None:  # no DDP: average the gradients here
@@ -377,11 +419,11 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not math.isfinite(grad_norm):
             sums[2] += 1
-        all_reduce_sum(sums, self.dist)
-        loss, aux = float(sums[0]) / self.dist.world_size, float(sums[1]) / self.dist.world_size
+        all_reduce_sum(sums, self.dist)  # the step's one reduction: every rank learns every rank's flag
+        loss, aux = float(sums[0]) / world, float(sums[1]) / world
         if sums[2] > 0:
             self.optimizer.zero_grad(set_to_none=True)
-            self._non_finite(loss, grad_norm)
+            self._non_finite(loss, grad_norm, [r for r in range(world) if sums[3 + r] > 0])
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -391,11 +433,16 @@ class Trainer:
         self.state.tokens += t.batch_size * t.seq_len
         return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm}
 
-    def _non_finite(self, loss: float, grad_norm: float) -> None:
+    def _non_finite(self, loss: float, grad_norm: float, ranks: list[int]) -> None:
+        """Every rank calls this after the same step (the flags came with the loss all-reduce)."""
         step = self.state.step + 1
         latest = ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None
         where = f"the last good checkpoint is {str(latest)!r}" if latest else "no checkpoint was saved yet"
-        what = f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm})"
+        seen = ""
+        if self.dist.enabled:
+            seen = (f"; the loss was non-finite on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+                    if ranks else "; the losses were finite on every rank, the gradient was not")
+        what = f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm}{seen})"
         if self.cfg.train.nan_policy == "stop":
             raise TrainingError(f"{what}: stopping (train.nan_policy=stop; {where}; nothing was saved). "
                                 "Try a lower train.lr, or train.nan_policy=skip to skip such steps.")
@@ -436,7 +483,12 @@ class Trainer:
         under way finishes, is logged, validated and checkpointed as usual, then the run stops.
         """
         with self.stop_signals:
-            return self._fit()
+            try:
+                return self._fit()
+            except RuntimeError as e:  # a collective failed? if a peer died, the watchdog names it and exits
+                if self.watchdog is not None and not isinstance(e, (TrainingError, ckpt.CheckpointError)):
+                    self.watchdog.explain(e)
+                raise
 
     def _fit(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -487,6 +539,8 @@ class Trainer:
                     checkpoint = self.save()
                 if bar is not None:
                     bar.update(1)
+                if self.watchdog is not None:
+                    self.watchdog.step = step
                 signum = self._any_rank(self.stop_signals.received)  # every rank stops after the same step
                 if signum and step < t.max_steps:
                     stopped = self._stop(signum, checkpoint if save_now else self.save())
@@ -549,7 +603,10 @@ class Trainer:
 def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train as ``cfg`` says and return the summary (see ``Trainer``). Under torchrun, joins the
     process group first and leaves it at the end."""
+    failed = True
     try:
-        return Trainer(cfg, out_dir, resume=resume, progress=progress).fit()
+        summary = Trainer(cfg, out_dir, resume=resume, progress=progress).fit()
+        failed = False
+        return summary
     finally:
-        shutdown_distributed()
+        shutdown_distributed(failed=failed)
