@@ -348,6 +348,10 @@ class TrainConfig(_Section):
     #: rank holds every expert). Must divide the world size and model.n_experts; the world is then
     #: expert_parallel x (world / expert_parallel) data-parallel replicas (see aoe.parallel).
     expert_parallel: int = 1
+    #: Fully sharded data parallelism (FSDP2): every rank holds 1/world of each parameter, gradient
+    #: and optimizer moment (see aoe.parallel.fsdp). Needs several processes (torchrun); not with
+    #: expert_parallel > 1 or compile yet. Checkpoints keep the single-process format.
+    fsdp: bool = False
     #: Compute dtype: "auto" (bfloat16 autocast on a GPU that supports it, float32 on CPU),
     #: "float32" or "bfloat16".
     dtype: str = "auto"
@@ -402,6 +406,8 @@ class TrainConfig(_Section):
         self._finite("dist_timeout_s", "collective_timeout_s")
         if self.expert_parallel > 1 and self.compile:
             self._fail("expert_parallel", "does not work with train.compile=true yet; set train.compile=false")
+        if self.fsdp and self.compile:
+            self._fail("fsdp", "does not work with train.compile=true yet; set train.compile=false")
         self._positive("factor_lr_scale")
         self._non_negative("seed", "warmup_steps", "weight_decay", "factor_weight_decay", "grad_clip", "eval_every",
                            "checkpoint_every", "keep_checkpoints")

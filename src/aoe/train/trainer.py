@@ -11,6 +11,8 @@ layers' auxiliary losses) are averaged by gradient accumulation; gradients are c
 Expert parallelism (``train.expert_parallel=N > 1``, ``aoe.parallel``): each sparse layer's experts
 are sharded over N ranks, tokens travel to their experts by all-to-all; no DDP (the gradients are
 averaged by ``ExpertParallel.reduce_gradients``); checkpoints keep the single-process format.
+FSDP2 (``train.fsdp=true``, ``aoe.parallel.fsdp``): parameters, gradients and AdamW moments are
+sharded over the ranks (no DDP); checkpoints are gathered to the same single-process format.
 
 Determinism: on CPU, a run with the same config, seed and thread count computes the same losses,
 and a run resumed from a checkpoint continues exactly where the uninterrupted run would be (the
@@ -185,6 +187,7 @@ class Trainer:
         self.params_total = (self.model.num_params(), self.model.num_params(active=True))
         self.expert_parallel = self._shard_experts(self.cfg)
         self.model = self.model.to(self.device)
+        self.fsdp = self._shard_fully(self.cfg)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         t = self.cfg.train
         self.accum_steps = t.grad_accum_steps(self.dist.world_size)
@@ -206,7 +209,7 @@ class Trainer:
             self._write_config()
 
         self.step_model: torch.nn.Module = self.model
-        if self.dist.enabled and self.expert_parallel is None:
+        if self.dist.enabled and self.expert_parallel is None and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.step_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -227,6 +230,15 @@ class Trainer:
 
         check_expert_parallel(ep_size, self.dist.world_size, cfg.model.n_experts)
         return ExpertParallel(self.model, ep_size)
+
+    def _shard_fully(self, cfg: RunConfig):
+        """``train.fsdp``: shard the model's parameters over the world (FSDP2), before the optimizer."""
+        if not cfg.train.fsdp:
+            return None
+        from aoe.parallel.fsdp import FullyShardedData, check_fsdp
+
+        check_fsdp(self.dist.world_size, cfg.train.expert_parallel)
+        return FullyShardedData(self.model, self.device)
 
     @staticmethod
     def _resolve_vocab(cfg: RunConfig, data: TokenData) -> RunConfig:
@@ -293,12 +305,10 @@ class Trainer:
         """Write a checkpoint of the current step (rank 0) and return its path (None on other ranks).
         Every rank returns only once it is written, and every rank raises if it could not be."""
         path, error = None, None
-        full = (self.expert_parallel.full_experts_for_saving(self.optimizer) if self.expert_parallel
-                else contextlib.nullcontext())  # expert parallel: rank 0 holds the full experts inside
-        with full as optimizer_state:
+        with self._full_state() as (model, optimizer_state):
             if self.dist.is_main:
                 try:
-                    path = ckpt.save_checkpoint(self.out_dir, self.state.step, self.model, self.cfg,
+                    path = ckpt.save_checkpoint(self.out_dir, self.state.step, model, self.cfg,
                                                 self._trainer_state(optimizer_state), tokenizer=self.data.tokenizer,
                                                 keep=self.cfg.train.keep_checkpoints,
                                                 retry_hint="free some space, then continue with --resume")
@@ -311,6 +321,20 @@ class Trainer:
             raise ckpt.CheckpointError(f"rank 0 could not save the checkpoint of step {self.state.step} "
                                        "(its message says why); stopping")
         return path
+
+    @contextlib.contextmanager
+    def _full_state(self):
+        """Collective: (the model to save, its optimizer state dict or None for the optimizer's own)
+        in the single-process format on rank 0: the full experts under expert parallelism, a plain
+        copy of the gathered weights under FSDP."""
+        if self.expert_parallel is not None:
+            with self.expert_parallel.full_experts_for_saving(self.optimizer) as optimizer_state:
+                yield self.model, optimizer_state
+        elif self.fsdp is not None:
+            with self.fsdp.full_state_for_saving(self.optimizer, lambda: Transformer(self.cfg.model)) as full:
+                yield full if full is not None else (None, None)
+        else:
+            yield self.model, None
 
     def _any_rank(self, flag: bool | int) -> int:
         """The largest of every rank's ``flag`` (0 when none is set): the same answer on all ranks."""
@@ -357,12 +381,17 @@ class Trainer:
         if config_to_dict(saved)["model"] != config_to_dict(self.cfg)["model"]:
             raise ConfigError(f"--resume: the model config differs from the one in {str(path)!r}; "
                               "resume with the same model.* settings")
-        with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
-            ckpt.load_model_state(self.model, path)
         state = ckpt.load_trainer_state(path)
-        if self.expert_parallel is not None:
-            state["optimizer"] = self.expert_parallel.slice_optimizer_state(state["optimizer"], self.optimizer)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp is not None:  # every rank reads the full tensors and keeps its shards
+            plain = Transformer(self.cfg.model)
+            ckpt.load_model_state(plain, path)
+            self.fsdp.load_full_state(plain.state_dict(), self.optimizer, state["optimizer"])
+        else:
+            with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
+                ckpt.load_model_state(self.model, path)
+            if self.expert_parallel is not None:
+                state["optimizer"] = self.expert_parallel.slice_optimizer_state(state["optimizer"], self.optimizer)
+            self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # optimizer state follows the model's device
             for p in group["params"]:
                 for k, v in self.optimizer.state.get(p, {}).items():
@@ -392,8 +421,10 @@ class Trainer:
             xb = x[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
             yb = y[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
             last = i == self.accum_steps - 1
-            ddp = self.dist.enabled and self.expert_parallel is None
+            ddp = self.dist.enabled and self.expert_parallel is None and self.fsdp is None
             sync = contextlib.nullcontext() if last or not ddp else self.step_model.no_sync()
+            if self.fsdp is not None:
+                self.fsdp.sync_gradients(last)
             with sync:
                 with self._autocast():
                     out = self.step_model(xb, yb)
@@ -415,6 +446,8 @@ class Trainer:
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         if self.expert_parallel is not None:
             grad_norm = self.expert_parallel.clip_grad_norm_(params, clip)
+        elif self.fsdp is not None:
+            grad_norm = self.fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(params, clip))
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not math.isfinite(grad_norm):
@@ -457,9 +490,10 @@ class Trainer:
         t = self.cfg.train
         if self.expert_parallel is not None:
             return self._validate_expert_parallel()
+        # FSDP: every forward is collective, so every rank evaluates every batch (same numbers, no reduction)
         return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
                         max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
-                        autocast=self._autocast(), dist_info=self.dist)
+                        autocast=self._autocast(), dist_info=DistInfo() if self.fsdp else self.dist)
 
     def _validate_expert_parallel(self) -> dict[str, Any]:
         """The ranks of an expert group must run their forwards in lockstep, so they evaluate the

@@ -1,0 +1,118 @@
+"""Fully sharded data parallelism (FSDP2, ``torch.distributed.fsdp.fully_shard``): ``train.fsdp=true``.
+
+Every rank holds 1/W of each parameter, gradient and AdamW moment (W = world size, one shard
+group: a 1-D device mesh). Each ``Block`` is a unit of its own (its parameters are all-gathered
+just before its forward and backward and freed after), and the root (embeddings, final norm,
+output head) is the last unit. Gradients are reduce-scattered and averaged over the W ranks, so
+with each rank's share of the global batch a step equals the single-process step (as DDP does).
+
+Checkpoints keep the single-process format (world-size independent, the same as DDP's and
+expert parallelism's): ``full_state_for_saving`` gathers every parameter and moment, one tensor at
+a time, onto rank 0, which writes them from a plain CPU copy of the model (rank 0 holds one full
+copy of the weights and both moments, 3x the fp32 model, in CPU memory while it saves);
+``load_full_state`` hands every rank its shard of a checkpoint's tensors (each rank reads the
+file). A sharded format (torch.distributed.checkpoint, one file per rank) would drop that full
+copy and the gather, at the price of checkpoints that need resharding to load elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from aoe.config import ConfigError
+
+
+def check_fsdp(world_size: int, expert_parallel: int) -> None:
+    """One-line ConfigErrors for a ``train.fsdp=true`` this run cannot use."""
+    if world_size < 2:
+        raise ConfigError("train.fsdp=true needs several processes: launch with torchrun --nproc-per-node N (N >= 2), "
+                          "or set train.fsdp=false")
+    if expert_parallel > 1:
+        raise ConfigError(f"train.fsdp=true with train.expert_parallel={expert_parallel} is not supported yet: "
+                          "use one of them")
+
+
+class FullyShardedData:
+    """``FullyShardedData(model, device)`` (collective: every rank calls it) shards ``model`` in
+    place: each block, then the root."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("shard",))
+        for block in model.layers:
+            fully_shard(block, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+        self.model = model
+        self._shadow: nn.Module | None = None  # rank 0's plain CPU copy, for saving
+
+    # -- a step --------------------------------------------------------------------------------------
+    def sync_gradients(self, sync: bool) -> None:
+        """False for the micro-batches before the last: gradients accumulate unsharded, reduced once."""
+        self.model.set_requires_gradient_sync(sync)
+
+    @staticmethod
+    def grad_norm(total) -> float:
+        """``clip_grad_norm_``'s total (a DTensor under FSDP) as a float."""
+        return float(_full(total))
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def full_state_for_saving(self, optimizer: torch.optim.Optimizer, make_model):
+        """Collective: the value is (a plain CPU model holding the full weights, the optimizer's full
+        state dict in the single-process layout) on rank 0, None on the other ranks.
+        ``make_model()`` builds the plain model (once)."""
+        main = dist.get_rank() == 0
+        if main and self._shadow is None:
+            self._shadow = make_model()
+        target = self._shadow.state_dict() if main else None
+        done: set[int] = set()
+        for name, value in self.model.state_dict().items():
+            if id(value) in done:  # a tied weight: gathered once
+                continue
+            done.add(id(value))
+            full = _full(value).detach().cpu()
+            if main:
+                target[name].copy_(full)
+        state = optimizer.state_dict()
+        full_state = {**state, "state": {}}
+        for i in sorted(state["state"]):
+            full_state["state"][i] = {k: (_full(v).detach().cpu() if isinstance(v, torch.Tensor) else v)
+                                      for k, v in sorted(state["state"][i].items())}
+        yield (self._shadow, full_state) if main else None
+
+    def load_full_state(self, state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        optimizer_state: dict) -> None:
+        """Give the model and ``optimizer`` this rank's shards of full tensors (a checkpoint's model
+        state dict and optimizer state dict; every rank passes the same)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sharded = {**optimizer_state, "state": {}}
+        for i, entry in optimizer_state["state"].items():
+            p = params[int(i)]
+            sharded["state"][i] = {k: (_shard_like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape and
+                                       v.dim() > 0 else v) for k, v in entry.items()}
+        optimizer.load_state_dict(sharded)
+
+
+def _full(value):
+    """The full tensor of a DTensor (collective), or ``value`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _shard_like(full: torch.Tensor, param) -> torch.Tensor:
+    """This rank's shard of ``full`` laid out as ``param`` (a DTensor), computed locally."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
