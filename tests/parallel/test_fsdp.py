@@ -55,6 +55,10 @@ def test_fsdp_is_refused_where_it_cannot_run(make_cfg, tmp_path):
         make_cfg(**{"train.fsdp": True, "train.compile": True})
     with pytest.raises(ConfigError, match=r"train.fsdp=true with train.expert_parallel=2 is not supported"):
         check_fsdp(4, 2)
+    with pytest.raises(ConfigError, match=r"train.fsdp_shard_size=3 does not divide the world size 4"):
+        check_fsdp(4, 1, 3)
+    with pytest.raises(ConfigError, match=r"train.fsdp_shard_size=0 must be > 0"):
+        make_cfg(**{"train.fsdp": True, "train.fsdp_shard_size": 0})
 
 
 @pytest.mark.slow
@@ -96,3 +100,13 @@ def test_an_expert_parallel_checkpoint_resumes_under_fsdp_and_exports(single_run
     native.eval()
     assert torch.equal(exported(x).logits, native(x).logits)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow  # four processes on the machine's two cores
+def test_hybrid_sharding_on_a_2d_mesh_matches_one_process(single_run, tmp_path):
+    """fsdp_shard_size=2 of 4 ranks: 2 data-parallel replicas of a 2-rank FSDP group (HSDP)."""
+    overrides, single = single_run
+    run = tmp_path / "hsdp"
+    _spawn(_trainer_worker, 4, [*overrides, "train.fsdp=true", "train.fsdp_shard_size=2"], str(run), None)
+    _same_losses(_losses(run), _losses(single), "FSDP 2 x DP 2")
+    _same_tensors(run, single, "FSDP 2 x DP 2 checkpoint")

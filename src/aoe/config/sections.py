@@ -352,6 +352,9 @@ class TrainConfig(_Section):
     #: and optimizer moment (see aoe.parallel.fsdp). Needs several processes (torchrun); not with
     #: expert_parallel > 1 or compile yet. Checkpoints keep the single-process format.
     fsdp: bool = False
+    #: Under fsdp: ranks each parameter is sharded over (None = the world). Smaller: hybrid
+    #: sharding, world / fsdp_shard_size data-parallel replicas of an FSDP group (a 2-D mesh).
+    fsdp_shard_size: int | None = None
     #: Compute dtype: "auto" (bfloat16 autocast on a GPU that supports it, float32 on CPU),
     #: "float32" or "bfloat16".
     dtype: str = "auto"
@@ -402,7 +405,8 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         self._positive("max_steps", "batch_size", "micro_batch_size", "seq_len", "lr", "log_every",
-                       "eval_batches", "num_threads", "expert_parallel", "dist_timeout_s", "collective_timeout_s")
+                       "eval_batches", "num_threads", "expert_parallel", "dist_timeout_s", "collective_timeout_s",
+                       "fsdp_shard_size")
         self._finite("dist_timeout_s", "collective_timeout_s")
         if self.expert_parallel > 1 and self.compile:
             self._fail("expert_parallel", "does not work with train.compile=true yet; set train.compile=false")

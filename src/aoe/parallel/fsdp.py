@@ -1,7 +1,9 @@
 """Fully sharded data parallelism (FSDP2, ``torch.distributed.fsdp.fully_shard``): ``train.fsdp=true``.
 
-Every rank holds 1/W of each parameter, gradient and AdamW moment (W = world size, one shard
-group: a 1-D device mesh). Each ``Block`` is a unit of its own (its parameters are all-gathered
+Every rank holds 1/S of each parameter, gradient and AdamW moment: S = ``train.fsdp_shard_size``
+(default: the world size W, one shard group, a 1-D device mesh). With S < W the device mesh is
+2-D, (W/S replicas) x (S shards): hybrid sharding, FSDP inside each group of S consecutive ranks
+(one node, say) and data parallelism across the groups (HSDP). Each ``Block`` is a unit of its own (its parameters are all-gathered
 just before its forward and backward and freed after), and the root (embeddings, final norm,
 output head) is the last unit. Gradients are reduce-scattered and averaged over the W ranks, so
 with each rank's share of the global batch a step equals the single-process step (as DDP does).
@@ -26,8 +28,11 @@ from torch import nn
 from aoe.config import ConfigError
 
 
-def check_fsdp(world_size: int, expert_parallel: int) -> None:
+def check_fsdp(world_size: int, expert_parallel: int, shard_size: int | None = None) -> None:
     """One-line ConfigErrors for a ``train.fsdp=true`` this run cannot use."""
+    if shard_size is not None and (shard_size > world_size or world_size % shard_size):
+        raise ConfigError(f"train.fsdp_shard_size={shard_size} does not divide the world size {world_size} "
+                          "(launch a multiple of it with torchrun --nproc-per-node, or leave it unset: all ranks)")
     if world_size < 2:
         raise ConfigError("train.fsdp=true needs several processes: launch with torchrun --nproc-per-node N (N >= 2), "
                           "or set train.fsdp=false")
@@ -37,14 +42,19 @@ def check_fsdp(world_size: int, expert_parallel: int) -> None:
 
 
 class FullyShardedData:
-    """``FullyShardedData(model, device)`` (collective: every rank calls it) shards ``model`` in
-    place: each block, then the root."""
+    """``FullyShardedData(model, device, shard_size)`` (collective: every rank calls it) shards
+    ``model`` in place: each block, then the root."""
 
-    def __init__(self, model: nn.Module, device: torch.device):
+    def __init__(self, model: nn.Module, device: torch.device, shard_size: int | None = None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("shard",))
+        world = dist.get_world_size()
+        shard = world if shard_size is None else shard_size
+        if shard == world:
+            self.mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+        else:  # HSDP: replicate over dim 0, shard over dim 1 (consecutive ranks share a shard group)
+            self.mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
         for block in model.layers:
             fully_shard(block, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)

@@ -237,8 +237,8 @@ class Trainer:
             return None
         from aoe.parallel.fsdp import FullyShardedData, check_fsdp
 
-        check_fsdp(self.dist.world_size, cfg.train.expert_parallel)
-        return FullyShardedData(self.model, self.device)
+        check_fsdp(self.dist.world_size, cfg.train.expert_parallel, cfg.train.fsdp_shard_size)
+        return FullyShardedData(self.model, self.device, cfg.train.fsdp_shard_size)
 
     @staticmethod
     def _resolve_vocab(cfg: RunConfig, data: TokenData) -> RunConfig:
