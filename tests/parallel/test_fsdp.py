@@ -1,5 +1,6 @@
 """FSDP2 (train.fsdp=true) with real processes (gloo on CPU): the per-step losses and gradient norms
-of 2 ranks equal the single-process run at the same global batch (rel 1e-5); its checkpoints are
+of 2 ranks, of 4 ranks as FSDP 2 x DP 2 (HSDP) and as EP 2 x DP 2 with the non-expert parameters
+under FSDP equal the single-process run at the same global batch (rel 1e-5); its checkpoints are
 the single-process format (full tensors, rel 1e-5 of the single run's), resume in one process, and
 a one-process checkpoint resumes under FSDP; a checkpoint written under expert parallelism
 (2 ranks) resumes under FSDP (2 ranks) and exports to Hugging Face.
@@ -53,8 +54,9 @@ def test_fsdp_is_refused_where_it_cannot_run(make_cfg, tmp_path):
         Trainer(make_cfg(**{"train.fsdp": True}), tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match=r"train.fsdp=True does not work with train.compile=true"):
         make_cfg(**{"train.fsdp": True, "train.compile": True})
-    with pytest.raises(ConfigError, match=r"train.fsdp=true with train.expert_parallel=2 is not supported"):
-        check_fsdp(4, 2)
+    with pytest.raises(ConfigError, match=r"train.fsdp_shard_size=2 with train.expert_parallel=2 is not supported"):
+        check_fsdp(4, 2, 2)
+    check_fsdp(4, 2)  # FSDP over the world for the non-expert parameters, experts sharded by EP
     with pytest.raises(ConfigError, match=r"train.fsdp_shard_size=3 does not divide the world size 4"):
         check_fsdp(4, 1, 3)
     with pytest.raises(ConfigError, match=r"train.fsdp_shard_size=0 must be > 0"):
@@ -110,3 +112,16 @@ def test_hybrid_sharding_on_a_2d_mesh_matches_one_process(single_run, tmp_path):
     _spawn(_trainer_worker, 4, [*overrides, "train.fsdp=true", "train.fsdp_shard_size=2"], str(run), None)
     _same_losses(_losses(run), _losses(single), "FSDP 2 x DP 2")
     _same_tensors(run, single, "FSDP 2 x DP 2 checkpoint")
+
+
+@pytest.mark.slow  # four processes on the machine's two cores
+def test_fsdp_with_expert_and_data_parallelism_matches_one_process(single_run, tmp_path):
+    """EP=2 x DP=2 and FSDP: the experts sharded by EP (each rank 1/2), every other parameter by
+    FSDP over the 4 ranks; the one-process checkpoint resumes there too."""
+    overrides, single = single_run
+    run, resumed = tmp_path / "ep2dp2fsdp", _copy_until(single, tmp_path / "resumed", 2)
+    _spawn(_trainer_worker, 4, [*overrides, "train.fsdp=true", "train.expert_parallel=2"], str(run), str(resumed))
+    want = _losses(single)
+    _same_losses(_losses(run), want, "EP 2 x DP 2 with FSDP")
+    _same_tensors(run, single, "EP 2 x DP 2 with FSDP checkpoint")
+    _same_losses(_losses(resumed), want, "one-process checkpoint resumed by EP 2 x DP 2 with FSDP")

@@ -349,8 +349,9 @@ class TrainConfig(_Section):
     #: expert_parallel x (world / expert_parallel) data-parallel replicas (see aoe.parallel).
     expert_parallel: int = 1
     #: Fully sharded data parallelism (FSDP2): every rank holds 1/world of each parameter, gradient
-    #: and optimizer moment (see aoe.parallel.fsdp). Needs several processes (torchrun); not with
-    #: expert_parallel > 1 or compile yet. Checkpoints keep the single-process format.
+    #: and optimizer moment (see aoe.parallel.fsdp). Needs several processes (torchrun). With
+    #: expert_parallel > 1, FSDP shards the non-expert parameters and EP the experts. Not with
+    #: compile yet. Checkpoints keep the single-process format.
     fsdp: bool = False
     #: Under fsdp: ranks each parameter is sharded over (None = the world). Smaller: hybrid
     #: sharding, world / fsdp_shard_size data-parallel replicas of an FSDP group (a 2-D mesh).

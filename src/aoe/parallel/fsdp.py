@@ -3,7 +3,9 @@
 Every rank holds 1/S of each parameter, gradient and AdamW moment: S = ``train.fsdp_shard_size``
 (default: the world size W, one shard group, a 1-D device mesh). With S < W the device mesh is
 2-D, (W/S replicas) x (S shards): hybrid sharding, FSDP inside each group of S consecutive ranks
-(one node, say) and data parallelism across the groups (HSDP). Each ``Block`` is a unit of its own (its parameters are all-gathered
+(one node, say) and data parallelism across the groups (HSDP). With expert parallelism, FSDP
+shards every parameter but the expert slices (over the world; EP has sharded those over its expert
+group already, and averages their gradients over its replica group). Each ``Block`` is a unit of its own (its parameters are all-gathered
 just before its forward and backward and freed after), and the root (embeddings, final norm,
 output head) is the last unit. Gradients are reduce-scattered and averaged over the W ranks, so
 with each rank's share of the global batch a step equals the single-process step (as DDP does).
@@ -36,16 +38,19 @@ def check_fsdp(world_size: int, expert_parallel: int, shard_size: int | None = N
     if world_size < 2:
         raise ConfigError("train.fsdp=true needs several processes: launch with torchrun --nproc-per-node N (N >= 2), "
                           "or set train.fsdp=false")
-    if expert_parallel > 1:
-        raise ConfigError(f"train.fsdp=true with train.expert_parallel={expert_parallel} is not supported yet: "
-                          "use one of them")
+    if expert_parallel > 1 and shard_size is not None:
+        raise ConfigError(f"train.fsdp_shard_size={shard_size} with train.expert_parallel={expert_parallel} is not "
+                          "supported yet: leave fsdp_shard_size unset (the non-expert parameters are sharded over all "
+                          "ranks) or set train.expert_parallel=1")
 
 
 class FullyShardedData:
-    """``FullyShardedData(model, device, shard_size)`` (collective: every rank calls it) shards
-    ``model`` in place: each block, then the root."""
+    """``FullyShardedData(model, device, shard_size, ignored)`` (collective: every rank calls it)
+    shards ``model`` in place: each block, then the root. ``ignored``: parameters FSDP leaves alone
+    (expert slices, which expert parallelism has sharded already and reduces itself)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, shard_size: int | None = None):
+    def __init__(self, model: nn.Module, device: torch.device, shard_size: int | None = None,
+                 ignored: set[nn.Parameter] | None = None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -56,8 +61,8 @@ class FullyShardedData:
         else:  # HSDP: replicate over dim 0, shard over dim 1 (consecutive ranks share a shard group)
             self.mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
         for block in model.layers:
-            fully_shard(block, mesh=self.mesh)
-        fully_shard(model, mesh=self.mesh)
+            fully_shard(block, mesh=self.mesh, ignored_params=ignored or None)
+        fully_shard(model, mesh=self.mesh, ignored_params=ignored or None)
         self.model = model
         self._shadow: nn.Module | None = None  # rank 0's plain CPU copy, for saving
 
@@ -73,10 +78,11 @@ class FullyShardedData:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def full_state_for_saving(self, optimizer: torch.optim.Optimizer, make_model):
+    def full_state_for_saving(self, optimizer: torch.optim.Optimizer, make_model, optimizer_state: dict | None = None):
         """Collective: the value is (a plain CPU model holding the full weights, the optimizer's full
         state dict in the single-process layout) on rank 0, None on the other ranks.
-        ``make_model()`` builds the plain model (once)."""
+        ``make_model()`` builds the plain model (once). ``optimizer_state``: the state dict to gather
+        from (default ``optimizer.state_dict()``; expert parallelism passes its own, experts full)."""
         main = dist.get_rank() == 0
         if main and self._shadow is None:
             self._shadow = make_model()
@@ -89,20 +95,22 @@ class FullyShardedData:
             full = _full(value).detach().cpu()
             if main:
                 target[name].copy_(full)
-        state = optimizer.state_dict()
+        state = optimizer.state_dict() if optimizer_state is None else optimizer_state
         full_state = {**state, "state": {}}
         for i in sorted(state["state"]):
             full_state["state"][i] = {k: (_full(v).detach().cpu() if isinstance(v, torch.Tensor) else v)
                                       for k, v in sorted(state["state"][i].items())}
         yield (self._shadow, full_state) if main else None
 
-    def load_full_state(self, state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                        optimizer_state: dict) -> None:
-        """Give the model and ``optimizer`` this rank's shards of full tensors (a checkpoint's model
-        state dict and optimizer state dict; every rank passes the same)."""
+    def load_full_model(self, state: dict[str, torch.Tensor]) -> None:
+        """Give the model this rank's shards of a full state dict (a checkpoint's; every rank passes
+        the same). Parameters FSDP ignores are copied as they are."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+    def load_full_optimizer(self, optimizer: torch.optim.Optimizer, optimizer_state: dict) -> None:
+        """Give ``optimizer`` this rank's shards of a full optimizer state dict (single-process layout)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         sharded = {**optimizer_state, "state": {}}
         for i, entry in optimizer_state["state"].items():

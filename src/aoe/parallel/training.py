@@ -12,6 +12,10 @@ micro-batch's backward, ``reduce_gradients`` averages, over the W ranks' losses:
 ``clip_grad_norm_`` clips to the norm of the whole model's gradient: the replicated part (equal on
 every rank) plus the expert slices' squares summed over the expert group.
 
+With FSDP (``train.fsdp=true``, ``aoe.parallel.fsdp``) the replicated parameters are sharded over
+the world instead (DTensors): FSDP reduce-scatters their gradients (the same average over W), so
+``reduce_gradients`` leaves them alone, and their part of the norm is the DTensors' total norm.
+
 Checkpoints stay in the single-process format (full expert tensors, world-size independent):
 ``full_experts_for_saving`` gathers every expert slice (and its AdamW moments) onto rank 0 for the
 save, ``full_experts_for_loading`` gives the model full-size expert tensors to load into and keeps
@@ -57,7 +61,7 @@ class ExpertParallel:
         sharded = self._sharded_ids()
         replicated_grads, expert_grads = [], []
         for p in model.parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or _is_dtensor(p):  # FSDP's: reduced by its reduce-scatter
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -74,8 +78,11 @@ class ExpertParallel:
         if not grads:
             return 0.0
         squares = torch.zeros(2, dtype=torch.float32, device=grads[0].device)  # replicated, expert slices
+        fsdp_grads = [g for g in grads if _is_dtensor(g)]
+        if fsdp_grads:  # sharded by FSDP: the total norm of the DTensors (collective)
+            squares[0] += torch.nn.utils.get_total_norm(fsdp_grads).full_tensor().float() ** 2
         for p in params:
-            if p.grad is not None:
+            if p.grad is not None and not _is_dtensor(p.grad):
                 squares[int(id(p) in sharded)] += torch.linalg.vector_norm(p.grad.float()) ** 2
         dist.all_reduce(squares[1:], group=self.groups.ep_group)
         total = squares.sum().sqrt()
@@ -150,6 +157,12 @@ class ExpertParallel:
         for i, key, value in list(self._expert_moments(state["state"], indices, n_experts)):
             sliced["state"][i][key] = value[shard.first:shard.first + shard.n_local].clone()
         return sliced
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _all_reduce_mean(grads: list[torch.Tensor], group, divide: int) -> None:

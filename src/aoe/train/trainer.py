@@ -12,7 +12,9 @@ Expert parallelism (``train.expert_parallel=N > 1``, ``aoe.parallel``): each spa
 are sharded over N ranks, tokens travel to their experts by all-to-all; no DDP (the gradients are
 averaged by ``ExpertParallel.reduce_gradients``); checkpoints keep the single-process format.
 FSDP2 (``train.fsdp=true``, ``aoe.parallel.fsdp``): parameters, gradients and AdamW moments are
-sharded over the ranks (no DDP); checkpoints are gathered to the same single-process format.
+sharded over the ranks (no DDP), on a 2-D mesh with ``train.fsdp_shard_size`` (HSDP), or for the
+non-expert parameters alongside expert parallelism; checkpoints are gathered to the same
+single-process format.
 
 Determinism: on CPU, a run with the same config, seed and thread count computes the same losses,
 and a run resumed from a checkpoint continues exactly where the uninterrupted run would be (the
@@ -238,7 +240,8 @@ class Trainer:
         from aoe.parallel.fsdp import FullyShardedData, check_fsdp
 
         check_fsdp(self.dist.world_size, cfg.train.expert_parallel, cfg.train.fsdp_shard_size)
-        return FullyShardedData(self.model, self.device, cfg.train.fsdp_shard_size)
+        experts = {p for _, _, p in self.expert_parallel.sharded()} if self.expert_parallel else None
+        return FullyShardedData(self.model, self.device, cfg.train.fsdp_shard_size, ignored=experts)
 
     @staticmethod
     def _resolve_vocab(cfg: RunConfig, data: TokenData) -> RunConfig:
@@ -327,14 +330,17 @@ class Trainer:
         """Collective: (the model to save, its optimizer state dict or None for the optimizer's own)
         in the single-process format on rank 0: the full experts under expert parallelism, a plain
         copy of the gathered weights under FSDP."""
-        if self.expert_parallel is not None:
-            with self.expert_parallel.full_experts_for_saving(self.optimizer) as optimizer_state:
+        experts = (self.expert_parallel.full_experts_for_saving(self.optimizer) if self.expert_parallel
+                   else contextlib.nullcontext())
+        with experts as optimizer_state:  # expert parallel: rank 0 holds the full experts inside
+            if self.fsdp is None:
                 yield self.model, optimizer_state
-        elif self.fsdp is not None:
-            with self.fsdp.full_state_for_saving(self.optimizer, lambda: Transformer(self.cfg.model)) as full:
+                return
+            if self.expert_parallel is not None and not self.dist.is_main:
+                optimizer_state = None  # gather the FSDP moments from this rank's own state dict
+            with self.fsdp.full_state_for_saving(self.optimizer, lambda: Transformer(self.cfg.model),
+                                                 optimizer_state) as full:
                 yield full if full is not None else (None, None)
-        else:
-            yield self.model, None
 
     def _any_rank(self, flag: bool | int) -> int:
         """The largest of every rank's ``flag`` (0 when none is set): the same answer on all ranks."""
@@ -382,15 +388,18 @@ class Trainer:
             raise ConfigError(f"--resume: the model config differs from the one in {str(path)!r}; "
                               "resume with the same model.* settings")
         state = ckpt.load_trainer_state(path)
-        if self.fsdp is not None:  # every rank reads the full tensors and keeps its shards
-            plain = Transformer(self.cfg.model)
-            ckpt.load_model_state(plain, path)
-            self.fsdp.load_full_state(plain.state_dict(), self.optimizer, state["optimizer"])
-        else:
-            with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
+        with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
+            if self.fsdp is not None:  # every rank reads the full tensors and keeps its shards
+                plain = Transformer(self.cfg.model)
+                ckpt.load_model_state(plain, path)
+                self.fsdp.load_full_model(plain.state_dict())
+            else:
                 ckpt.load_model_state(self.model, path)
-            if self.expert_parallel is not None:
-                state["optimizer"] = self.expert_parallel.slice_optimizer_state(state["optimizer"], self.optimizer)
+        if self.expert_parallel is not None:
+            state["optimizer"] = self.expert_parallel.slice_optimizer_state(state["optimizer"], self.optimizer)
+        if self.fsdp is not None:
+            self.fsdp.load_full_optimizer(self.optimizer, state["optimizer"])
+        else:
             self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # optimizer state follows the model's device
             for p in group["params"]:
@@ -488,7 +497,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
         t = self.cfg.train
-        if self.expert_parallel is not None:
+        if self.expert_parallel is not None and self.fsdp is None:
             return self._validate_expert_parallel()
         # FSDP: every forward is collective, so every rank evaluates every batch (same numbers, no reduction)
         return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
