@@ -363,7 +363,7 @@ class Trainer:
         """For the watchdog's last line: the checkpoint ``--resume`` would continue from."""
         latest = ckpt.find_latest_checkpoint(self.out_dir)
         if latest is None:
-            return "no checkpoint holds this run yet; run it again"
+            return f"{str(self.out_dir)!r} holds no good checkpoint (as this rank sees it); run again"
         return f"the newest good checkpoint is {str(latest)!r}; continue with --resume"
 
     def _keep_saved_init(self, saved: RunConfig) -> None:
@@ -646,10 +646,13 @@ class Trainer:
 def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train as ``cfg`` says and return the summary (see ``Trainer``). Under torchrun, joins the
     process group first and leaves it at the end."""
-    failed = True
+    failed = True  # tells the other ranks' watchdogs whether this one left with an error
     try:
         summary = Trainer(cfg, out_dir, resume=resume, progress=progress).fit()
         failed = False
         return summary
+    except TrainingInterrupted:  # a stop signal: every rank saved and stops after the same step
+        failed = False
+        raise
     finally:
         shutdown_distributed(failed=failed)
