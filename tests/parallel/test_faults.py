@@ -1,7 +1,8 @@
 """Faults of a multi-process run, with real processes (gloo on 127.0.0.1): a rank killed with SIGKILL
 is named by the others, which exit with status 75 within the timeout, and ``--resume`` continues
 from the newest good checkpoint with the uninterrupted run's losses; a non-finite loss on one rank
-stops (or skips the step on) every rank after the same step, naming that rank.
+stops (or skips the step on) every rank after the same step, naming that rank. A frozen rank
+(SIGSTOP: no collective fails, as with NCCL) is named by its heartbeat alone, after the timeout.
 
 The ranks are started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT: rank 0 hosts
 the rendezvous store) and, in the slow test, by torchrun itself (its agent hosts the store and
@@ -133,6 +134,26 @@ def test_a_killed_store_host_is_named_as_such(tmp_path, cache_dir):
     assert took < TIMEOUT_S + SLACK_S
     assert "rank 0 stopped responding (last heartbeat at step " in err
     assert "it hosted the rendezvous store at 127.0.0.1:" in err and "--resume" in err
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_is_named_after_the_timeout(tmp_path, cache_dir):
+    """SIGSTOP: the rank is silent but its sockets stay open, so no collective fails (what a dead
+    peer looks like to NCCL): the heartbeat alone names it, after train.dist_timeout_s."""
+    out = tmp_path / "run"
+    procs = _start_ranks(out, _args(cache_dir))
+    try:
+        _wait_for_step(out / "metrics.jsonl", 7, procs[0])
+        stopped = time.monotonic()
+        procs[1].send_signal(signal.SIGSTOP)
+        err = _finish([procs[0]], TIMEOUT_S + SLACK_S)[0]
+        took = time.monotonic() - stopped
+    finally:
+        procs[1].send_signal(signal.SIGKILL)
+        _finish(procs, 5)
+    assert procs[0].returncode == PEER_LOST_EXIT, err[-3000:]
+    assert TIMEOUT_S - 1.5 < took < TIMEOUT_S + SLACK_S  # the heartbeat may be up to 1 s older than the stop
+    assert "rank 1 stopped responding (last heartbeat at step " in err and "--resume" in err
 
 
 def _worker_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60) -> int:
