@@ -63,6 +63,23 @@ def test_fsdp_is_refused_where_it_cannot_run(make_cfg, tmp_path):
         make_cfg(**{"train.fsdp": True, "train.fsdp_shard_size": 0})
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_plain_copy_for_saving_has_the_models_layout_and_ties(tie):
+    from aoe.config import ModelConfig
+    from aoe.model import Transformer
+    from aoe.parallel.fsdp import empty_model
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ffn=32, n_experts=4, top_k=2, d_low=4,
+                      tie_embeddings=tie)
+    plain, model = empty_model(lambda: Transformer(cfg)), Transformer(cfg)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert (plain.lm_head.weight is plain.embed_tokens.weight) == tie
+    assert all(p.device.type == "cpu" for p in plain.parameters())
+    plain.load_state_dict(model.state_dict())  # a copy of the state only (no forward: caches stay on meta)
+    for name, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], value), name
+
+
 @pytest.mark.slow
 def test_fsdp_training_matches_one_process_and_checkpoints_move_both_ways(single_run, tmp_path):
     from aoe.config import load_config

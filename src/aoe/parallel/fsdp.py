@@ -64,7 +64,6 @@ class FullyShardedData:
             fully_shard(block, mesh=self.mesh, ignored_params=ignored or None)
         fully_shard(model, mesh=self.mesh, ignored_params=ignored or None)
         self.model = model
-        self._shadow: nn.Module | None = None  # rank 0's plain CPU copy, for saving
 
     # -- a step --------------------------------------------------------------------------------------
     def sync_gradients(self, sync: bool) -> None:
@@ -80,13 +79,13 @@ class FullyShardedData:
     @contextlib.contextmanager
     def full_state_for_saving(self, optimizer: torch.optim.Optimizer, make_model, optimizer_state: dict | None = None):
         """Collective: the value is (a plain CPU model holding the full weights, the optimizer's full
-        state dict in the single-process layout) on rank 0, None on the other ranks.
-        ``make_model()`` builds the plain model (once). ``optimizer_state``: the state dict to gather
-        from (default ``optimizer.state_dict()``; expert parallelism passes its own, experts full)."""
+        state dict in the single-process layout) on rank 0, None on the other ranks; the copy is
+        dropped after. ``make_model()`` builds the plain model (``empty_model``: no init). Every
+        rank holds one full tensor at a time. ``optimizer_state``: the state dict to gather from
+        (default ``optimizer.state_dict()``; expert parallelism passes its own, experts full)."""
         main = dist.get_rank() == 0
-        if main and self._shadow is None:
-            self._shadow = make_model()
-        target = self._shadow.state_dict() if main else None
+        shadow = make_model() if main else None
+        target = shadow.state_dict() if main else None
         done: set[int] = set()
         for name, value in self.model.state_dict().items():
             if id(value) in done:  # a tied weight: gathered once
@@ -100,7 +99,7 @@ class FullyShardedData:
         for i in sorted(state["state"]):
             full_state["state"][i] = {k: (_full(v).detach().cpu() if isinstance(v, torch.Tensor) else v)
                                       for k, v in sorted(state["state"][i].items())}
-        yield (self._shadow, full_state) if main else None
+        yield (shadow, full_state) if main else None
 
     def load_full_model(self, state: dict[str, torch.Tensor]) -> None:
         """Give the model this rank's shards of a full state dict (a checkpoint's; every rank passes
@@ -118,6 +117,23 @@ class FullyShardedData:
             sharded["state"][i] = {k: (_shard_like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape and
                                        v.dim() > 0 else v) for k, v in entry.items()}
         optimizer.load_state_dict(sharded)
+
+
+def empty_model(make) -> nn.Module:
+    """``make()`` built on the meta device, then given uninitialized CPU storage: a model to copy or
+    load a full state into, without the cost of a random init. For its state dict only: caches that
+    are not buffers stay on the meta device, so it cannot run a forward."""
+    with torch.device("meta"):
+        model = make()
+    shared: dict[int, list[str]] = {}  # to_empty gives each name its own storage: tie them again
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    model.to_empty(device="cpu")
+    for first, *others in shared.values():
+        for name in others:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, model.get_parameter(first))
+    return model
 
 
 def _full(value):

@@ -338,8 +338,10 @@ class Trainer:
                 return
             if self.expert_parallel is not None and not self.dist.is_main:
                 optimizer_state = None  # gather the FSDP moments from this rank's own state dict
-            with self.fsdp.full_state_for_saving(self.optimizer, lambda: Transformer(self.cfg.model),
-                                                 optimizer_state) as full:
+            from aoe.parallel.fsdp import empty_model
+
+            plain = lambda: empty_model(lambda: Transformer(self.cfg.model))  # noqa: E731
+            with self.fsdp.full_state_for_saving(self.optimizer, plain, optimizer_state) as full:
                 yield full if full is not None else (None, None)
 
     def _any_rank(self, flag: bool | int) -> int:
@@ -390,7 +392,9 @@ class Trainer:
         state = ckpt.load_trainer_state(path)
         with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
             if self.fsdp is not None:  # every rank reads the full tensors and keeps its shards
-                plain = Transformer(self.cfg.model)
+                from aoe.parallel.fsdp import empty_model
+
+                plain = empty_model(lambda: Transformer(self.cfg.model))
                 ckpt.load_model_state(plain, path)
                 self.fsdp.load_full_model(plain.state_dict())
             else:
