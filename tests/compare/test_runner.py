@@ -62,6 +62,28 @@ def test_compare_writes_results_and_report_and_resumes(tmp_path, cache_dir, monk
         run_comparison(out, "tiny", [*overrides, "train.lr=1e-3"], ["moe"], [0], progress=False)
 
 
+def test_runs_finished_by_other_invocations_are_reused_not_retrained(tmp_path, cache_dir, monkeypatch):
+    """One invocation per seed (e.g. two processes), then one for both: the second seed's
+    invocation rewrote results.json without the first's runs, and the combined one rebuilds their
+    entries from the run directories (peak memory measured again) instead of training them."""
+    import aoe.compare.runner as runner
+
+    overrides = tiny_overrides(cache_dir, **{"train.max_steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3})
+    out = tmp_path / "cmp"
+    first = run_comparison(out, "tiny", overrides, ["moe"], [0], progress=False, report=False)
+    run_comparison(out, "tiny", overrides, ["moe"], [1], progress=False, report=False)
+    assert [(r["variant"], r["seed"]) for r in json.loads((out / "results.json").read_text())["runs"]] == [("moe", 1)]
+    trained = []
+    real = runner._train_one
+    monkeypatch.setattr(runner, "_train_one", lambda cfg, run_dir, data, progress: trained.append(run_dir.name)
+                        or real(cfg, run_dir, data, progress))
+    both = run_comparison(out, "tiny", overrides, ["moe"], [0, 1], progress=False, report=False)
+    assert trained == []
+    entry = both["runs"][0]
+    assert (entry["variant"], entry["seed"], entry["val_loss"]) == ("moe", 0, first["runs"][0]["val_loss"])
+    assert entry["peak_memory_bytes"] == first["runs"][0]["peak_memory_bytes"]
+
+
 def test_same_config_tolerates_keys_added_since_at_their_defaults():
     from aoe.compare.runner import same_config
     from aoe.config import config_to_dict, load_config

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from aoe.config import ConfigError, RunConfig, config_to_dict, load_config
+from aoe.config.files import load_saved_config
 from aoe.data import TokenData, unigram_cross_entropy, unigram_entropy
 from aoe.compare.sweep import SweepPlan, finished_summary, run_sweep
 from aoe.compare.variants import Variant, resolve_variants
@@ -95,11 +96,30 @@ def _fit(cfg: RunConfig, run_dir: Path, data: TokenData, progress: bool) -> tupl
 
 def _train_one(cfg: RunConfig, run_dir: Path, data: TokenData, progress: bool) -> tuple[dict[str, Any], int]:
     summary, trainer = _fit(cfg, run_dir, data, progress)
+    return summary, _step_peak_bytes(trainer, cfg)
+
+
+def _step_peak_bytes(trainer: Trainer, cfg: RunConfig) -> int:
+    """Peak memory of one micro-batch forward + backward of the trained model."""
     x, y = trainer.sampler.batch(0)
     micro = cfg.train.micro_batch
     device = trainer.device
-    peak = training_step_peak_bytes(trainer.model, x[:micro].to(device), y[:micro].to(device), trainer._autocast())
-    return summary, peak
+    return training_step_peak_bytes(trainer.model, x[:micro].to(device), y[:micro].to(device), trainer._autocast())
+
+
+def _finished_elsewhere(cfg: RunConfig, run_dir: Path, data: TokenData) -> tuple[dict[str, Any], int] | None:
+    """(summary, peak memory) of a run that finished at this config's max_steps, lr and seed but has
+    no entry in results.json (trained by another invocation, e.g. one per seed), else None. Its
+    final checkpoint is loaded (the trainer refuses one of another model config) and the peak
+    memory measured again; nothing is trained or written."""
+    summary = finished_summary(run_dir, cfg.train.max_steps)
+    if summary is None or not (run_dir / "config.yaml").is_file() or not list_checkpoints(run_dir):
+        return None
+    saved = load_saved_config(run_dir / "config.yaml")
+    if (saved.train.lr, saved.train.seed) != (cfg.train.lr, cfg.train.seed):
+        return None
+    trainer = Trainer(cfg, run_dir, resume=True, progress=False, data=data)
+    return summary, _step_peak_bytes(trainer, cfg)
 
 
 def _previous_results(path: Path, base: RunConfig, plan: SweepPlan | None) -> dict[str, Any]:
@@ -215,13 +235,20 @@ def _results_header(command: str, base: RunConfig, data: TokenData, chosen: list
 
 def _run_or_reuse(v: Variant, seed: int, cfg: RunConfig, out: Path, data: TokenData, done: dict, tag: str,
                   progress: bool) -> dict[str, Any]:
-    """One run's results.json entry: the stored one when the run finished at this config, else trained."""
+    """One run's results.json entry: the stored one when the run finished at this config; rebuilt
+    from the run directory when it finished without one (another invocation trained it); else
+    trained (continuing from its newest good checkpoint)."""
     run_name = f"{v.name}-s{seed}"
     prior = _reusable(done.get((v.name, seed)), out / run_name, cfg)
     if prior is not None:
         if progress:
             print(f"{tag} {run_name}: already done (val_loss {prior['val_loss']:.4f})", file=sys.stderr)
         return prior
+    found = _finished_elsewhere(cfg, out / run_name, data)
+    if found is not None:
+        if progress:
+            print(f"{tag} {run_name}: already done, not yet listed (val_loss {found[0]['val_loss']:.4f})", file=sys.stderr)
+        return _run_entry(v, seed, run_name, *found, cfg.train.lr)
     if progress:
         print(f"{tag} {run_name}: {v.description}", file=sys.stderr)
     summary, peak = _train_one(cfg, out / run_name, data, progress)
