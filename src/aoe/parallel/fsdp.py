@@ -5,9 +5,9 @@ Every rank holds 1/S of each parameter, gradient and AdamW moment: S = ``train.f
 2-D, (W/S replicas) x (S shards): hybrid sharding, FSDP inside each group of S consecutive ranks
 (one node, say) and data parallelism across the groups (HSDP). With expert parallelism, FSDP
 shards every parameter but the expert slices (over the world; EP has sharded those over its expert
-group already, and averages their gradients over its replica group). Each ``Block`` is a unit of its own (its parameters are all-gathered
-just before its forward and backward and freed after), and the root (embeddings, final norm,
-output head) is the last unit. Gradients are reduce-scattered and averaged over the W ranks, so
+group already, and averages their gradients over its replica group). Each ``Block`` is a unit
+of its own (its parameters are all-gathered just before its forward and backward and freed
+after), and the root (embeddings, final norm, output head) is the last unit. Gradients are reduce-scattered and averaged over the W ranks, so
 with each rank's share of the global batch a step equals the single-process step (as DDP does).
 
 Checkpoints keep the single-process format (world-size independent, the same as DDP's and

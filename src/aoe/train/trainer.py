@@ -506,7 +506,7 @@ class Trainer:
         # FSDP: every forward is collective, so every rank evaluates every batch (same numbers, no reduction)
         return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
                         max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
-                        autocast=self._autocast(), dist_info=DistInfo() if self.fsdp else self.dist)
+                        autocast=self._autocast(), dist_info=DistInfo() if self.fsdp is not None else self.dist)
 
     def _validate_expert_parallel(self) -> dict[str, Any]:
         """The ranks of an expert group must run their forwards in lockstep, so they evaluate the
