@@ -138,6 +138,7 @@ def _layer_worker(rank: int, world: int, port: int, cases: list[tuple[str, torch
         _check_model_gradients("aoe", 2, rank, world)
     else:
         _check_model_gradients("moe", 2, rank, world)  # expert parallel x data parallel
+    dist.barrier()  # no rank tears its connections down while a peer still uses them (gloo aborts then)
     dist.destroy_process_group()
 
 
