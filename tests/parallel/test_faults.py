@@ -132,7 +132,10 @@ def test_a_killed_rank_is_named_and_resume_continues_with_the_same_losses(tmp_pa
 def test_a_killed_store_host_is_named_as_such(tmp_path, cache_dir):
     err, took, _ = _killed_and_resumed(tmp_path, cache_dir, victim=0)
     assert took < TIMEOUT_S + SLACK_S
-    assert "rank 0 stopped responding (last heartbeat at step " in err
+    # after the other tests of this file (a loaded machine) rank 1 has at times read none of rank
+    # 0's heartbeats before rank 0 died ("no heartbeat yet"): the verdict must name rank 0 either way
+    assert ("rank 0 stopped responding (last heartbeat at step " in err
+            or "rank 0 stopped responding (no heartbeat yet, " in err)
     assert "it hosted the rendezvous store at 127.0.0.1:" in err and "--resume" in err
 
 

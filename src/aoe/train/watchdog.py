@@ -58,7 +58,7 @@ class Watchdog:
         self._state = "alive"
         self._beat = 0
         self._seen: dict[int, tuple[str | None, float]] = {}  # peer -> (last value, when it changed)
-        self._store = None
+        self._store: dist.TCPStore | None = None
         self._context = ""
         self._thread = threading.Thread(target=self._run, name="aoe-watchdog", daemon=True)
 
@@ -81,24 +81,22 @@ class Watchdog:
 
     def _publish(self) -> None:
         self._beat += 1
-        if self._store is None:
-            return
         try:
             self._store.set(_KEY.format(self.rank), f"{self._beat} {self.step} {self._state}")
-        except Exception:  # the store's host is gone (it does not come back): stop talking to it
-            self._store = None
+        except Exception:  # the store is slow or gone: try again next period (a peer judges the silence)
+            pass
 
     def _read(self) -> dict[int, str | None]:
-        """Every peer's heartbeat (None: none yet, or the store cannot be reached)."""
+        """Every peer's heartbeat (None: none yet, or the store could not be read this time: a
+        failed read changes nothing, so only a silence of ``timeout`` seconds names a peer, and a
+        store that was slow once is read again next period)."""
         values: dict[int, str | None] = dict.fromkeys(self._seen)
         for r in self._seen:
-            if self._store is None:
-                break
             try:
                 key = _KEY.format(r)
                 values[r] = self._store.get(key).decode() if self._store.check([key]) else None
             except Exception:
-                self._store = None
+                break
         return values
 
     # -- the judgement -----------------------------------------------------------------------------
