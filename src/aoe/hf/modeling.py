@@ -40,7 +40,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from aoe.hf.configuration import AoEConfig
 from aoe.model.attention import Attention, RotaryEmbedding
-from aoe.model.padding import check_attention_mask, padding
+from aoe.model.padding import check_attention_mask, positions
 from aoe.model.transformer import RMSNorm, Transformer
 from aoe.nn import DenseFFN
 from aoe.nn.shared import SharedExperts
@@ -83,9 +83,8 @@ def _check_position_ids(position_ids, mask: torch.Tensor | None, start_pos: int,
         expected = torch.arange(start_pos, start_pos + length, device=position_ids.device).expand_as(position_ids)
         real = torch.ones_like(expected, dtype=torch.bool)
     else:
-        pad = padding(mask, start_pos, length)
-        expected, real = pad.positions_BT.to(position_ids.device), pad.real_BT.to(position_ids.device)
-        expected, real = expected.expand(position_ids.shape), real.expand(position_ids.shape)
+        expected = positions(mask, start_pos).to(position_ids.device).expand(position_ids.shape)
+        real = mask[:, start_pos:].to(position_ids.device).expand(position_ids.shape)
     if not bool((position_ids == expected)[real].all()):
         raise ValueError("position_ids must be the positions the attention mask implies (each real token's index "
                          "among the real tokens of its sequence); other position ids are not supported")

@@ -225,7 +225,8 @@ def decode(
     real. No forward pass runs after the last token.
     """
     B, T = idx_BT.shape
-    out, mask = idx_BT, attention_mask
+    out = idx_BT
+    mask = None if attention_mask is None else check_attention_mask(attention_mask, B, 0, T)  # bool from here on
     cache = KVCache.for_model(model, B, max_len=T + max_new_tokens) if use_cache and max_new_tokens else None
     rows = torch.arange(B, device=idx_BT.device)
     last = None if mask is None else _last_real(mask)

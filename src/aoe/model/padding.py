@@ -53,12 +53,18 @@ def check_attention_mask(mask: torch.Tensor, batch: int, start_pos: int, length:
     return mask
 
 
+def positions(mask_BS: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """[B, T]: each new token's position in its own sequence, the real tokens strictly before its
+    slot (slots start_pos .. S - 1 of the bool key mask [B, S])."""
+    real_before_BS = mask_BS.long().cumsum(dim=1) - mask_BS.long()
+    return real_before_BS[:, start_pos:]
+
+
 def padding(mask_BS: torch.Tensor, start_pos: int, length: int) -> Padding:
     """Positions, allowed keys and real tokens of the T = ``length`` new tokens (slots
     start_pos .. start_pos + T - 1) from the bool key mask [B, S]."""
     device = mask_BS.device
-    real_before_BS = mask_BS.long().cumsum(dim=1) - mask_BS.long()  # real tokens strictly before each slot
-    positions_BT = real_before_BS[:, start_pos:]
+    positions_BT = positions(mask_BS, start_pos)
     slot_T = start_pos + torch.arange(length, device=device)
     key_S = torch.arange(mask_BS.shape[1], device=device)
     causal_TS = key_S[None, :] <= slot_T[:, None]

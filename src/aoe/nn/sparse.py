@@ -7,11 +7,13 @@
 A subclass says how experts are scored (``expert_scores``) and what feeds each expert's gate
 (``expert_outputs``); between them, ``route`` turns the scores into a ``Routing`` record (the
 selection, the dispatch, the sorted gate weights): the one seam where how experts are chosen
-lives (the rule: ``selection``, see ``aoe.nn.selection``). ``forward_with_aux(x)`` returns the output and the auxiliary loss (a scalar tensor in the
-graph, already multiplied by its coefficients): the decoder LM sums these up its blocks. ``forward(x)`` returns the output only and keeps the loss in ``layer.aux_loss``, for a
-layer dropped into another model (``total_aux_loss(model)`` sums them). Either way the decisions
-are ``layer.last_routing`` (a detached ``RoutingInfo``); ``update_selection_biases(model)`` steps
-the aux-loss-free balancing of every layer.
+lives (the rule: ``selection``, see ``aoe.nn.selection``). ``forward_with_aux(x)`` returns the
+output and the auxiliary loss (a scalar tensor in the graph, already multiplied by its
+coefficients): the decoder LM sums these up its blocks. ``forward(x)`` returns the output only and
+keeps the loss in ``layer.aux_loss``, for a layer dropped into another model
+(``total_aux_loss(model)`` sums them). Either way the decisions are ``layer.last_routing`` (a
+detached ``RoutingInfo``); ``update_selection_biases(model)`` steps the aux-loss-free balancing of
+every layer.
 
 Shared experts (``n_shared_experts > 0``, ``aoe.nn.shared``): always-active SwiGLU experts that
 every token uses, their output added to the routed experts' (``layer.shared``; off by default).
@@ -32,9 +34,9 @@ from aoe.nn.balance import RoutingInfo, load_balancing_loss, update_selection_bi
 from aoe.nn.dispatch import Dispatch
 from aoe.nn.grouped_mm import check_backend
 from aoe.nn.selection import SELECTIONS, Selection, select_expert_choice, select_top_k, select_top_p
+from aoe.nn.shared import SharedExperts
 
 EC_INFERENCE = ("top_k", "expert_choice")
-from aoe.nn.shared import SharedExperts
 
 
 @dataclass
@@ -78,7 +80,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class SparseFFN(nn.Module):
     """Base class of ``MoE`` and ``AoE``: expert selection (top-k, top-p or expert choice) over a
-    dropless expert engine. The selection options are ``SelectionOptions``'s fields:
+    dropless expert engine.
 
     Args (the selection rule, shared by both layers):
         selection: how experts are chosen (``aoe.nn.selection``): "top_k" (default), "top_p"
