@@ -64,7 +64,9 @@ def run_export(args) -> int:
 
     try:
         if args.to_native:
-            model = _load_aoe_source(Path(args.src))
+            from aoe.hf.export import load_aoe_directory
+
+            model = load_aoe_directory(Path(args.src))
             print(f"{args.src}: native {model.extra_repr()}, {model.num_params():,} parameters")
             if args.dst:
                 from aoe.io.checkpoint import list_checkpoints, save_model_checkpoint
@@ -97,34 +99,6 @@ def run_export(args) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         print(f"aoe export: error: {one_line(e)}", file=sys.stderr)
         return 1
-
-
-def _check_aoe_source(src: Path) -> None:
-    """The source of ``--to-native`` must be an HF ``aoe`` directory: a readable config.json of
-    model_type "aoe" (one of another type is converted first, with ``aoe convert``)."""
-    from aoe.hf.convert import ConversionError, read_config_json
-
-    if not (src / "config.json").is_file():
-        raise ConversionError(f"{str(src)!r} is not a Hugging Face directory (no config.json); --to-native reads "
-                              "one written by aoe export or aoe convert")
-    model_type = read_config_json(src).get("model_type")
-    if model_type != "aoe":
-        raise ConversionError(f"{str(src / 'config.json')!r} has model_type={model_type!r}, not 'aoe': --to-native "
-                              "reads a directory written by aoe export or aoe convert; convert this one first "
-                              "(aoe convert SRC DST)")
-
-
-def _load_aoe_source(src: Path):
-    """The native model of an HF aoe directory; a config.json it cannot be built from is named."""
-    from aoe.config import ConfigError
-    from aoe.hf.convert import ConversionError
-    from aoe.hf.export import load_hf_as_native
-
-    _check_aoe_source(src)
-    try:
-        return load_hf_as_native(src)
-    except ConfigError as e:
-        raise ConversionError(f"{str(src / 'config.json')!r} describes a model the native one cannot be: {e}") from None
 
 
 def run_convert(args) -> int:

@@ -144,3 +144,31 @@ def load_hf_as_native(hf_dir: str | os.PathLike, device: str | torch.device = "c
     if missing or unexpected:
         raise ValueError(f"{str(hf_dir)!r} does not fit its config: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval()
+
+
+def _check_aoe_source(src: Path) -> None:
+    """The source of ``--to-native`` must be an HF ``aoe`` directory: a readable config.json of
+    model_type "aoe" (one of another type is converted first, with ``aoe convert``)."""
+    from aoe.hf.convert import ConversionError, read_config_json
+
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{str(src)!r} is not a Hugging Face directory (no config.json); --to-native reads "
+                              "one written by aoe export or aoe convert")
+    model_type = read_config_json(src).get("model_type")
+    if model_type != "aoe":
+        raise ConversionError(f"{str(src / 'config.json')!r} has model_type={model_type!r}, not 'aoe': --to-native "
+                              "reads a directory written by aoe export or aoe convert; convert this one first "
+                              "(aoe convert SRC DST)")
+
+
+def load_aoe_directory(src: Path) -> Transformer:
+    """The native model of an HF aoe directory (``load_hf_as_native``), after checking it is one;
+    a config.json it cannot be built from is named (``aoe export --to-native`` and ``aoe.io.models``)."""
+    from aoe.config import ConfigError
+    from aoe.hf.convert import ConversionError
+
+    _check_aoe_source(src)
+    try:
+        return load_hf_as_native(src)
+    except ConfigError as e:
+        raise ConversionError(f"{str(src / 'config.json')!r} describes a model the native one cannot be: {e}") from None

@@ -117,10 +117,10 @@ def _load_hf_model(path: Path) -> torch.nn.Module:
     from safetensors import SafetensorError
 
     from aoe.errors import InputError
-    from aoe.hf.commands import _load_aoe_source
+    from aoe.hf.export import load_aoe_directory
 
     try:
-        return _load_aoe_source(path)
+        return load_aoe_directory(path)
     except InputError:
         raise
     except (ValueError, SafetensorError) as e:  # no weights, weights that do not fit config.json, a bad header
