@@ -338,11 +338,14 @@ class Trainer:
                 return
             if self.expert_parallel is not None and not self.dist.is_main:
                 optimizer_state = None  # gather the FSDP moments from this rank's own state dict
-            from aoe.parallel.fsdp import empty_model
-
-            plain = lambda: empty_model(lambda: Transformer(self.cfg.model))  # noqa: E731
-            with self.fsdp.full_state_for_saving(self.optimizer, plain, optimizer_state) as full:
+            with self.fsdp.full_state_for_saving(self.optimizer, self._plain_model, optimizer_state) as full:
                 yield full if full is not None else (None, None)
+
+    def _plain_model(self) -> Transformer:
+        """An unsharded copy of this run's model for a full state dict (``aoe.parallel.fsdp.empty_model``)."""
+        from aoe.parallel.fsdp import empty_model
+
+        return empty_model(lambda: Transformer(self.cfg.model))
 
     def _any_rank(self, flag: bool | int) -> int:
         """The largest of every rank's ``flag`` (0 when none is set): the same answer on all ranks."""
@@ -392,9 +395,7 @@ class Trainer:
         state = ckpt.load_trainer_state(path)
         with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
             if self.fsdp is not None:  # every rank reads the full tensors and keeps its shards
-                from aoe.parallel.fsdp import empty_model
-
-                plain = empty_model(lambda: Transformer(self.cfg.model))
+                plain = self._plain_model()
                 ckpt.load_model_state(plain, path)
                 self.fsdp.load_full_model(plain.state_dict())
             else:
