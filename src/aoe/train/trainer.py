@@ -167,6 +167,32 @@ class Trainer:
             stop_signals = tuple(signal.Signals[name] for name in cfg.train.stop_signals)
         self.stop_signals = StopSignals(stop_signals)
         self.out_dir = Path(out_dir)
+        self._join_processes(cfg)
+        self.progress = progress and self.dist.is_main
+
+        self.data = data if data is not None else prepare_data(cfg)
+        self.cfg = self._resolve_vocab(cfg, self.data)
+        self._check_data()
+
+        self._build_model()
+        self._start_loop_state()
+        if resume:
+            self._resume()
+        elif ckpt.list_checkpoints(self.out_dir):
+            raise ConfigError(
+                f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue that run, "
+                "or choose another --out (nothing was overwritten)"
+            )
+        if self.dist.is_main:
+            self._write_config()
+
+        self.step_model: torch.nn.Module = self._wrap_for_steps()
+        self.flops_per_token = self.model.flops_per_token(self.cfg.train.seq_len)
+        self.peak_flops = measure_matmul_flops(self.device, self.dtype) * self.dist.world_size
+
+    # -- set-up helpers ----------------------------------------------------------------------------
+    def _join_processes(self, cfg: RunConfig) -> None:
+        """The process group (under torchrun) and its watchdog, this rank's device, dtype and threads."""
         self.dist = init_distributed(resolve_device(cfg.train.device, DistInfo(), set_current=False),
                                      timeout_s=cfg.train.dist_timeout_s,
                                      collective_timeout_s=cfg.train.collective_timeout_s)
@@ -178,12 +204,9 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         if cfg.train.num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.num_threads)
-        self.progress = progress and self.dist.is_main
 
-        self.data = data if data is not None else prepare_data(cfg)
-        self.cfg = self._resolve_vocab(cfg, self.data)
-        self._check_data()
-
+    def _build_model(self) -> None:
+        """The model from ``train.seed``, sharded as configured, on the device, and its optimizer."""
         torch.manual_seed(self.cfg.train.seed)
         self.model = Transformer(self.cfg.model)
         self.params_total = (self.model.num_params(), self.model.num_params(active=True))
@@ -191,6 +214,9 @@ class Trainer:
         self.model = self.model.to(self.device)
         self.fsdp = self._shard_fully(self.cfg)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
+
+    def _start_loop_state(self) -> None:
+        """Step 0: the batch sampler, the counters, the metrics log and the routing statistics."""
         t = self.cfg.train
         self.accum_steps = t.grad_accum_steps(self.dist.world_size)
         self.sampler = BatchSampler(self.data.train, t.batch_size, t.seq_len, seed=t.seed,
@@ -200,29 +226,18 @@ class Trainer:
         self.routing = RoutingStats(self.model)
         self.resumed_from: Path | None = None
         self._consecutive_skips = 0
-        if resume:
-            self._resume()
-        elif ckpt.list_checkpoints(self.out_dir):
-            raise ConfigError(
-                f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue that run, "
-                "or choose another --out (nothing was overwritten)"
-            )
-        if self.dist.is_main:
-            self._write_config()
 
-        self.step_model: torch.nn.Module = self.model
+    def _wrap_for_steps(self) -> torch.nn.Module:
+        """The module the steps call: the model, in DDP when plain data parallel, compiled if asked."""
+        step_model: torch.nn.Module = self.model
         if self.dist.enabled and self.expert_parallel is None and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.step_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if t.compile:
+            step_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.train.compile:
             self.model.check_inputs = False
-            self.step_model = torch.compile(self.step_model)
-
-        self.flops_per_token = self.model.flops_per_token(t.seq_len)
-        self.peak_flops = measure_matmul_flops(self.device, self.dtype) * self.dist.world_size
-
-    # -- set-up helpers ----------------------------------------------------------------------------
+            step_model = torch.compile(step_model)
+        return step_model
     def _shard_experts(self, cfg: RunConfig):
         """``train.expert_parallel > 1``: shard the (still full, on the CPU) model's experts."""
         ep_size = cfg.train.expert_parallel
@@ -427,9 +442,31 @@ class Trainer:
         lr = lr_at(self.state.step, t)
         set_lr(self.optimizer, lr)
         x, y = next(self.sampler)
-        world, step = self.dist.world_size, self.state.step + 1
+        world = self.dist.world_size
+        sums = self._accumulate_gradients(x, y, collect_routing)
+        grad_norm = self._clip_gradients()
+        if not math.isfinite(grad_norm):
+            sums[2] += 1
+        all_reduce_sum(sums, self.dist)  # the step's one reduction: every rank learns every rank's flag
+        loss, aux = float(sums[0]) / world, float(sums[1]) / world
+        if sums[2] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._non_finite(loss, grad_norm, [r for r in range(world) if sums[3 + r] > 0])
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            update_selection_biases(self.model)
+            self._consecutive_skips = 0
+        self.state.step += 1
+        self.state.tokens += t.batch_size * t.seq_len
+        return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm}
+
+    def _accumulate_gradients(self, x: torch.Tensor, y: torch.Tensor, collect_routing: bool) -> torch.Tensor:
+        """Forward and backward this rank's batch in ``accum_steps`` micro-batches; returns the sums
+        to reduce: (loss, aux loss, non-finite flag, each rank's flag), this rank's parts filled in."""
+        step = self.state.step + 1
         poison = (self.dist.rank, step) in self._debug_nonfinite  # AOE_DEBUG_NONFINITE (tests only)
-        sums = torch.zeros(3 + world, dtype=torch.float64)  # loss, aux loss, non-finite flag, each rank's flag
+        sums = torch.zeros(3 + self.dist.world_size, dtype=torch.float64)
         micro = x.shape[0] // self.accum_steps
         for i in range(self.accum_steps):
             xb = x[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
@@ -454,31 +491,20 @@ class Trainer:
                 sums[3 + self.dist.rank] += 1
             sums[0] += lv / self.accum_steps
             sums[1] += av / self.accum_steps
+        return sums
+
+    def _clip_gradients(self) -> float:
+        """Average the gradients where no DDP did (expert parallel), clip them to ``train.grad_clip``
+        (none when 0) and return their norm before clipping (the whole model's, over every shard)."""
         if self.expert_parallel is not None:  # no DDP: average the gradients here
             self.expert_parallel.reduce_gradients(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         if self.expert_parallel is not None:
-            grad_norm = self.expert_parallel.clip_grad_norm_(params, clip)
-        elif self.fsdp is not None:
-            grad_norm = self.fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(params, clip))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        if not math.isfinite(grad_norm):
-            sums[2] += 1
-        all_reduce_sum(sums, self.dist)  # the step's one reduction: every rank learns every rank's flag
-        loss, aux = float(sums[0]) / world, float(sums[1]) / world
-        if sums[2] > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._non_finite(loss, grad_norm, [r for r in range(world) if sums[3 + r] > 0])
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            update_selection_biases(self.model)
-            self._consecutive_skips = 0
-        self.state.step += 1
-        self.state.tokens += t.batch_size * t.seq_len
-        return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm}
+            return self.expert_parallel.clip_grad_norm_(params, clip)
+        if self.fsdp is not None:
+            return self.fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(params, clip))
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
 
     def _non_finite(self, loss: float, grad_norm: float, ranks: list[int]) -> None:
         """Every rank calls this after the same step (the flags came with the loss all-reduce)."""
@@ -539,60 +565,10 @@ class Trainer:
                 raise
 
     def _fit(self) -> dict[str, Any]:
-        t = self.cfg.train
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=t.max_steps, initial=self.state.step, desc=f"train {self.cfg.model.ffn}",
-                       unit="step", dynamic_ncols=True, file=sys.stderr)
-        last_val: dict[str, Any] | None = None
-        stopped: TrainingInterrupted | None = None
-        window_tokens, window_time = 0, 0.0
+        bar = self._progress_bar()
         self.model.train()
         try:
-            while self.state.step < t.max_steps:
-                step = self.state.step + 1  # the number this step will have once done
-                log_now = step % t.log_every == 0 or step == t.max_steps
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                start = time.perf_counter()
-                metrics = self._train_step(collect_routing=log_now)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                elapsed = time.perf_counter() - start
-                self.state.train_time_s += elapsed
-                window_time += elapsed
-                window_tokens += t.batch_size * t.seq_len
-                if log_now:
-                    tps = window_tokens / window_time if window_time > 0 else float("nan")
-                    entry = {"step": step, **metrics, "tokens": self.state.tokens, "tokens_per_s": tps,
-                             "mfu": self.flops_per_token * tps / self.peak_flops,
-                             "layers": self.routing.summary(self.dist)}
-                    self.routing.reset()
-                    with self._writing(self.logger.path):
-                        self.logger.log(entry)
-                    window_tokens, window_time = 0, 0.0
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                    last_val = self.validate()
-                    with self._writing(self.logger.path):
-                        self.logger.log({"step": step, **{k: v for k, v in last_val.items() if k != "layers"}})
-                    if bar is not None:
-                        bar.write(f"step {step}: val_loss {last_val['val_loss']:.4f}")
-                checkpoint = None
-                save_now = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps
-                if save_now:
-                    checkpoint = self.save()
-                if bar is not None:
-                    bar.update(1)
-                if self.watchdog is not None:
-                    self.watchdog.step = step
-                signum = self._any_rank(self.stop_signals.received)  # every rank stops after the same step
-                if signum and step < t.max_steps:
-                    stopped = self._stop(signum, checkpoint if save_now else self.save())
-                    break
+            last_val, stopped = self._run_steps(bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -601,6 +577,81 @@ class Trainer:
             if self.dist.is_main:
                 print(stopped, file=sys.stderr)
             raise stopped
+        return self._finish(last_val)
+
+    def _progress_bar(self):
+        """A tqdm bar over the steps on the main rank (None without ``progress``)."""
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.train.max_steps, initial=self.state.step, desc=f"train {self.cfg.model.ffn}",
+                    unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _run_steps(self, bar) -> tuple[dict[str, Any] | None, TrainingInterrupted | None]:
+        """Step up to ``train.max_steps``, logging, validating and saving as configured; returns the
+        last validation (None if none ran) and, if a stop signal ended the run early, its exception."""
+        t = self.cfg.train
+        last_val: dict[str, Any] | None = None
+        window_tokens, window_time = 0, 0.0  # since the last logged step, for tokens_per_s
+        while self.state.step < t.max_steps:
+            step = self.state.step + 1  # the number this step will have once done
+            log_now = step % t.log_every == 0 or step == t.max_steps
+            metrics, elapsed = self._timed_step(collect_routing=log_now)
+            window_time += elapsed
+            window_tokens += t.batch_size * t.seq_len
+            if log_now:
+                self._log_step(step, metrics, window_tokens / window_time if window_time > 0 else float("nan"), bar)
+                window_tokens, window_time = 0, 0.0
+            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                last_val = self._log_validation(step, bar)
+            checkpoint = None
+            save_now = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps
+            if save_now:
+                checkpoint = self.save()
+            if bar is not None:
+                bar.update(1)
+            if self.watchdog is not None:
+                self.watchdog.step = step
+            signum = self._any_rank(self.stop_signals.received)  # every rank stops after the same step
+            if signum and step < t.max_steps:
+                return last_val, self._stop(signum, checkpoint if save_now else self.save())
+        return last_val, None
+
+    def _timed_step(self, collect_routing: bool) -> tuple[dict[str, float], float]:
+        """One training step and its wall time in seconds (added to ``state.train_time_s``)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        metrics = self._train_step(collect_routing=collect_routing)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        self.state.train_time_s += elapsed
+        return metrics, elapsed
+
+    def _log_step(self, step: int, metrics: dict[str, float], tokens_per_s: float, bar) -> None:
+        """The step's metrics, throughput and routing statistics to metrics.jsonl (and the bar)."""
+        entry = {"step": step, **metrics, "tokens": self.state.tokens, "tokens_per_s": tokens_per_s,
+                 "mfu": self.flops_per_token * tokens_per_s / self.peak_flops,
+                 "layers": self.routing.summary(self.dist)}
+        self.routing.reset()
+        with self._writing(self.logger.path):
+            self.logger.log(entry)
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def _log_validation(self, step: int, bar) -> dict[str, Any]:
+        """Validate now, log the result (without the per-layer routing) and return it."""
+        val = self.validate()
+        with self._writing(self.logger.path):
+            self.logger.log({"step": step, **{k: v for k, v in val.items() if k != "layers"}})
+        if bar is not None:
+            bar.write(f"step {step}: val_loss {val['val_loss']:.4f}")
+        return val
+
+    def _finish(self, last_val: dict[str, Any] | None) -> dict[str, Any]:
+        """The run's summary (validating first if no validation ran), written to summary.json."""
         if last_val is None:  # no periodic validation (eval_every=0), or nothing trained in this call
             last_val = self.validate()
         summary = self._summary(last_val)
