@@ -1,6 +1,6 @@
 """Tokenize a corpus once into memory-mapped ``train.bin`` / ``val.bin`` plus ``manifest.json``.
 
-(One module of about 550 lines, on purpose: the writer and the reader of one file format, whose
+(One module of about 600 lines, on purpose: the writer and the reader of one file format, whose
 manifest, split rule and id checks they share, and a preparation that runs under one lock.)
 
 Layout of ``out_dir``::
@@ -410,22 +410,9 @@ def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, v
                     tokenizer_max_bytes, num_workers, cache_dir, sizes: ChunkSizes) -> TokenData:
     fingerprint = src.fingerprint
     train_cap = max_bytes if tokenizer_max_bytes is None else tokenizer_max_bytes
-    settings = {
-        "tokenizer": "file" if tokenizer_path is not None else "trained",
-        "vocab_size": None if tokenizer_path is not None else vocab_size,
-        "tokenizer_max_bytes": None if tokenizer_path is not None else train_cap,
-        "val_fraction": float(val_fraction),
-        "max_bytes": max_bytes,
-        "text_field": src.text_field,
-        "on_decode_error": src.on_decode_error,
-        "split_rule": _SPLIT_RULE,
-        "reader": READER_VERSION,
-    }
-    try:
-        manifest = _read_manifest(out_dir)
-    except DataError as e:  # unreadable manifest: rebuild
-        log.warning("%s; re-tokenizing", e)
-        manifest = None
+    settings = _settings(src, tokenizer_path=tokenizer_path, vocab_size=vocab_size, train_cap=train_cap,
+                         val_fraction=val_fraction, max_bytes=max_bytes)
+    manifest = _previous_manifest(out_dir)
 
     t0 = time.perf_counter()
     if tokenizer_path is not None:
@@ -441,6 +428,55 @@ def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, v
         return TokenData.open(out_dir, reused=True)
 
     t1 = time.perf_counter()
+    files = _write_token_files(src, out_dir, tok, val_fraction=val_fraction, max_bytes=max_bytes,
+                               num_workers=num_workers, sizes=sizes)
+    tokenize_seconds = time.perf_counter() - t1
+    new_manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": src.describe(),
+        "settings": settings,
+        "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                      "path": None if tokenizer_path is None else str(tokenizer_path)},
+        "vocab_size": tok.vocab_size,
+        **files,
+        "timings": {"tokenizer_s": round(tokenizer_seconds, 3), "tokenize_s": round(tokenize_seconds, 3)},
+        "created_unix": round(time.time(), 3),
+    }
+    atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(new_manifest, indent=2))
+    log.info("tokenized %d documents into %s: %d train / %d val tokens in %.1fs", files["documents"]["total"],
+             out_dir, files["splits"]["train"]["tokens"], files["splits"]["val"]["tokens"], tokenize_seconds)
+    return TokenData.open(out_dir)
+
+
+def _settings(src: Source, *, tokenizer_path, vocab_size, train_cap, val_fraction, max_bytes) -> dict:
+    """The manifest's ``settings``: everything besides the source and tokenizer that the files depend on."""
+    return {
+        "tokenizer": "file" if tokenizer_path is not None else "trained",
+        "vocab_size": None if tokenizer_path is not None else vocab_size,
+        "tokenizer_max_bytes": None if tokenizer_path is not None else train_cap,
+        "val_fraction": float(val_fraction),
+        "max_bytes": max_bytes,
+        "text_field": src.text_field,
+        "on_decode_error": src.on_decode_error,
+        "split_rule": _SPLIT_RULE,
+        "reader": READER_VERSION,
+    }
+
+
+def _previous_manifest(out_dir: Path) -> dict | None:
+    """``out_dir``'s manifest; None when there is none, or when it cannot be read (then all is rebuilt)."""
+    try:
+        return _read_manifest(out_dir)
+    except DataError as e:  # unreadable manifest: rebuild
+        log.warning("%s; re-tokenizing", e)
+        return None
+
+
+def _write_token_files(src: Source, out_dir: Path, tok: Tokenizer, *, val_fraction, max_bytes, num_workers,
+                       sizes: ChunkSizes) -> dict:
+    """Tokenize ``src`` into ``out_dir``'s split files and tokenizer.json, deleting the old manifest
+    first (the caller writes the new one last); returns the manifest's entries on the files:
+    dtype, splits, documents, binary_files_skipped, forced_cuts, single_document_split."""
     dtype = token_dtype(tok.vocab_size)
     stats = DocStats()
     forced = ForcedCuts(sizes)
@@ -453,40 +489,14 @@ def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, v
         docs = src.stream(max_bytes=max_bytes, stats=stats, read_bytes=sizes.read_bytes)
         n_docs = _write_tokens(_pieces(docs, tok, sizes, forced), tok, writers, val_fraction, sizes,
                                ahead=num_workers != 1)
-        single_document = n_docs == 1 and val_fraction > 0
-        if single_document:
-            _split_single_document(writers, val_fraction)
-        elif val_fraction > 0:
-            for empty, other in (("val", "train"), ("train", "val")):
-                if writers[empty].documents == 0 and writers[other].documents >= 2:
-                    writers[other].move_last_to(writers[empty])
+        single_document = _fill_both_splits(writers, n_docs, val_fraction)
         for w in writers.values():
             w.close()
-        # commit: drop the old manifest first, then move the files, then write the new manifest
+        # commit: drop the old manifest first, then move the files (the new manifest comes last)
         (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
         for s in SPLITS:
             os.replace(tmp[s], out_dir / f"{s}.bin")
         tok.save(out_dir)
-        tokenize_seconds = time.perf_counter() - t1
-        new_manifest = {
-            "format_version": FORMAT_VERSION,
-            "source": src.describe(),
-            "settings": settings,
-            "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-                          "path": None if tokenizer_path is None else str(tokenizer_path)},
-            "vocab_size": tok.vocab_size,
-            "dtype": dtype.name,
-            "splits": {s: {"tokens": writers[s].tokens, "documents": writers[s].documents, "bytes": writers[s].bytes}
-                       for s in SPLITS},
-            "documents": {"total": stats.documents, "empty": stats.empty, "decode_replaced": stats.decode_replaced,
-                          "decode_skipped": stats.decode_skipped, "capped": stats.capped},
-            "binary_files_skipped": stats.binary_skipped,
-            "forced_cuts": forced.count,
-            "single_document_split": single_document,
-            "timings": {"tokenizer_s": round(tokenizer_seconds, 3), "tokenize_s": round(tokenize_seconds, 3)},
-            "created_unix": round(time.time(), 3),
-        }
-        atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(new_manifest, indent=2))
     finally:
         _restore_env(saved_env)
         for w in writers.values():
@@ -495,9 +505,29 @@ def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, v
         for path in tmp.values():
             if path.exists():
                 path.unlink()
-    log.info("tokenized %d documents into %s: %d train / %d val tokens in %.1fs", stats.documents, out_dir,
-             new_manifest["splits"]["train"]["tokens"], new_manifest["splits"]["val"]["tokens"], tokenize_seconds)
-    return TokenData.open(out_dir)
+    return {
+        "dtype": dtype.name,
+        "splits": {s: {"tokens": writers[s].tokens, "documents": writers[s].documents, "bytes": writers[s].bytes}
+                   for s in SPLITS},
+        "documents": {"total": stats.documents, "empty": stats.empty, "decode_replaced": stats.decode_replaced,
+                      "decode_skipped": stats.decode_skipped, "capped": stats.capped},
+        "binary_files_skipped": stats.binary_skipped,
+        "forced_cuts": forced.count,
+        "single_document_split": single_document,
+    }
+
+
+def _fill_both_splits(writers: dict[str, _SplitWriter], n_docs: int, val_fraction: float) -> bool:
+    """With a validation split, leave neither split empty when the corpus allows (see the module
+    docstring); returns whether the only document was split at the token level."""
+    if n_docs == 1 and val_fraction > 0:
+        _split_single_document(writers, val_fraction)
+        return True
+    if val_fraction > 0:
+        for empty, other in (("val", "train"), ("train", "val")):
+            if writers[empty].documents == 0 and writers[other].documents >= 2:
+                writers[other].move_last_to(writers[empty])
+    return False
 
 
 def default_token_dir(source: Source, cache_dir: str | os.PathLike | None = None, **settings) -> Path:
