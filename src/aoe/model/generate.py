@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -158,6 +159,20 @@ def generate(
         per sequence, its prompt and its new tokens (up to and including eos_id), no padding.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    idx, mask, form = _prompt(model, prompt_ids, attention_mask, max_new_tokens)
+    choose, stop = _sampler(idx, temperature, top_k, top_p, seed, eos_id)
+    with _eval_mode(model):
+        out = decode(model, idx, max_new_tokens, choose, stop=stop, use_cache=use_cache, attention_mask=mask)
+    if form == "ragged":
+        return [_unpadded(row, row_mask, idx.shape[1], eos_id) for row, row_mask in zip(out.tolist(), mask.tolist())]
+    return out[0] if form == "one" else out
+
+
+def _prompt(model, prompt_ids, attention_mask: torch.Tensor | None,
+            max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """``generate``'s prompt -> ids [B, T] and mask [B, T] (or None) on the model's device, checked
+    against the model, and its form: "one" (one sequence), "batch" (a [B, T] tensor) or "ragged"
+    (a list of lists, left-padded here: the mask marks the pads)."""
     device = model.embed_tokens.weight.device
     ragged = isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) > 0 and isinstance(prompt_ids[0], (list, tuple))
     if ragged:
@@ -167,8 +182,16 @@ def generate(
     idx, single = _as_batch(prompt_ids, device)
     mask = None if attention_mask is None else attention_mask.to(device)
     _check_prompt(model, idx, mask, max_new_tokens)
-    generators = _generators(seed, idx.shape[0], device)
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
+    return idx, mask, "ragged" if ragged else "one" if single else "batch"
+
+
+def _sampler(idx_BT: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+             eos_id: int | None) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], bool]]:
+    """``decode``'s (choose, stop) for ``generate``: choose samples each row's next token [B]
+    (``sample_next``; with eos_id, a finished row gets eos_id again); stop is true once every row
+    has produced eos_id (never without one)."""
+    generators = _generators(seed, idx_BT.shape[0], idx_BT.device)
+    finished = torch.zeros(idx_BT.shape[0], dtype=torch.bool, device=idx_BT.device)
 
     def choose(logits_BV: torch.Tensor) -> torch.Tensor:
         token = sample_next(logits_BV, temperature, top_k, top_p, generators)
@@ -177,16 +200,18 @@ def generate(
             finished.logical_or_(token == eos_id)
         return token
 
+    return choose, lambda: eos_id is not None and bool(finished.all())
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside the block; its mode before is restored after."""
     was_training = model.training
     model.eval()
     try:
-        out = decode(model, idx, max_new_tokens, choose, stop=lambda: eos_id is not None and bool(finished.all()),
-                     use_cache=use_cache, attention_mask=mask)
+        yield
     finally:
         model.train(was_training)
-    if ragged:
-        return [_unpadded(row, row_mask, idx.shape[1], eos_id) for row, row_mask in zip(out.tolist(), mask.tolist())]
-    return out[0] if single else out
 
 
 def _unpadded(row: list[int], prompt_mask: list[int], prompt_len: int, eos_id: int | None) -> list[int]:
