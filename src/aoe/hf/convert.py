@@ -483,40 +483,60 @@ def convert_to_aoe(
     weights that do not fit the source's config.json, or inconsistent options.
     """
     src, arch, cfg = _open_source(src_dir, dst_dir, overwrite, upcycle)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     plan = _plan(arch, cfg, src, num_experts, top_k, d_low, upcycle, renormalize, ffn)
     model_cfg = _model_config(cfg, src, arch, plan)
     state = _LazyState(src)
-    if "model.embed_tokens.weight" not in state:
-        raise ConversionError(f"source {str(src)!r} lacks 'model.embed_tokens.weight'")
-    out_dtype = state["model.embed_tokens.weight"].dtype if dtype is None else dtype
-    hf_cfg = AoEConfig.from_model_config(model_cfg, bos_token_id=getattr(cfg, "bos_token_id", None),
-                                         eos_token_id=getattr(cfg, "eos_token_id", None),
-                                         pad_token_id=getattr(cfg, "pad_token_id", None))
-    hf_cfg.dtype = out_dtype
-    hf_cfg.architectures = ["AoEForCausalLM"]
+    out_dtype = _weights_dtype(state, src, dtype)
+    hf_cfg = _hf_config(model_cfg, cfg, out_dtype)
     with atomic_directory(dst_dir, overwrite=overwrite, sources=(src,)) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
         conv = _Converter(src, state, writer, cfg, arch, plan, model_cfg, out_dtype)
         _convert_all(conv, model_cfg, verbose)
         _check_against_native(conv.expected, writer.shapes)
         writer.close()
-        hf_cfg.save_pretrained(str(tmp))
-        for name in _TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        _write_config_files(hf_cfg, src, tmp)
     report = ConversionReport(source_type=arch.model_type, config=hf_cfg.to_dict(), layer_errors=conv.errors)
     if verbose:
-        extra = (f", qk_norm={arch.qk_norm!r}" if arch.qk_norm != "none" else "") + (
-            f", dense layers {list(plan.dense_layers)}" if plan.dense_layers else "") + (
-            ", q/k/v biases" if model_cfg.attn_qkv_bias else "") + (
-            f", a shared expert of width {model_cfg.d_shared}" if model_cfg.n_shared_experts else "")
-        width = (f"d_low={plan.R}, d_wide={plan.F}" if plan.ffn == "aoe" else f"d_ffn={plan.F}")
-        error = f"; max gate reconstruction error {report.max_error:.3e}" if plan.ffn == "aoe" else ""
-        print(f"converted {arch.model_type} -> {plan.ffn}: {model_cfg.n_layers} layers, {plan.E} experts, "
-              f"top_k={plan.k}, {width}, renormalize={plan.renormalize}{extra}{error}; wrote {str(dst_dir)!r}")
+        _print_summary(arch, plan, model_cfg, report, dst_dir)
     return report
+
+
+def _weights_dtype(state, src: Path, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the written weights: ``dtype``, else the source's (its embedding's, which must exist)."""
+    if "model.embed_tokens.weight" not in state:
+        raise ConversionError(f"source {str(src)!r} lacks 'model.embed_tokens.weight'")
+    return state["model.embed_tokens.weight"].dtype if dtype is None else dtype
+
+
+def _hf_config(model_cfg: ModelConfig, cfg, out_dtype: torch.dtype) -> AoEConfig:
+    """The converted directory's config: the native model's, the source's special token ids, the weights' dtype."""
+    hf_cfg = AoEConfig.from_model_config(model_cfg, bos_token_id=getattr(cfg, "bos_token_id", None),
+                                         eos_token_id=getattr(cfg, "eos_token_id", None),
+                                         pad_token_id=getattr(cfg, "pad_token_id", None))
+    hf_cfg.dtype = out_dtype
+    hf_cfg.architectures = ["AoEForCausalLM"]
+    return hf_cfg
+
+
+def _write_config_files(hf_cfg: AoEConfig, src: Path, tmp: Path) -> None:
+    """Beside the weights: config.json, and the source's tokenizer files (those it has)."""
+    hf_cfg.save_pretrained(str(tmp))
+    for name in _TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
+
+
+def _print_summary(arch: SourceArch, plan: _Plan, model_cfg: ModelConfig, report: ConversionReport, dst_dir) -> None:
+    """One line: what was converted into what, and the largest gate reconstruction error."""
+    extra = (f", qk_norm={arch.qk_norm!r}" if arch.qk_norm != "none" else "") + (
+        f", dense layers {list(plan.dense_layers)}" if plan.dense_layers else "") + (
+        ", q/k/v biases" if model_cfg.attn_qkv_bias else "") + (
+        f", a shared expert of width {model_cfg.d_shared}" if model_cfg.n_shared_experts else "")
+    width = (f"d_low={plan.R}, d_wide={plan.F}" if plan.ffn == "aoe" else f"d_ffn={plan.F}")
+    error = f"; max gate reconstruction error {report.max_error:.3e}" if plan.ffn == "aoe" else ""
+    print(f"converted {arch.model_type} -> {plan.ffn}: {model_cfg.n_layers} layers, {plan.E} experts, "
+          f"top_k={plan.k}, {width}, renormalize={plan.renormalize}{extra}{error}; wrote {str(dst_dir)!r}")
 
 
 def _convert_all(conv: _Converter, model_cfg: ModelConfig, verbose: bool) -> None:
