@@ -366,7 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aoe", description="Autonomy-of-Experts (AoE) and router-MoE language models: train, evaluate, compare.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_generate_parser(sub)
+    _add_compare_parser(sub)
+    _add_demo_parser(sub)
+    _add_hf_parsers(sub)
+    return parser
 
+
+def _add_train_parser(sub) -> None:
+    """``aoe train``: the run directory, resuming, and the config overrides."""
     p = sub.add_parser("train", help="train a model (resumable; torchrun for several processes)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, config.yaml, summary.json")
@@ -375,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub) -> None:
+    """``aoe eval``: the corpus loss, multiple-choice files, lm-eval tasks, the results file."""
     p = sub.add_parser("eval", help="validation loss / perplexity / bits per byte; multiple choice; lm-eval tasks")
     p.add_argument("checkpoint", metavar="MODEL", help=MODEL_PATHS)
     p.add_argument("--data", help="corpus to score (default: the one the model was trained on; for a Hugging Face "
@@ -408,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unchanged, beside the layout's keys at the top level")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_generate_parser(sub) -> None:
+    """``aoe generate``: the prompt and the sampling options."""
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.add_argument("checkpoint", metavar="MODEL", help=MODEL_PATHS)
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
@@ -423,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_compare_parser(sub) -> None:
+    """``aoe compare``: the variants, seeds and learning-rate sweep of the study."""
     p = sub.add_parser("compare", help="the paper's study: train matched variants and write a report")
     p.add_argument("--out", help="comparison directory (required; results.json, report.md, plots/, one run per variant and seed)")
     p.add_argument("--variants", nargs="+", default=None,
@@ -437,11 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_compare)
 
+
+def _add_demo_parser(sub) -> None:
+    """``aoe demo``: the small MoE vs AoE comparison."""
     p = sub.add_parser("demo", help="the small MoE vs AoE comparison on the embedded corpus (a few minutes on a CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a much shorter run (a smoke test)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_hf_parsers(sub) -> None:
+    """``aoe export`` and ``aoe convert`` (``aoe.hf.commands``); without transformers, two commands
+    that say they need it."""
     try:
         from aoe.hf.commands import add_convert_parser, add_export_parser
     except ImportError as e:  # transformers missing: the other commands still work
@@ -455,7 +481,6 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_export_parser(sub)
         add_convert_parser(sub)
-    return parser
 
 
 def cmd_list_variants(args: argparse.Namespace) -> int:
