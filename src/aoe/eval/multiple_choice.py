@@ -209,6 +209,20 @@ def score_multiple_choice(lm, examples: Sequence[dict], target_delimiter: str = 
     if not examples:
         raise MultipleChoiceFormatError(f"{source or 'score_multiple_choice'}: no examples")
     _check_choices_fit(lm, examples, target_delimiter, where)
+    per_example = _loglikelihoods(lm, examples, target_delimiter)
+    predictions = [_prediction(ex, answer) for ex, answer in zip(examples, per_example)]
+    out: dict[str, Any] = {"n": len(examples)}
+    for metric, field in (("acc", "correct"), ("acc_norm", "correct_norm"), ("acc_bytes", "correct_bytes")):
+        scores = [1.0 if p[field] else 0.0 for p in predictions]
+        out[metric] = sum(scores) / len(scores)
+        out[f"{metric}_stderr"] = _mean_stderr(scores)
+    out["predictions"] = predictions
+    return out
+
+
+def _loglikelihoods(lm, examples: Sequence[dict], target_delimiter: str) -> list[list[tuple[float, bool]]]:
+    """Each example's (loglikelihood, is_greedy) per choice: one ``lm.loglikelihood`` call over
+    every (context, target_delimiter + choice) request, as lm-eval builds them."""
     requests, owner = [], []
     for i, ex in enumerate(examples):
         for j, choice in enumerate(ex["choices"]):
@@ -221,23 +235,18 @@ def score_multiple_choice(lm, examples: Sequence[dict], target_delimiter: str = 
     per_example: list[list[tuple[float, bool]]] = [[] for _ in examples]
     for i, answer in zip(owner, answers):
         per_example[i].append((float(answer[0]), bool(answer[1])))
+    return per_example
 
-    predictions = []
-    for ex, answer in zip(examples, per_example):
-        lls = [a[0] for a in answer]
-        chars = [ll / len(c) for ll, c in zip(lls, ex["choices"])]
-        nbytes = [ll / len(c.encode("utf-8")) for ll, c in zip(lls, ex["choices"])]
-        pred, pred_norm, pred_bytes = _argmax(lls), _argmax(chars), _argmax(nbytes)
-        label = ex["label"]
-        predictions.append({
-            "label": label, "pred": pred, "pred_norm": pred_norm, "pred_bytes": pred_bytes,
-            "loglikelihoods": lls, "is_greedy": [a[1] for a in answer],
-            "correct": pred == label, "correct_norm": pred_norm == label, "correct_bytes": pred_bytes == label,
-        })
-    out: dict[str, Any] = {"n": len(examples)}
-    for metric, field in (("acc", "correct"), ("acc_norm", "correct_norm"), ("acc_bytes", "correct_bytes")):
-        scores = [1.0 if p[field] else 0.0 for p in predictions]
-        out[metric] = sum(scores) / len(scores)
-        out[f"{metric}_stderr"] = _mean_stderr(scores)
-    out["predictions"] = predictions
-    return out
+
+def _prediction(ex: dict, answer: Sequence[tuple[float, bool]]) -> dict:
+    """One example's predictions (raw, per character, per UTF-8 byte) from its choices' answers."""
+    lls = [a[0] for a in answer]
+    chars = [ll / len(c) for ll, c in zip(lls, ex["choices"])]
+    nbytes = [ll / len(c.encode("utf-8")) for ll, c in zip(lls, ex["choices"])]
+    pred, pred_norm, pred_bytes = _argmax(lls), _argmax(chars), _argmax(nbytes)
+    label = ex["label"]
+    return {
+        "label": label, "pred": pred, "pred_norm": pred_norm, "pred_bytes": pred_bytes,
+        "loglikelihoods": lls, "is_greedy": [a[1] for a in answer],
+        "correct": pred == label, "correct_norm": pred_norm == label, "correct_bytes": pred_bytes == label,
+    }

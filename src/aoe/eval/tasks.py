@@ -120,23 +120,39 @@ def run_harness(
         TaskDataUnavailableError: a task's dataset could not be downloaded (offline), naming it.
         ValueError: an unknown task name, or no tasks.
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # first: without lm-eval, nothing else runs
 
+    tasks = _task_list(tasks)
+    lm = _as_lm(model_or_checkpoint, tokenizer, batch_size, device)
+    task_manager = TaskManager() if task_manager is None else task_manager
+    built = _load_tasks(task_manager, tasks)
+    results = _simple_evaluate(lm, built, task_manager, num_fewshot=num_fewshot, limit=limit,
+                               bootstrap_iters=bootstrap_iters, seed=seed)
+    return results if raw else flatten_results(results)
+
+
+def _task_list(tasks) -> list:
+    """``tasks`` as a non-empty list (one name or config dict becomes a list of one)."""
     if isinstance(tasks, (str, dict)):
         tasks = [tasks]
     tasks = list(tasks)
     if not tasks:
         raise ValueError("run_harness: give at least one task")
-    lm = _as_lm(model_or_checkpoint, tokenizer, batch_size, device)
-    task_manager = TaskManager() if task_manager is None else task_manager
-    built = _load_tasks(task_manager, tasks)
+    return tasks
+
+
+def _simple_evaluate(lm: AoEHarnessLM, tasks: list, task_manager, *, num_fewshot, limit, bootstrap_iters: int,
+                     seed: int) -> dict:
+    """lm-eval's results of the built ``tasks`` (``simple_evaluate``, every seed set to ``seed``),
+    without the samples; {} where it returns none (on ranks other than 0)."""
+    import lm_eval
+
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=built, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
         bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed,
     )
     if results is None:  # pragma: no cover  (non-zero ranks only)
         return {}
     results.pop("samples", None)
-    return results if raw else flatten_results(results)
+    return results
