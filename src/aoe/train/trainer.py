@@ -238,6 +238,7 @@ class Trainer:
             self.model.check_inputs = False
             step_model = torch.compile(step_model)
         return step_model
+
     def _shard_experts(self, cfg: RunConfig):
         """``train.expert_parallel > 1``: shard the (still full, on the CPU) model's experts."""
         ep_size = cfg.train.expert_parallel
