@@ -50,16 +50,34 @@ def large_router_shape(m: ModelConfig) -> tuple[int, int]:
     return hidden, max(1, F - round(extra / (3 * D * E)))
 
 
+_BALANCED_INIT = "model.gate_init=balanced"
+_AUTHORS_INIT = "model.gate_init=normal"
+_NO_FACTOR_DECAY = "train.factor_weight_decay=0.0"
+
+
 def _variants(m: ModelConfig) -> list[Variant]:
+    """Every listed variant for the model config ``m``, in the order ``--list-variants`` shows them."""
+    return [
+        *_paper_suite(m),
+        *_ablations(m),
+        *_gate_knob_variants(m),
+        *_dense_active_variants(m),
+        *(_dlow_variant(r) for r in sorted({max(1, m.d_low // 2), m.d_low * 2})),
+        *_selection_variants(m),
+    ]
+
+
+def _moe_factorized_overrides(m: ModelConfig) -> tuple[str, ...]:
+    """The overrides of "MoE + factorized W_g": AoE's gate factorization at rank d_low, the expert
+    width matched by AoE's rule."""
+    factorized_ffn = match_d_wide(m.d_model, m.d_ffn, m.d_low)
+    return ("model.ffn=moe", f"model.moe_gate_rank={m.d_low}", f"model.d_ffn={factorized_ffn}")
+
+
+def _paper_suite(m: ModelConfig) -> list[Variant]:
+    """The paper's main comparison: dense, MoE and AoE, each layer with and without L_aux."""
     E, k, f = m.n_experts, m.top_k, m.d_ffn
     sparse = f"top-{k} of {E} experts"
-    hidden, router_ffn = large_router_shape(m)
-    factorized_ffn = match_d_wide(m.d_model, f, m.d_low)
-    active = k * f
-    active_factorized = match_d_wide(m.d_model, active, m.d_low)
-    moe_fact = ("model.ffn=moe", f"model.moe_gate_rank={m.d_low}", f"model.d_ffn={factorized_ffn}")
-    balanced, authors, no_wd = "model.gate_init=balanced", "model.gate_init=normal", "train.factor_weight_decay=0.0"
-    dense_fact = ("model.ffn=dense", f"model.dense_d_ffn={active_factorized}", f"model.dense_gate_rank={m.d_low}")
     return [
         Variant("dense", "Dense", f"SwiGLU FFN of width {E * f} (= n_experts x d_ffn: total parameters matched, all active)",
                 ("model.ffn=dense", f"model.dense_d_ffn={E * f}"), "dense"),
@@ -71,14 +89,22 @@ def _variants(m: ModelConfig) -> list[Variant]:
                 ("model.ffn=aoe", "model.aux_loss_coef=0.0"), "aoe", "moe"),
         Variant("aoe_aux", "AoE + L_aux", f"Autonomy-of-Experts, {sparse}, d_low={m.d_low}, load-balancing loss 0.01",
                 ("model.ffn=aoe", "model.aux_loss_coef=0.01"), "aoe", "moe_aux"),
-        # ablations (on request)
+    ]
+
+
+def _ablations(m: ModelConfig) -> list[Variant]:
+    """The ablations (on request): MoE given AoE's gate or router parameters, AoE's other norms and
+    renormalization, and aux-loss-free balancing on both layers."""
+    hidden, router_ffn = large_router_shape(m)
+    factorized_ffn = match_d_wide(m.d_model, m.d_ffn, m.d_low)
+    return [
         Variant("moe_factorized", "MoE + factorized W_g",
                 f"router MoE with AoE's experts: gate = (x @ w_down) @ w_up at rank {m.d_low}, width {factorized_ffn}",
-                moe_fact, "moe", "moe"),
+                _moe_factorized_overrides(m), "moe", "moe"),
         Variant("moe_large_router", "MoE + large router",
-                f"router MoE with a two-layer router {m.d_model}->{hidden}->{E} (about AoE's w_down), experts "
-                f"of width {router_ffn}", ("model.ffn=moe", f"model.moe_router_hidden={hidden}", f"model.d_ffn={router_ffn}"),
-                "moe", "moe"),
+                f"router MoE with a two-layer router {m.d_model}->{hidden}->{m.n_experts} (about AoE's w_down), "
+                f"experts of width {router_ffn}",
+                ("model.ffn=moe", f"model.moe_router_hidden={hidden}", f"model.d_ffn={router_ffn}"), "moe", "moe"),
         Variant("aoe_l1", "AoE (L1)", "AoE ranking experts by the L1 norm", ("model.ffn=aoe", "model.norm=l1"), "aoe", "aoe"),
         Variant("aoe_linf", "AoE (L-inf)", "AoE ranking experts by the L-infinity norm",
                 ("model.ffn=aoe", "model.norm=linf"), "aoe", "aoe"),
@@ -88,24 +114,42 @@ def _variants(m: ModelConfig) -> list[Variant]:
                 ("model.ffn=aoe", "model.bias_update_rate=0.001"), "aoe", "aoe"),
         Variant("moe_bias", "MoE + bias balancing", "router MoE with aux-loss-free balancing (selection bias, rate 1e-3)",
                 ("model.ffn=moe", "model.bias_update_rate=0.001"), "moe", "moe"),
-        # the factorized gate's own knobs
+    ]
+
+
+def _gate_knob_variants(m: ModelConfig) -> list[Variant]:
+    """The factorized gate's own knobs (its init, the decay of its factors), on AoE and on
+    MoE + factorized W_g."""
+    moe_fact = _moe_factorized_overrides(m)
+    return [
         Variant("aoe_balanced", "AoE (balanced gate init)",
                 "AoE with w_up ~ N(0, 1/d_low): the gate w_down @ w_up starts at an unfactorized gate's scale "
                 "(the default init; the name stays for older commands)",
-                ("model.ffn=aoe", balanced), "aoe", "aoe"),
+                ("model.ffn=aoe", _BALANCED_INIT), "aoe", "aoe"),
         Variant("aoe_normal_init", "AoE (authors' gate init)",
                 "AoE with every gate factor ~ N(0, init_std), as the authors' code (the default before)",
-                ("model.ffn=aoe", "model.aux_loss_coef=0.0", authors), "aoe", "aoe"),
+                ("model.ffn=aoe", "model.aux_loss_coef=0.0", _AUTHORS_INIT), "aoe", "aoe"),
         Variant("aoe_factor_nowd", "AoE (no decay on w_down, w_up)", "AoE without weight decay on the gate factors",
-                ("model.ffn=aoe", no_wd), "aoe", "aoe"),
+                ("model.ffn=aoe", _NO_FACTOR_DECAY), "aoe", "aoe"),
         Variant("moe_factorized_balanced", "MoE + factorized W_g (balanced init)",
-                "MoE + factorized W_g with w_up ~ N(0, 1/d_low) (the default init)", (*moe_fact, balanced), "moe",
+                "MoE + factorized W_g with w_up ~ N(0, 1/d_low) (the default init)", (*moe_fact, _BALANCED_INIT), "moe",
                 "moe_factorized"),
         Variant("moe_factorized_normal_init", "MoE + factorized W_g (authors' init)",
-                "MoE + factorized W_g with every gate factor ~ N(0, init_std)", (*moe_fact, authors), "moe",
+                "MoE + factorized W_g with every gate factor ~ N(0, init_std)", (*moe_fact, _AUTHORS_INIT), "moe",
                 "moe_factorized"),
         Variant("moe_factorized_nowd", "MoE + factorized W_g (no decay on factors)",
-                "MoE + factorized W_g without weight decay on w_down, w_up", (*moe_fact, no_wd), "moe", "moe_factorized"),
+                "MoE + factorized W_g without weight decay on w_down, w_up", (*moe_fact, _NO_FACTOR_DECAY), "moe",
+                "moe_factorized"),
+    ]
+
+
+def _dense_active_variants(m: ModelConfig) -> list[Variant]:
+    """The control of the factorized gate with no selection: a dense SwiGLU of MoE's active width
+    top_k x d_ffn, plain and with its gate factorized at rank d_low."""
+    active = m.top_k * m.d_ffn
+    active_factorized = match_d_wide(m.d_model, active, m.d_low)
+    dense_fact = ("model.ffn=dense", f"model.dense_d_ffn={active_factorized}", f"model.dense_gate_rank={m.d_low}")
+    return [
         Variant("dense_active", "Dense (MoE's active width)",
                 f"SwiGLU FFN of width {active} (= top_k x d_ffn: MoE's active FFN parameters)",
                 ("model.ffn=dense", f"model.dense_d_ffn={active}"), "dense"),
@@ -113,10 +157,8 @@ def _variants(m: ModelConfig) -> list[Variant]:
                 f"SwiGLU FFN with its gate factorized at rank {m.d_low}, width {active_factorized} (parameters of "
                 f"dense_active)", dense_fact, "dense", "dense_active"),
         Variant("dense_factorized_normal_init", "Dense + factorized W_g (authors' init)",
-                "dense_factorized with every gate factor ~ N(0, init_std)", (*dense_fact, authors), "dense",
+                "dense_factorized with every gate factor ~ N(0, init_std)", (*dense_fact, _AUTHORS_INIT), "dense",
                 "dense_factorized"),
-        *(_dlow_variant(r) for r in sorted({max(1, m.d_low // 2), m.d_low * 2})),
-        *_selection_variants(m),
     ]
 
 
