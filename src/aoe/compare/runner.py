@@ -183,9 +183,7 @@ def run_comparison(
         results["sweep"] = run_sweep(plan, chosen, config, overrides, out,
                                      lambda cfg, run_dir: _fit(cfg, run_dir, data, progress)[0],
                                      previous.get("sweep"), progress)
-        lrs = results["sweep"]["chosen"]
-        for entry in results["variants"]:
-            entry["lr"] = lrs[entry["name"]]
+        lrs = _adopt_swept_lrs(results)
         _write_json(results_path, results)
     done = {(r["variant"], r["seed"]): r for r in previous.get("runs", []) if r.get("status") == "done"}
     jobs = [(v, seed) for seed in seeds for v in chosen]
@@ -195,12 +193,25 @@ def run_comparison(
         _write_json(results_path, results)
     _write_json(results_path, results)
     if report:
-        from aoe.compare.report import write_report
-
-        path = write_report(results, out)
-        if progress:
-            print(f"report: {path}", file=sys.stderr)
+        _report(results, out, progress)
     return results
+
+
+def _adopt_swept_lrs(results: dict[str, Any]) -> dict[str, float]:
+    """The learning rate the sweep chose for each variant, also written into its entry of results["variants"]."""
+    lrs = results["sweep"]["chosen"]
+    for entry in results["variants"]:
+        entry["lr"] = lrs[entry["name"]]
+    return lrs
+
+
+def _report(results: dict[str, Any], out: Path, progress: bool) -> None:
+    """OUT/report.md and its plots (``aoe.compare.report``); with progress, its path on stderr."""
+    from aoe.compare.report import write_report
+
+    path = write_report(results, out)
+    if progress:
+        print(f"report: {path}", file=sys.stderr)
 
 
 def _check_request(config, overrides, base: RunConfig, variants, seeds, lr_sweep, sweep_steps):
