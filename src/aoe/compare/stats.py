@@ -8,7 +8,7 @@ statistic that cannot be computed is NaN.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 NAN = float("nan")
@@ -95,53 +95,66 @@ def compare_means(
     xa, xb = finite(values_a), finite(values_b)
     ma, mb = mean(xa), mean(xb)
     diff = ma - mb if xa and xb else NAN
-    sa, sb = std(xa), std(xb)
     se = math.sqrt(stderr(xa) ** 2 + stderr(xb) ** 2) if len(xa) >= 2 and len(xb) >= 2 else NAN
-
+    numbers = Verdict(label_a, label_b, len(xa), len(xb), ma, mb, diff, std(xa), std(xb), se, None, "")
     if not xa or not xb:
-        missing = label_a if not xa else label_b
-        sentence = (
-            f"No verdict: {missing} has no completed run with a validation loss, so {label_a} and "
-            f"{label_b} cannot be compared."
-        )
-        return Verdict(label_a, label_b, len(xa), len(xb), ma, mb, diff, sa, sb, se, None, sentence)
-
-    better = label_a if diff < 0 else label_b
-    head = (
-        f"{label_a} reaches a mean validation loss of {_f(ma)} nats against {_f(mb)} for {label_b}: "
-        f"{label_a} − {label_b} = {diff:+.4f} nats"
-    )
-    if diff == 0:
-        head += " (identical)"
-    else:
-        head += f" ({better} lower)"
-
+        return replace(numbers, sentence=_no_verdict_sentence(numbers))
     if len(xa) < 2 or len(xb) < 2:
-        who = (
-            "one seed per variant"
-            if len(xa) < 2 and len(xb) < 2
-            else f"only one seed for {label_a if len(xa) < 2 else label_b}"
-        )
-        sentence = (
-            f"{head}. With {who} no seed spread is available, so whether this difference is larger "
-            f"than seed-to-seed noise cannot be judged."
-        )
-        return Verdict(label_a, label_b, len(xa), len(xb), ma, mb, diff, sa, sb, se, None, sentence)
+        return replace(numbers, sentence=_unjudged_sentence(numbers))
+    judged = replace(numbers, exceeds=abs(diff) > max(numbers.std_a, numbers.std_b) and abs(diff) > se)
+    return replace(judged, sentence=_judged_sentence(judged))
 
-    spread = max(sa, sb)
-    exceeds = abs(diff) > spread and abs(diff) > se
-    detail = f"|diff| = {abs(diff):.4f} vs max std {spread:.4f} and combined standard error {se:.4f}"
-    if exceeds:
-        sentence = (
-            f"{head}. The difference exceeds the seed spread ({detail}; {len(xa)} and {len(xb)} seeds), "
-            f"so {better} is better than {label_a if better == label_b else label_b} in this comparison."
+
+def _no_verdict_sentence(v: Verdict) -> str:
+    """The sentence when a variant has no validation loss at all."""
+    missing = v.label_a if not v.n_a else v.label_b
+    return (
+        f"No verdict: {missing} has no completed run with a validation loss, so {v.label_a} and "
+        f"{v.label_b} cannot be compared."
+    )
+
+
+def _lower(v: Verdict) -> str:
+    """The label of the variant with the lower mean loss (b when they are equal)."""
+    return v.label_a if v.diff < 0 else v.label_b
+
+
+def _head(v: Verdict) -> str:
+    """The sentence's first clause: both means, their difference and which is lower."""
+    head = (
+        f"{v.label_a} reaches a mean validation loss of {_f(v.mean_a)} nats against {_f(v.mean_b)} for {v.label_b}: "
+        f"{v.label_a} − {v.label_b} = {v.diff:+.4f} nats"
+    )
+    return head + (" (identical)" if v.diff == 0 else f" ({_lower(v)} lower)")
+
+
+def _unjudged_sentence(v: Verdict) -> str:
+    """The sentence when a variant has a single seed: the difference, with no spread to judge it by."""
+    who = (
+        "one seed per variant"
+        if v.n_a < 2 and v.n_b < 2
+        else f"only one seed for {v.label_a if v.n_a < 2 else v.label_b}"
+    )
+    return (
+        f"{_head(v)}. With {who} no seed spread is available, so whether this difference is larger "
+        f"than seed-to-seed noise cannot be judged."
+    )
+
+
+def _judged_sentence(v: Verdict) -> str:
+    """The sentence of a judged difference (``v.exceeds`` set): the rule's numbers and its outcome."""
+    spread = max(v.std_a, v.std_b)
+    detail = f"|diff| = {abs(v.diff):.4f} vs max std {spread:.4f} and combined standard error {v.se_combined:.4f}"
+    if v.exceeds:
+        better = _lower(v)
+        return (
+            f"{_head(v)}. The difference exceeds the seed spread ({detail}; {v.n_a} and {v.n_b} seeds), "
+            f"so {better} is better than {v.label_a if better == v.label_b else v.label_b} in this comparison."
         )
-    else:
-        sentence = (
-            f"{head}. The difference is within the seed spread ({detail}; {len(xa)} and {len(xb)} seeds), "
-            f"so this comparison cannot tell {label_a} and {label_b} apart."
-        )
-    return Verdict(label_a, label_b, len(xa), len(xb), ma, mb, diff, sa, sb, se, exceeds, sentence)
+    return (
+        f"{_head(v)}. The difference is within the seed spread ({detail}; {v.n_a} and {v.n_b} seeds), "
+        f"so this comparison cannot tell {v.label_a} and {v.label_b} apart."
+    )
 
 
 def compare_entropies(
