@@ -98,11 +98,23 @@ class MoE(SparseFFN):
         self.gate_rank = None if gate_rank is None else check_positive("gate_rank", gate_rank)
         self.router_hidden = None if router_hidden is None else check_positive("router_hidden", router_hidden)
         self.gate_init = check_gate_init(gate_init)
+        self._init_router(d_model, n_experts)
+        self._init_experts(d_model, d_ffn, n_experts)
+        self.init_shared(n_shared_experts, d_shared, shared_gate, d_ffn, init_std)
+        self.reset_parameters(init_std)
+
+    def _init_router(self, d_model: int, n_experts: int) -> None:
+        """Registers the router, uninitialized: router [D, E], or with router_hidden=H router_in [D, H]
+        then router [H, E]. Before the experts: ``reset_parameters`` draws in registration order."""
         if self.router_hidden is None:
             self.router = nn.Parameter(torch.empty(d_model, n_experts))
         else:
             self.router_in = nn.Parameter(torch.empty(d_model, self.router_hidden))
             self.router = nn.Parameter(torch.empty(self.router_hidden, n_experts))
+
+    def _init_experts(self, d_model: int, d_ffn: int, n_experts: int) -> None:
+        """Registers the experts, uninitialized, in this order: w_gate [E, D, F] (with gate_rank=r:
+        w_down [E, D, r] then w_up [E, r, F]), w_in [E, D, F], w_out [E, F, D]."""
         if self.gate_rank is None:
             self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
         else:
@@ -110,8 +122,6 @@ class MoE(SparseFFN):
             self.w_up = nn.Parameter(torch.empty(n_experts, self.gate_rank, d_ffn))
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_ffn, d_model))
-        self.init_shared(n_shared_experts, d_shared, shared_gate, d_ffn, init_std)
-        self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         for name, w in self.named_parameters(recurse=False):  # registration order: the random stream is fixed
