@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -34,19 +34,38 @@ def evaluate(
     layer on these tokens, see ``RoutingStats``)}``. Under torch.distributed the batches are
     shared out over ranks and the sums reduced, so every rank returns the same numbers.
     """
-    if num_eval_windows(len(tokens), seq_len) == 0:
+    _check_enough_tokens(len(tokens), seq_len)
+    info = dist_info or DistInfo()
+    stats = RoutingStats(model)
+    batches = iter_eval_batches(tokens, batch_size, seq_len, max_batches, info.rank, info.world_size)
+    sums = _loss_sums(model, batches, stats, autocast)
+    all_reduce_sum(sums, info)
+    return _metrics(sums, stats.summary(info), bytes_per_token)
+
+
+def _check_enough_tokens(n_tokens: int, seq_len: int) -> None:
+    """Refuses a validation split too short for one evaluation window."""
+    if num_eval_windows(n_tokens, seq_len) == 0:
         raise DataError(
-            f"the validation split has {len(tokens)} tokens, too few for one window of seq_len={seq_len}: "
+            f"the validation split has {n_tokens} tokens, too few for one window of seq_len={seq_len}: "
             "use a larger corpus, a larger data.val_fraction or a smaller train.seq_len"
         )
-    info = dist_info or DistInfo()
+
+
+def _loss_sums(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    stats: RoutingStats,
+    autocast: contextlib.AbstractContextManager | None,
+) -> torch.Tensor:
+    """[sum of token losses, number of tokens] (fp64, this rank's) of ``model`` in eval mode over
+    ``batches``, each forward's routing collected into ``stats``; the model's mode is restored after."""
     device = next(model.parameters()).device
-    stats = RoutingStats(model)
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64)  # [sum of token losses, number of tokens]
     try:
-        for x, y in iter_eval_batches(tokens, batch_size, seq_len, max_batches, info.rank, info.world_size):
+        for x, y in batches:
             x, y = x.to(device), y.to(device)
             with autocast or contextlib.nullcontext():
                 out = model(x, y)
@@ -55,13 +74,17 @@ def evaluate(
             sums[1] += y.numel()
     finally:
         model.train(was_training)
-    all_reduce_sum(sums, info)
+    return sums
+
+
+def _metrics(sums: torch.Tensor, layers: list[dict[str, Any]], bytes_per_token: float | None) -> dict[str, Any]:
+    """The result dict of ``evaluate`` from the (reduced) loss sums and the layers' routing statistics."""
     loss = float(sums[0] / sums[1])
     result = {
         "val_loss": loss,
         "val_ppl": math.exp(min(loss, 700.0)),
         "val_tokens": int(sums[1]),
-        "layers": stats.summary(info),
+        "layers": layers,
     }
     if bytes_per_token:
         result["val_bpb"] = loss / math.log(2) / bytes_per_token
