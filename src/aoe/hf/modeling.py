@@ -90,6 +90,44 @@ def _check_position_ids(position_ids, mask: torch.Tensor | None, start_pos: int,
                          "among the real tokens of its sequence); other position ids are not supported")
 
 
+def _check_forward_inputs(input_ids, inputs_embeds, output_attentions, output_hidden_states) -> None:
+    """Refuses what ``AoEForCausalLM.forward`` does not support (see the module docstring)."""
+    if inputs_embeds is not None:
+        raise ValueError("AoEForCausalLM does not accept inputs_embeds; pass input_ids")
+    if input_ids is None:
+        raise ValueError("AoEForCausalLM.forward needs input_ids")
+    if output_attentions or output_hidden_states:
+        raise ValueError("AoEForCausalLM does not return attentions or hidden states")
+
+
+def _forward_cache(past_key_values, use_cache: bool) -> Cache | None:
+    """The cache this forward appends to: the given ``transformers`` Cache, a new ``DynamicCache``
+    when use_cache and none was given, else None."""
+    if past_key_values is not None and not isinstance(past_key_values, Cache):
+        raise ValueError(f"past_key_values must be a transformers Cache, got {type(past_key_values).__name__}")
+    if use_cache and past_key_values is None:
+        return DynamicCache()
+    return past_key_values
+
+
+def _next_token_targets(labels: torch.Tensor, mask: torch.Tensor | None, start_pos: int, batch: int) -> torch.Tensor:
+    """HF labels [B, T] as the native targets [B, T]: shifted left by one, -100 (ignored) in the
+    last column and at every pad (a pad is never a target)."""
+    if mask is not None:
+        labels = labels.masked_fill(~mask[:, start_pos:], -100)
+    return torch.cat([labels[:, 1:], labels.new_full((batch, 1), -100)], dim=1)
+
+
+def _kept_logits(logits: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The logits [B, T, V] at the positions HF's ``logits_to_keep`` asks for: the last n for an
+    int n > 0, those indexed by a tensor, all of them for 0."""
+    if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+        return logits[:, -logits_to_keep:]
+    if isinstance(logits_to_keep, torch.Tensor):
+        return logits[:, logits_to_keep]
+    return logits
+
+
 class AoEPreTrainedModel(PreTrainedModel):
     config_class = AoEConfig
     config: AoEConfig
@@ -190,18 +228,10 @@ class AoEForCausalLM(AoEPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
-        if inputs_embeds is not None:
-            raise ValueError("AoEForCausalLM does not accept inputs_embeds; pass input_ids")
-        if input_ids is None:
-            raise ValueError("AoEForCausalLM.forward needs input_ids")
-        if output_attentions or output_hidden_states:
-            raise ValueError("AoEForCausalLM does not return attentions or hidden states")
+        _check_forward_inputs(input_ids, inputs_embeds, output_attentions, output_hidden_states)
         B, T = input_ids.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise ValueError(f"past_key_values must be a transformers Cache, got {type(past_key_values).__name__}")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        past_key_values = _forward_cache(past_key_values, use_cache)
         start_pos = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         mask = _padding_mask(attention_mask, B, start_pos, T, input_ids.device)
@@ -210,20 +240,10 @@ class AoEForCausalLM(AoEPreTrainedModel, GenerationMixin):
         kv = None
         if past_key_values is not None:
             kv = _CacheAdapter(past_key_values, B, self.model.config.max_seq_len, start_pos)
-        targets = None
-        if labels is not None:
-            labels = labels.to(input_ids.device)
-            if mask is not None:  # a pad is never a target
-                labels = labels.masked_fill(~mask[:, start_pos:], -100)
-            targets = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1)
+        targets = None if labels is None else _next_token_targets(labels.to(input_ids.device), mask, start_pos, B)
         out = self.model(input_ids, targets=targets, kv_cache=kv, start_pos=start_pos, attention_mask=mask)
         loss = None if out.loss is None else out.loss + out.aux_loss.to(out.loss.device)
-        logits = out.logits
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            logits = logits[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            logits = logits[:, logits_to_keep]
         return MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=out.aux_loss, logits=logits,
+            loss=loss, aux_loss=out.aux_loss, logits=_kept_logits(out.logits, logits_to_keep),
             past_key_values=past_key_values if use_cache else None,
         )
