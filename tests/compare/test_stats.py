@@ -44,3 +44,14 @@ def test_entropy_sentence_words():
     assert "AoE spreads tokens over its experts more evenly than MoE" in s
     assert "AoE chooses its experts more confidently than MoE" in s
     assert "not available" in compare_entropies(float("nan"), 1.0, 0.5, 0.6)
+
+
+def test_entropy_sentence_names_each_number_whichever_side_wins():
+    """Each value is quoted beside its variant's label, so the sentence cannot pair the winner with
+    the other's number (a report once read "MoE ... more evenly than AoE (Ent_load 1.619 vs 1.639)"
+    with 1.619 being AoE's)."""
+    s = compare_entropies(1.619, 1.639, 1.344, 0.690)
+    assert "MoE spreads tokens over its experts more evenly than AoE" in s
+    assert "Ent_load AoE 1.619, MoE 1.639 nats" in s
+    assert "MoE chooses its experts more confidently than AoE" in s
+    assert "Ent_conf AoE 1.344, MoE 0.690 nats" in s

@@ -177,7 +177,7 @@ def compare_entropies(
         else:
             word = f"{label_a} and {label_b} are equally balanced"
         parts.append(
-            f"Load balance: {word} (Ent_load {ent_load_a:.3f} vs {ent_load_b:.3f} nats, mean over layers "
+            f"Load balance: {word} (Ent_load {label_a} {ent_load_a:.3f}, {label_b} {ent_load_b:.3f} nats, mean over layers "
             f"and seeds; higher is more balanced{cap})."
         )
     else:
@@ -190,7 +190,7 @@ def compare_entropies(
         else:
             word = f"{label_a} and {label_b} are equally confident"
         parts.append(
-            f"Selection confidence: {word} (Ent_conf {ent_conf_a:.3f} vs {ent_conf_b:.3f} nats; lower "
+            f"Selection confidence: {word} (Ent_conf {label_a} {ent_conf_a:.3f}, {label_b} {ent_conf_b:.3f} nats; lower "
             f"means a sharper score distribution)."
         )
     else:
