@@ -18,7 +18,7 @@ default), so an unchosen expert's norm still gets a gradient, through the softma
 ``--pull N`` measures it: the mean over N training batches of ``d loss / d log ||W_e||``
 (``<grad, W>`` per expert) for every expert matrix of the scoring path (``w_down``, ``router``);
 positive means a gradient step shrinks the expert's weights (the batches use a sampler seed no run
-uses; the numbers vary with the batches, their signs for the dead experts did not in our runs).
+uses). For a dead expert it is the only gradient left, and it is tiny.
 
     python docs/results/analysis/expert_norms.py [--pull 8] RUN_DIR [RUN_DIR ...]
 """

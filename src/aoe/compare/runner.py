@@ -111,7 +111,8 @@ def _finished_elsewhere(cfg: RunConfig, run_dir: Path, data: TokenData) -> tuple
     """(summary, peak memory) of a run that finished at this config's max_steps, lr and seed but has
     no entry in results.json (trained by another invocation, e.g. one per seed), else None. Its
     final checkpoint is loaded (the trainer refuses one of another model config) and the peak
-    memory measured again; nothing is trained or written."""
+    memory measured again. Nothing is trained; the trainer rewrites the run's config.yaml with the
+    same values (keys added to the config since then appear at their defaults)."""
     summary = finished_summary(run_dir, cfg.train.max_steps)
     if summary is None or not (run_dir / "config.yaml").is_file() or not list_checkpoints(run_dir):
         return None
