@@ -177,8 +177,8 @@ def compare_entropies(
         else:
             word = f"{label_a} and {label_b} are equally balanced"
         parts.append(
-            f"Load balance: {word} (Ent_load {label_a} {ent_load_a:.3f}, {label_b} {ent_load_b:.3f} nats, mean over layers "
-            f"and seeds; higher is more balanced{cap})."
+            f"Load balance: {word} (Ent_load {label_a} {ent_load_a:.3f}, {label_b} {ent_load_b:.3f} nats, "
+            f"mean over layers and seeds; higher is more balanced{cap})."
         )
     else:
         parts.append(f"Load balance: Ent_load is not available for both {label_a} and {label_b}.")
@@ -190,8 +190,8 @@ def compare_entropies(
         else:
             word = f"{label_a} and {label_b} are equally confident"
         parts.append(
-            f"Selection confidence: {word} (Ent_conf {label_a} {ent_conf_a:.3f}, {label_b} {ent_conf_b:.3f} nats; lower "
-            f"means a sharper score distribution)."
+            f"Selection confidence: {word} (Ent_conf {label_a} {ent_conf_a:.3f}, {label_b} {ent_conf_b:.3f} "
+            f"nats; lower means a sharper score distribution)."
         )
     else:
         parts.append(f"Selection confidence: Ent_conf is not available for both {label_a} and {label_b}.")
