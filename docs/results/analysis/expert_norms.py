@@ -60,14 +60,18 @@ def token_shares(run_dir: Path) -> dict[int, list[float]]:
     return shares
 
 
+def expert_first(name: str, w: torch.Tensor) -> torch.Tensor:
+    """The matrix with the expert dimension first: the router is [D, E] (input dimension first)."""
+    return w.T if name.endswith("router") else w
+
+
 def expert_norms(state: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    """Per expert matrix of the layer (the expert first): each expert's norm."""
+    """Per expert matrix of the layer: each expert's norm."""
     norms = {}
     for name in EXPERT_MATRICES:
         w = state.get(f"layers.{layer}.ffn.{name}")
         if w is not None and w.dim() >= 2:
-            w = w.T if name == "router" else w  # the router is [D, E], input dimension first
-            norms[name] = w.double().flatten(1).norm(dim=1)
+            norms[name] = expert_first(name, w).double().flatten(1).norm(dim=1)
     return norms
 
 
@@ -83,7 +87,7 @@ def norm_pull(run_dir: str, n_batches: int) -> dict[str, torch.Tensor]:
         model(*sampler.batch(step)).loss.backward()
         for name, p in model.named_parameters():
             if name.endswith(("ffn.w_down", "ffn.router")):
-                w, g = (p.T, p.grad.T) if name.endswith("router") else (p, p.grad)
+                w, g = expert_first(name, p), expert_first(name, p.grad)
                 pull[name] = pull.get(name, 0) + (g * w).detach().double().flatten(1).sum(1) / n_batches
     return pull
 
