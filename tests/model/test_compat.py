@@ -36,3 +36,49 @@ def test_version_0_1_0_configs_read_as_trained_with_the_authors_gate_init(name):
     assert "gate_init" not in (ckpt / "config.yaml").read_text()
     assert ModelConfig().gate_init == "balanced"
     assert load_run_config(ckpt).model.gate_init == "normal"
+
+
+def _aoe_layers(model):
+    from aoe.nn import AoE
+    return [m for m in model.modules() if isinstance(m, AoE)]
+
+
+def test_version_0_1_0_aoe_keeps_its_unrenormalized_gate_although_new_aoe_renormalizes(tmp_path):
+    """Its config records ``renormalize: null`` (the layer's default then: False for AoE); the
+    default for new AoE layers is Algorithm 2's renormalized gate."""
+    from aoe.config import ModelConfig
+    from aoe.nn import AoE
+
+    model, cfg, _ = load_model(shutil.copytree(FIXTURES / "aoe", tmp_path / "aoe"))
+    assert cfg.model.renormalize is None
+    assert [layer.renormalize for layer in _aoe_layers(model)] == [False] * len(_aoe_layers(model)) != []
+    assert AoE(16, 4, 4, 2, d_ffn=32).renormalize is True
+    assert ModelConfig().renormalize is True and ModelConfig(ffn="aoe").ffn_config(0).renormalize is True
+
+
+def test_saved_config_without_the_renormalize_key_reads_as_null(tmp_path):
+    """A run config that never wrote the key computes what it was trained with (null, not today's True)."""
+    from aoe.config.files import load_saved_config
+
+    src = FIXTURES / "aoe" / "checkpoints" / "step_00000000" / "config.yaml"
+    text = "".join(line for line in src.read_text().splitlines(keepends=True) if "renormalize" not in line)
+    (tmp_path / "config.yaml").write_text(text)
+    cfg = load_saved_config(tmp_path / "config.yaml")
+    assert cfg.model.renormalize is None and cfg.model.ffn_config(1).renormalize is False
+
+
+def test_committed_study_runs_keep_the_gate_they_were_trained_with():
+    """Every run config under docs/results that says ``renormalize: null`` still builds AoE layers
+    without renormalization, as it trained."""
+    from aoe.config.files import load_saved_config
+
+    root = Path(__file__).resolve().parents[2] / "docs" / "results"
+    configs = [p for p in sorted(root.glob("*/*/config.yaml")) if "renormalize: null" in p.read_text()]
+    if not configs:
+        pytest.skip("no committed run configs in this checkout")
+    for path in configs:
+        m = load_saved_config(path).model
+        if m.ffn == "aoe":
+            assert m.ffn_config(len(m.dense_layers)).renormalize is False, path
+        elif m.ffn == "moe":
+            assert m.ffn_config(len(m.dense_layers)).renormalize is True, path

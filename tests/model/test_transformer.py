@@ -187,7 +187,7 @@ def test_ffn_layers_follow_the_config():
     kinds = [type(b.ffn) for b in model.layers]
     assert kinds == [DenseFFN, AoE, AoE]
     assert model.layers[0].ffn.d_ffn == 40 and model.layers[1].ffn.d_wide == 24
-    assert model.layers[1].ffn.renormalize is False
+    assert model.layers[1].ffn.renormalize is True  # Algorithm 2
     moe = small_model("moe", aux_loss_coef=0.01, z_loss_coef=0.001)
     assert all(isinstance(b.ffn, MoE) and b.ffn.renormalize for b in moe.layers)
     assert moe.layers[0].ffn.z_loss_coef == 0.001

@@ -59,7 +59,9 @@ def test_model_config_maps_its_fields_onto_the_layer_configs():
     base = dict(d_model=32, n_heads=2, d_ffn=48, n_experts=4, top_k=2, d_low=8, gate_init="balanced")
     aoe = ModelConfig(ffn="aoe", **base).ffn_config(0)
     assert aoe == AoEFFNConfig(32, 8, 4, 2, ModelConfig(**base).resolved_d_wide, gate_init="balanced")
-    assert aoe.renormalize is False and aoe.recompute_gate is True  # None = the layer's default
+    assert aoe.renormalize is True and aoe.recompute_gate is True  # Algorithm 2; None = the layer's default
+    legacy = [ModelConfig(ffn=f, renormalize=None, **base).ffn_config(0).renormalize for f in ("aoe", "moe")]
+    assert legacy == [False, True]  # null: what configs saved before Algorithm 2's default computed
     moe = ModelConfig(ffn="moe", renormalize=False, moe_gate_rank=8, z_loss_coef=0.1, **base).ffn_config(1)
     assert (moe.renormalize, moe.gate_rank, moe.z_loss_coef, moe.recompute_gate) == (False, 8, 0.1, False)
     dense = ModelConfig(ffn="moe", dense_layers=[0], dense_d_ffn=64, dense_gate_rank=4, **base)

@@ -94,7 +94,7 @@ def _paper_suite(m: ModelConfig) -> list[Variant]:
 
 def _ablations(m: ModelConfig) -> list[Variant]:
     """The ablations (on request): MoE given AoE's gate or router parameters, AoE's other norms and
-    renormalization, and aux-loss-free balancing on both layers."""
+    gate weights not renormalized, and aux-loss-free balancing on both layers."""
     hidden, router_ffn = large_router_shape(m)
     factorized_ffn = match_d_wide(m.d_model, m.d_ffn, m.d_low)
     return [
@@ -108,8 +108,12 @@ def _ablations(m: ModelConfig) -> list[Variant]:
         Variant("aoe_l1", "AoE (L1)", "AoE ranking experts by the L1 norm", ("model.ffn=aoe", "model.norm=l1"), "aoe", "aoe"),
         Variant("aoe_linf", "AoE (L-inf)", "AoE ranking experts by the L-infinity norm",
                 ("model.ffn=aoe", "model.norm=linf"), "aoe", "aoe"),
-        Variant("aoe_renorm", "AoE (renormalized)", "AoE with the chosen gate weights divided by their sum",
-                ("model.ffn=aoe", "model.renormalize=true"), "aoe", "aoe"),
+        Variant("aoe_unnormalized", "AoE (not renormalized)",
+                "AoE with the chosen softmax values as gate weights, not divided by their sum (the authors' "
+                "megablocks code; Algorithm 2 renormalizes)", ("model.ffn=aoe", "model.renormalize=false"), "aoe", "aoe"),
+        Variant("aoe_renorm", "AoE (renormalized)",
+                "AoE with the chosen gate weights divided by their sum (Algorithm 2: the default; the name stays "
+                "for older commands)", ("model.ffn=aoe", "model.renormalize=true"), "aoe", "aoe"),
         Variant("aoe_bias", "AoE + bias balancing", "AoE with aux-loss-free balancing (selection bias, rate 1e-3)",
                 ("model.ffn=aoe", "model.bias_update_rate=0.001"), "aoe", "aoe"),
         Variant("moe_bias", "MoE + bias balancing", "router MoE with aux-loss-free balancing (selection bias, rate 1e-3)",

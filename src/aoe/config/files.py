@@ -204,8 +204,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
 #: Model keys whose default changed, with the value a saved run config WITHOUT the key was trained
 #: with: a run saved before the key existed (or before its default changed) reads as it was run.
 #: gate_init: "normal" (the authors' init) was the only init, then the default, until "balanced"
-#: became the default for new models (docs/results/tiny-balanced).
-SAVED_MODEL_DEFAULTS = {"gate_init": "normal"}
+#: became the default for new models (docs/results/tiny-balanced). renormalize: null (the layer's
+#: default then: MoE true, AoE false; ``aoe.config.sections.LEGACY_RENORMALIZE``) until AoE's
+#: default became Algorithm 2's renormalized gate.
+SAVED_MODEL_DEFAULTS = {"gate_init": "normal", "renormalize": None}
 
 #: Model keys that only decide how a new model's weights start: a resumed run keeps the value it
 #: was started with (its weights come from the checkpoint), whatever the config given now says.

@@ -22,6 +22,9 @@ DTYPES = ("auto", "float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
 DECODE_ERRORS = ("replace", "skip")
 QK_NORMS = ("none", "head", "full")
+#: What ``model.renormalize: null`` computes: the layers' defaults before AoE's became the paper's
+#: (Algorithm 2 renormalizes). Every run config saved before then records null, and keeps its outputs.
+LEGACY_RENORMALIZE = {"moe": True, "aoe": False}
 
 
 @dataclass
@@ -72,9 +75,10 @@ class ModelConfig(_Section):
     #: AoE: expert width. None = parameter-matched to an MoE expert of width d_ffn
     #: (``aoe.nn.match_d_wide``).
     d_wide: int | None = None
-    #: Divide the chosen experts' softmax values by their sum. None = the layer's default
-    #: (MoE: True, Mixtral style; AoE: False, as the paper).
-    renormalize: bool | None = None
+    #: Divide the chosen experts' softmax values by their sum (true: the paper's Algorithm 2 for
+    #: AoE, Mixtral for MoE; false: the authors' megablocks code for AoE). None = what a config
+    #: saved before the default was true computed (``LEGACY_RENORMALIZE``: MoE true, AoE false).
+    renormalize: bool | None = True
     #: AoE: the norm that scores an expert's low-rank activation: "l2" (paper), "l1" or "linf".
     norm: str = "l2"
     #: Weight of the load-balancing loss E * sum_i f_i P_i per sparse layer (0 = off; paper: 0.01).
@@ -168,7 +172,8 @@ class ModelConfig(_Section):
         arguments here and only here; a None that means "the layer's default" is left out, so the
         default comes from the layer."""
         kind = self.ffn_kind(layer)
-        optional = {"renormalize": self.renormalize, "recompute_gate": self.recompute_gate}
+        renormalize = LEGACY_RENORMALIZE.get(kind) if self.renormalize is None else self.renormalize
+        optional = {"renormalize": renormalize, "recompute_gate": self.recompute_gate}
         optional = {k: v for k, v in optional.items() if v is not None}
         sparse = dict(n_experts=self.n_experts, top_k=self.top_k, aux_loss_coef=self.aux_loss_coef,
                       bias_update_rate=self.bias_update_rate, grouped_mm=self.grouped_mm,

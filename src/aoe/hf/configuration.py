@@ -2,8 +2,8 @@
 
 Every field of ``aoe.config.ModelConfig`` has an HF-conventional counterpart (``HF_TO_NATIVE``);
 ``AoEConfig.from_model_config(cfg).to_model_config() == cfg`` exactly (None values such as
-``num_key_value_heads=None`` or ``norm_topk_prob=None`` are kept as None: they mean "the layer's
-default", as in ``ModelConfig``).
+``num_key_value_heads=None`` or ``norm_topk_prob=None`` are kept as None and mean what they mean
+in ``ModelConfig``).
 
     hidden_size = d_model            intermediate_size = d_ffn (MoE expert width)
     num_hidden_layers = n_layers     num_attention_heads = n_heads
@@ -11,7 +11,8 @@ default", as in ``ModelConfig``).
     rms_norm_eps = norm_eps          tie_word_embeddings = tie_embeddings
     initializer_range = init_std     ffn_type = ffn ("dense" | "moe" | "aoe")
     num_experts = n_experts          num_experts_per_tok = top_k
-    norm_topk_prob = renormalize     expert_score_norm = norm ("l2" | "l1" | "linf")
+    norm_topk_prob = renormalize (null: MoE true, AoE false, as saved before Algorithm 2's default)
+    expert_score_norm = norm ("l2" | "l1" | "linf")
     router_aux_loss_coef = aux_loss_coef   router_z_loss_coef = z_loss_coef
     dense_intermediate_size = dense_d_ffn  qkv_bias = attn_qkv_bias (Qwen2's names)
     num_shared_experts = n_shared_experts  shared_expert_intermediate_size = d_shared

@@ -43,7 +43,8 @@ Sources (a local directory with ``config.json`` and ``*.safetensors``), each a r
   weights sum to 1, so the converted model computes the same function as the source, for every
   E and k, at full rank. ``upcycle="slice"``: the hidden dimension F is cut into E slices of
   F / E (the experts together are the FFN: exact for E = top_k = 1 only, since AoE weights the
-  experts by the softmax over their norms); renormalize defaults to the AoE default (False).
+  experts by the softmax over their norms); renormalize defaults to False there (chosen as
+  before Algorithm 2's renormalized gate became AoE's default; pass it to choose).
 * Refused with ``ConversionError`` (a ``ValueError``; the reason in the message):
   **DeepSeek-V2 / V3** (multi-head latent attention, group-limited routing: the native model has
   neither), any other model_type; and inside a supported type: a non-SiLU activation, attention

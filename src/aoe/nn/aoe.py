@@ -4,8 +4,9 @@ Per token x:
 1. every expert's low-rank activation in ONE matmul over the fused [D, E*L] view of w_down:
    ``c_e = x @ w_down[e]`` (kept as the cache);
 2. scores ``s_e = ||c_e||`` in fp32 (L2 by default; "l1" and "linf" as options);
-3. ``p = softmax(s)`` over ALL E experts; top-k; gate weights = the chosen p (divided by their sum
-   when ``renormalize=True``; the paper's default is not to);
+3. ``p = softmax(s)`` over ALL E experts; top-k; gate weights = the chosen p divided by their sum
+   (the paper's Algorithm 2, line 8: a softmax over the k chosen norms); ``renormalize=False``
+   keeps the chosen p as they are (the authors' megablocks code);
 4. each chosen expert finishes from its cached activation, never recomputing ``x @ w_down``:
    ``y = sum_chosen w_e * (SiLU(c_e @ w_up[e]) * (x @ w_in[e])) @ w_out[e]``.
 
@@ -62,7 +63,8 @@ class AoE(SparseFFN):
         n_experts: E; top_k: experts per token.
         d_wide: expert width W; or give ``d_ffn`` (exactly one of the two) to get the
             parameter-matched ``W = match_d_wide(d_model, d_ffn, d_low)``.
-        renormalize: divide the chosen softmax values by their sum (default False, as the paper).
+        renormalize: divide the chosen softmax values by their sum (default True: the paper's
+            Algorithm 2; False: the authors' megablocks code, whose weights sum to less than 1).
         norm: "l2" (default), "l1" or "linf": the norm that scores each expert's activation.
         aux_loss_coef: weight of the load-balancing loss ``E * sum_i f_i P_i`` (0 = off).
         bias_update_rate: aux-loss-free balancing step size (0 = off).
@@ -96,7 +98,7 @@ class AoE(SparseFFN):
         *,
         d_wide: int | None = None,
         d_ffn: int | None = None,
-        renormalize: bool = False,
+        renormalize: bool = True,
         norm: str = "l2",
         aux_loss_coef: float = 0.0,
         bias_update_rate: float = 0.0,

@@ -41,7 +41,7 @@ ITEMS = [
                                    "of a token's k chosen gate weights (top-1: the largest). Without "
                                    "renormalization the k chosen weights sum to less than 1: their sum (Σ gate "
                                    "weights) is how much of the chosen experts' output reaches the residual "
-                                   "stream; renormalized, they sum to 1"),
+                                   "stream; renormalized (the paper's Algorithm 2, and the default), they sum to 1"),
     ("Dead experts", "per layer, the number of experts that received no token in the logged window: the "
                      "validation batches at the end of training in the tables, each logged training window in "
                      "the curves; summaries show the mean over layers"),
