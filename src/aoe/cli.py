@@ -331,7 +331,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     command = "aoe " + shlex.join(args.argv)
     run_comparison(args.out, config=args.config, overrides=args.overrides, variants=args.variants,
                    seeds=args.seeds, progress=not args.quiet, command=command, lr_sweep=args.lr_sweep,
-                   sweep_steps=args.sweep_steps)
+                   sweep_steps=args.sweep_steps, suite=args.suite)
     return 0
 
 
@@ -446,6 +446,9 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--out", help="comparison directory (required; results.json, report.md, plots/, one run per variant and seed)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="variants to train (default: dense moe moe_aux aoe aoe_aux; see --list-variants)")
+    p.add_argument("--suite", default=None,
+                   help="a named suite instead of --variants: paper-table2 = the paper's Table 2, its 12 "
+                        "configurations numbered as there (see aoe.compare.suites)")
     p.add_argument("--seeds", nargs="+", default=None, help="training seeds (default: 0)")
     p.add_argument("--lr-sweep", nargs="+", default=None, metavar="LR",
                    help="learning rates to try first: each variant trains at its best one (lowest val loss)")
@@ -488,7 +491,13 @@ def cmd_list_variants(args: argparse.Namespace) -> int:
     from aoe.config import load_config
 
     _split_overrides(args)
-    print(describe_variants(load_config(args.config, args.overrides).model))
+    model = load_config(args.config, args.overrides).model
+    if getattr(args, "suite", None):
+        from aoe.compare.suites import describe_suite
+
+        print(describe_suite(args.suite, model))
+    else:
+        print(describe_variants(model))
     return 0
 
 

@@ -23,10 +23,12 @@ before they existed; ``from_dict`` then derives them as stated)::
                            "gate_weight_mean": [float] * k, "dead_experts": int | null,
                            # new, for a layer whose selection is not top-k (aoe.train.metrics):
                            "selection", "experts_per_token", "experts_per_token_hist": [int, ...],
-                           "unchosen_tokens": int, "causal": bool}, ...]}, ...],
+                           "unchosen_tokens": int, "causal": bool}, ...],
+               "downstream": {task: accuracy in [0, 1]}}, ...],                # new, optional (--mc, --tasks)
      "sweep": {"lrs": [float, ...], "steps": int, "seed": int,              # new, optional
                "runs": [{"variant", "lr", "status", "val_loss", "run_dir"}, ...],
                "chosen": {variant: lr}},
+     "suite": {"name": str, "numbers": {variant: int}},                     # new, optional (--suite)
      "definitions": {"peak_memory": str, "flops_per_token": str}           # optional wording overrides
     }
 
@@ -36,7 +38,7 @@ A variant that appears only in ``runs`` gets a record of its own (kind from the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from aoe.compare.stats import NAN, is_number
@@ -154,6 +156,7 @@ class Run:
     steps: int | None
     tokens: float
     layers: tuple[LayerStats, ...]
+    downstream: dict[str, float] = field(default_factory=dict)  # task -> accuracy in [0, 1]
 
     @classmethod
     def from_dict(cls, index: int, d: Mapping, base_lr: float) -> Run:
@@ -168,6 +171,7 @@ class Run:
             peak_memory_bytes=number(d, "peak_memory_bytes"), train_time_s=number(d, "train_time_s"),
             steps=integer(d, "steps"), tokens=number(d, "tokens"),
             layers=tuple(LayerStats.from_dict(l) for l in objects(d, "layers")),
+            downstream={str(k): float(v) for k, v in section(d, "downstream").items() if is_number(v)},
         )
 
     @property

@@ -24,6 +24,7 @@ import torch
 from aoe.config import ConfigError, RunConfig, config_to_dict, load_config
 from aoe.config.files import load_saved_config
 from aoe.data import TokenData, unigram_cross_entropy, unigram_entropy
+from aoe.compare.suites import Suite, resolve_suite
 from aoe.compare.sweep import SweepPlan, finished_summary, run_sweep
 from aoe.compare.variants import Variant, resolve_variants
 from aoe.io.checkpoint import list_checkpoints
@@ -159,26 +160,30 @@ def run_comparison(
     report: bool = True,
     lr_sweep: list[float] | tuple[float, ...] | None = None,
     sweep_steps: int | None = None,
+    suite: str | None = None,
 ) -> dict[str, Any]:
     """Train ``variants`` x ``seeds`` (see ``aoe.compare.variants``) on the base config
     ``config`` + ``overrides`` and write OUT/results.json and the report. Returns the results dict.
 
     ``lr_sweep``: learning rates to try first (``aoe.compare.sweep``): each variant trains
     ``sweep_steps`` steps (default: the base max_steps) at each, with the first seed, and its main
-    runs use the one with the lowest validation loss.
+    runs use the one with the lowest validation loss. ``suite``: a named suite of variants instead
+    of ``variants`` (``aoe.compare.suites``; e.g. "paper-table2"), its table added to the report.
 
     Peak memory per run: one micro-batch forward + backward after training
     (``aoe.utils.memory.training_step_peak_bytes``: parameters + activations + gradients).
     """
     out = Path(out_dir)
     base = load_config(config, overrides)
-    chosen, plan = _check_request(config, overrides, base, variants, seeds, lr_sweep, sweep_steps)
+    chosen, plan, named = _check_request(config, overrides, base, variants, seeds, lr_sweep, sweep_steps, suite)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
     previous = _previous_results(results_path, base, plan)
     data = prepare_data(base)
     results = _results_header(command or previous.get("command") or "aoe compare --out " + str(out), base, data,
                               chosen, seeds)
+    if named is not None:
+        results["suite"] = named.as_dict()
     lrs = {v.name: base.train.lr for v in chosen}
     if plan is not None:
         results["sweep"] = run_sweep(plan, chosen, config, overrides, out,
@@ -215,13 +220,19 @@ def _report(results: dict[str, Any], out: Path, progress: bool) -> None:
         print(f"report: {path}", file=sys.stderr)
 
 
-def _check_request(config, overrides, base: RunConfig, variants, seeds, lr_sweep, sweep_steps):
-    """The variants and the sweep plan (None without one), refusing a bad request before anything trains."""
+def _check_request(config, overrides, base: RunConfig, variants, seeds, lr_sweep, sweep_steps, suite=None):
+    """The variants, the sweep plan and the suite (None without one each), refusing a bad request
+    before anything trains."""
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds lists a seed twice: {list(seeds)}")
-    chosen = resolve_variants(variants, base.model)
+    named: Suite | None = None
+    if suite is not None:
+        if variants:
+            raise ConfigError(f"--suite {suite} chooses its own variants; give --suite or --variants, not both")
+        named = resolve_suite(suite, base.model)
+    chosen = list(named.variants) if named is not None else resolve_variants(variants, base.model)
     plan = None
     if lr_sweep is not None:
         plan = SweepPlan(tuple(float(lr) for lr in lr_sweep), sweep_steps or base.train.max_steps, seeds[0])
@@ -229,7 +240,7 @@ def _check_request(config, overrides, base: RunConfig, variants, seeds, lr_sweep
         raise ConfigError("--sweep-steps needs --lr-sweep")
     for v in chosen:  # every variant's overrides are valid
         load_config(config, [*overrides, *v.overrides])
-    return chosen, plan
+    return chosen, plan, named
 
 
 def _results_header(command: str, base: RunConfig, data: TokenData, chosen: list[Variant], seeds) -> dict[str, Any]:

@@ -60,6 +60,7 @@ class VariantSummary:
     params_active: float = NAN
     flops_per_token: float = NAN
     per_layer: dict[int, LayerSeries] = field(default_factory=dict)
+    accuracy: dict[str, list[float]] = field(default_factory=dict)  # task -> one accuracy per scored run
 
     name = property(lambda self: self.info.name)
     label = property(lambda self: self.info.label)
@@ -109,6 +110,8 @@ def _add_run(s: VariantSummary, r: Run, bytes_per_token: float) -> None:
     s.dead_experts.append(mean(l.dead for l in r.layers))
     s.tokens_per_s.append(r.tokens_per_s)
     s.peak_memory.append(r.peak_memory_bytes)
+    for task, acc in r.downstream.items():
+        s.accuracy.setdefault(task, []).append(acc)
     for i, l in enumerate(r.layers):
         s.per_layer.setdefault(l.layer if l.layer is not None else i, LayerSeries()).add(l)
 

@@ -67,7 +67,7 @@ def _variants(m: ModelConfig) -> list[Variant]:
     ]
 
 
-def _moe_factorized_overrides(m: ModelConfig) -> tuple[str, ...]:
+def moe_factorized_overrides(m: ModelConfig) -> tuple[str, ...]:
     """The overrides of "MoE + factorized W_g": AoE's gate factorization at rank d_low, the expert
     width matched by AoE's rule."""
     factorized_ffn = match_d_wide(m.d_model, m.d_ffn, m.d_low)
@@ -100,7 +100,7 @@ def _ablations(m: ModelConfig) -> list[Variant]:
     return [
         Variant("moe_factorized", "MoE + factorized W_g",
                 f"router MoE with AoE's experts: gate = (x @ w_down) @ w_up at rank {m.d_low}, width {factorized_ffn}",
-                _moe_factorized_overrides(m), "moe", "moe"),
+                moe_factorized_overrides(m), "moe", "moe"),
         Variant("moe_large_router", "MoE + large router",
                 f"router MoE with a two-layer router {m.d_model}->{hidden}->{m.n_experts} (about AoE's w_down), "
                 f"experts of width {router_ffn}",
@@ -124,7 +124,7 @@ def _ablations(m: ModelConfig) -> list[Variant]:
 def _gate_knob_variants(m: ModelConfig) -> list[Variant]:
     """The factorized gate's own knobs (its init, the decay of its factors), on AoE and on
     MoE + factorized W_g."""
-    moe_fact = _moe_factorized_overrides(m)
+    moe_fact = moe_factorized_overrides(m)
     return [
         Variant("aoe_balanced", "AoE (balanced gate init)",
                 "AoE with w_up ~ N(0, 1/d_low): the gate w_down @ w_up starts at an unfactorized gate's scale "

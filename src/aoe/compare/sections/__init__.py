@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from aoe.compare.figures import Figures
 from aoe.compare.sections.definitions import definitions, notes
+from aoe.compare.sections.paper import paper_table2
 from aoe.compare.sections.setup import command, configuration, corpus, machine, title
 from aoe.compare.sections.sweep import learning_rate_sweep
 from aoe.compare.sections.tables import headline, per_layer, runs
@@ -20,7 +21,7 @@ def render(study: Study, figures: Figures) -> str:
     lines = [
         *title(study), *command(study), *machine(study), *corpus(study), *configuration(study),
         *learning_rate_sweep(study, figures), *headline(study), *runs(study), *per_layer(study, figures),
-        *verdict(study), *over_training(study, figures), *definitions(study, figures),
+        *verdict(study), *paper_table2(study), *over_training(study, figures), *definitions(study, figures),
     ]
     return "\n".join(lines + notes(study))
 
