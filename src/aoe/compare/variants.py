@@ -64,6 +64,7 @@ def _variants(m: ModelConfig) -> list[Variant]:
         *_dense_active_variants(m),
         *(_dlow_variant(r) for r in sorted({max(1, m.d_low // 2), m.d_low * 2})),
         *_selection_variants(m),
+        *_erc_variants(m),
     ]
 
 
@@ -167,30 +168,51 @@ def _dense_active_variants(m: ModelConfig) -> list[Variant]:
 
 
 def _selection_variants(m: ModelConfig) -> list[Variant]:
-    """Both layers under the paper's other rules, each matched to top-k's compute.
+    """Both layers under the paper's other rules.
 
-    Top-p with p = k/E and max_k = k: the k largest of E probabilities sum to at least k/E, so no
-    token takes more than k experts (max_k only states it), and a token whose probabilities are
-    near uniform (every token at init) takes k; a confident token takes fewer. Expert choice with
-    capacity factor 1: each expert takes n*k/E tokens of a sequence of n, so the rows computed are
-    exactly top-k's n*k (rounded up per expert when E does not divide n*k); evaluation routes by
-    top-k (``ec_inference=top_k``: no token sees later tokens through its routing).
+    Top-p as the paper trains it (``moe_topp`` / ``aoe_topp``): p = 0.6 with Ent_conf as a loss at
+    weight 1e-4, so that a model cannot lower its loss by spreading probability over many experts.
+    Top-p matched to top-k's compute (``*_topp_kE``): p = k/E and max_k = k: the k largest of E
+    probabilities sum to at least k/E, so no token takes more than k experts (max_k only states
+    it), and a token whose probabilities are near uniform (every token at init) takes k; a
+    confident token takes fewer. Expert choice with capacity factor 1: each expert takes n*k/E
+    tokens of a sequence of n, so the rows computed are exactly top-k's n*k (rounded up per expert
+    when E does not divide n*k); evaluation routes by top-k (``ec_inference=top_k``: no token sees
+    later tokens through its routing).
     """
     E, k = m.n_experts, m.top_k
     p = f"{k / E:.6g}"
+    paper_p = ("model.selection=top_p", "model.top_p=0.6", "model.min_k=1", "model.max_k=null",
+               "model.entropy_loss_coef=0.0001")
     top_p = ("model.selection=top_p", f"model.top_p={p}", "model.min_k=1", f"model.max_k={k}")
     ec = ("model.selection=expert_choice", "model.capacity_factor=1.0", "model.ec_inference=top_k")
+    paper_text = f"top-p (p = 0.6, 1 to {E} experts per token) with Ent_conf as a loss (1e-4), as the paper"
     topp_text = f"top-p (p = k/E = {p}, 1 to {k} experts per token: at most top-{k}'s compute)"
     ec_text = f"expert choice (capacity factor 1: top-{k}'s rows; top-{k} at evaluation)"
     return [
-        Variant("moe_topp", "MoE (top-p)", f"router MoE, {topp_text}, no balancing loss",
+        Variant("moe_topp", "MoE (top-p)", f"router MoE, {paper_text}, no balancing loss",
+                ("model.ffn=moe", "model.aux_loss_coef=0.0", *paper_p), "moe", "moe"),
+        Variant("aoe_topp", "AoE (top-p)", f"Autonomy-of-Experts, d_low={m.d_low}, {paper_text}, no balancing loss",
+                ("model.ffn=aoe", "model.aux_loss_coef=0.0", *paper_p), "aoe", "moe_topp"),
+        Variant("moe_topp_kE", "MoE (top-p, p = k/E)", f"router MoE, {topp_text}, no balancing loss",
                 ("model.ffn=moe", "model.aux_loss_coef=0.0", *top_p), "moe", "moe"),
-        Variant("aoe_topp", "AoE (top-p)", f"Autonomy-of-Experts, d_low={m.d_low}, {topp_text}, no balancing loss",
-                ("model.ffn=aoe", "model.aux_loss_coef=0.0", *top_p), "aoe", "moe_topp"),
+        Variant("aoe_topp_kE", "AoE (top-p, p = k/E)", f"Autonomy-of-Experts, d_low={m.d_low}, {topp_text}, "
+                "no balancing loss", ("model.ffn=aoe", "model.aux_loss_coef=0.0", *top_p), "aoe", "moe_topp_kE"),
         Variant("moe_ec", "MoE (expert choice)", f"router MoE, {ec_text}, of {E} experts",
                 ("model.ffn=moe", "model.aux_loss_coef=0.0", *ec), "moe", "moe"),
         Variant("aoe_ec", "AoE (expert choice)", f"Autonomy-of-Experts, d_low={m.d_low}, {ec_text}, of {E} experts",
                 ("model.ffn=aoe", "model.aux_loss_coef=0.0", *ec), "aoe", "moe_ec"),
+    ]
+
+
+def _erc_variants(m: ModelConfig) -> list[Variant]:
+    """The first author's follow-up: a router MoE with the ERC loss (aoe.nn.erc), with L_aux as there."""
+    return [
+        Variant("moe_erc", "MoE + ERC + L_aux",
+                f"router MoE with the ERC loss (weight 1, alpha 1: {m.n_experts}x{m.n_experts} router-expert "
+                "couplings per layer and step) and load-balancing loss 0.01",
+                ("model.ffn=moe", "model.aux_loss_coef=0.01", "model.erc_loss_coef=1.0", "model.erc_alpha=1.0"),
+                "moe", "moe_aux"),
     ]
 
 

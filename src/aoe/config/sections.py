@@ -85,6 +85,16 @@ class ModelConfig(_Section):
     aux_loss_coef: float = 0.0
     #: MoE only: weight of the router z-loss (0 = off). Refused with ffn="aoe" (AoE has no logits).
     z_loss_coef: float = 0.0
+    #: Weight of Ent_conf as a loss: the mean over tokens of the selection softmax's entropy, per
+    #: sparse layer (0 = off). The paper trains Top-P (selection=top_p, top_p 0.6) with 1e-4, so that
+    #: a model cannot lower its loss by spreading probability over many experts. Any rule.
+    entropy_loss_coef: float = 0.0
+    #: MoE only: weight of the ERC loss coupling router and experts (aoe.nn.erc; 0 = off; the paper:
+    #: 1.0 with aux_loss_coef 0.01), in training only, summed over the sparse layers like L_aux.
+    #: Needs the linear router (no moe_router_hidden) and is refused with expert parallelism.
+    erc_loss_coef: float = 0.0
+    #: MoE only: the ERC loss's margin alpha (1.0, the paper's default; 0.5 its best at 256 experts).
+    erc_alpha: float = 1.0
     #: Aux-loss-free balancing: step size of the per-expert selection bias (0 = off; not in the paper).
     bias_update_rate: float = 0.0
     #: AoE only: recompute x @ w_down in backward instead of keeping the [tokens, E, d_low] cache.
@@ -181,13 +191,14 @@ class ModelConfig(_Section):
                       selection=self.selection, top_p=self.top_p, min_k=self.min_k, max_k=self.max_k,
                       capacity_factor=self.capacity_factor, ec_inference=self.ec_inference,
                       n_shared_experts=self.n_shared_experts, d_shared=self.d_shared,
-                      shared_gate=self.shared_expert_gate, **optional)
+                      shared_gate=self.shared_expert_gate, entropy_loss_coef=self.entropy_loss_coef, **optional)
         if kind == "dense":
             return DenseFFNConfig(self.d_model, self.ffn_width_dense, gate_rank=self.dense_gate_rank,
                                   gate_init=self.gate_init)
         if kind == "moe":
             return MoEFFNConfig(self.d_model, self.d_ffn, z_loss_coef=self.z_loss_coef, gate_rank=self.moe_gate_rank,
-                                router_hidden=self.moe_router_hidden, **sparse)
+                                router_hidden=self.moe_router_hidden, erc_loss_coef=self.erc_loss_coef,
+                                erc_alpha=self.erc_alpha, **sparse)
         return AoEFFNConfig(self.d_model, self.d_low, d_wide=self.resolved_d_wide, norm=self.norm,
                             recompute_scores=self.recompute_scores, **sparse)
 
@@ -221,6 +232,7 @@ class ModelConfig(_Section):
             self._fail("dense_gate_rank", f'applies to dense FFNs only (ffn={self.ffn!r}, no dense_layers); set it to null')
         self._check_shared()
         self._check_selection()
+        self._check_erc()
         if self.ffn == "aoe" and self.z_loss_coef > 0:
             self._fail("z_loss_coef", 'applies to ffn="moe" only (AoE has no router logits); set it to 0')
         seen = set()
@@ -251,6 +263,15 @@ class ModelConfig(_Section):
         if self.selection == "expert_choice" and self.bias_update_rate > 0:
             self._fail("bias_update_rate", "has no effect with selection=expert_choice (each expert takes its "
                        "capacity whatever a per-expert bias); set it to 0")
+
+    def _check_erc(self) -> None:
+        self._non_negative("entropy_loss_coef", "erc_loss_coef")
+        self._positive("erc_alpha")
+        self._finite("entropy_loss_coef", "erc_loss_coef", "erc_alpha")
+        if self.erc_loss_coef > 0 and self.ffn != "moe":
+            self._fail("erc_loss_coef", f'applies to ffn="moe" only (ffn={self.ffn!r}: no router to couple); set it to 0')
+        if self.erc_loss_coef > 0 and self.moe_router_hidden is not None:
+            self._fail("erc_loss_coef", "needs the linear router (model.moe_router_hidden is set); set one of them off")
 
     def _check_shared(self) -> None:
         if self.n_shared_experts == 0:
@@ -468,6 +489,9 @@ class RunConfig:
                 f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size} "
                 "(the tokenizer's ids would not fit); raise it or set it to null"
             )
+        if m.erc_loss_coef > 0 and t.expert_parallel > 1:
+            raise ConfigError(f"model.erc_loss_coef={m.erc_loss_coef} needs every expert's gate matrix on each rank, "
+                              f"and train.expert_parallel={t.expert_parallel} spreads them; set one of them off")
 
 
 SECTIONS: dict[str, type[_Section]] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

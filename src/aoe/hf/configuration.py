@@ -80,6 +80,9 @@ HF_TO_NATIVE: tuple[tuple[str, str], ...] = (
     ("max_experts_per_tok", "max_k"),
     ("expert_capacity_factor", "capacity_factor"),
     ("expert_choice_inference", "ec_inference"),
+    ("router_entropy_loss_coef", "entropy_loss_coef"),
+    ("erc_loss_coef", "erc_loss_coef"),
+    ("erc_alpha", "erc_alpha"),
 )
 
 
@@ -143,6 +146,9 @@ class AoEConfig(PretrainedConfig):
     max_experts_per_tok: int | None = _DEFAULTS.max_k
     expert_capacity_factor: float = _DEFAULTS.capacity_factor
     expert_choice_inference: str = _DEFAULTS.ec_inference
+    router_entropy_loss_coef: float = _DEFAULTS.entropy_loss_coef
+    erc_loss_coef: float = _DEFAULTS.erc_loss_coef
+    erc_alpha: float = _DEFAULTS.erc_alpha
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

@@ -264,6 +264,11 @@ class Transformer(nn.Module):
         forward += 2 * D * cfg.vocab_size
         return 3 * forward if backward else forward
 
+    def step_flops(self) -> int:
+        """Training matmul FLOPs per step that do not grow with the tokens: the FFNs' ``step_flops()``
+        (MoE's ERC loss; 0 for every other layer)."""
+        return sum(getattr(block.ffn, "step_flops", lambda: 0)() for block in self.layers)
+
     def extra_repr(self) -> str:
         c = self.config
         return f"ffn={c.ffn!r}, vocab_size={c.vocab_size}, d_model={c.d_model}, n_layers={c.n_layers}"

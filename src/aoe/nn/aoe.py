@@ -83,8 +83,8 @@ class AoE(SparseFFN):
             (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
         d_shared: width of one shared expert (None = the expert width d_wide).
         shared_gate: scale the shared experts' output by ``sigmoid(x @ shared.gate)`` (Qwen2-MoE).
-        selection, top_p, min_k, max_k, capacity_factor, ec_inference: the selection rule and
-            its options (default top-k); see ``SparseFFN``.
+        selection, top_p, min_k, max_k, capacity_factor, ec_inference, entropy_loss_coef: the
+            selection rule, its options (default top-k) and the Ent_conf loss; see ``SparseFFN``.
     """
 
     CHOSEN_EXPERT_PARAMS = ("w_up", "w_in", "w_out")  # w_down: every expert scores every token
@@ -117,12 +117,13 @@ class AoE(SparseFFN):
         max_k: int | None = None,
         capacity_factor: float = 1.0,
         ec_inference: str = "top_k",
+        entropy_loss_coef: float = 0.0,
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
             bias_update_rate=bias_update_rate, grouped_mm=grouped_mm, backward_chunks=backward_chunks,
             selection=selection, top_p=top_p, min_k=min_k, max_k=max_k, capacity_factor=capacity_factor,
-            ec_inference=ec_inference,
+            ec_inference=ec_inference, entropy_loss_coef=entropy_loss_coef,
         )
         self.d_low = check_positive("d_low", d_low)
         if (d_wide is None) == (d_ffn is None):

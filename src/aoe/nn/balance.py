@@ -63,6 +63,14 @@ def confidence_entropy(probs_TE: torch.Tensor) -> float:
     return float(-(p * p.clamp_min(1e-300).log()).sum(-1).mean())
 
 
+def confidence_entropy_loss(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Ent_conf as a loss (a scalar in the graph): the mean over tokens of ``-sum_i p_i log p_i``
+    (the paper's Top-P regularizer, weight 1e-4, against spreading probability over many experts)."""
+    if probs_TE.shape[0] == 0:
+        return probs_TE.sum()
+    return -(probs_TE * probs_TE.clamp_min(torch.finfo(probs_TE.dtype).tiny).log()).sum(-1).mean()
+
+
 def imbalance(tokens_per_expert_E: torch.Tensor) -> float:
     """max load / mean load (1 = perfectly balanced)."""
     load = tokens_per_expert_E.double()

@@ -103,6 +103,9 @@ class MoEFFNConfig(_LayerConfig):
     max_k: int | None = _default(MoE, "max_k")
     capacity_factor: float = _default(MoE, "capacity_factor")
     ec_inference: str = _default(MoE, "ec_inference")
+    entropy_loss_coef: float = _default(MoE, "entropy_loss_coef")
+    erc_loss_coef: float = _default(MoE, "erc_loss_coef")
+    erc_alpha: float = _default(MoE, "erc_alpha")
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class AoEFFNConfig(_LayerConfig):
     max_k: int | None = _default(AoE, "max_k")
     capacity_factor: float = _default(AoE, "capacity_factor")
     ec_inference: str = _default(AoE, "ec_inference")
+    entropy_loss_coef: float = _default(AoE, "entropy_loss_coef")
 
 
 FFNConfig = DenseFFNConfig | MoEFFNConfig | AoEFFNConfig

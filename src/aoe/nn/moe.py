@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aoe.nn.balance import router_z_loss
+from aoe.nn.erc import ERCTerms, erc_flops, erc_terms, erc_terms_factorized
 from aoe.nn.experts import swiglu_experts
 from aoe.nn.grouped_mm import grouped_linear
 from aoe.nn.factorized import check_gate_init, w_up_std
@@ -52,8 +53,11 @@ class MoE(SparseFFN):
             (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
         d_shared: width of one shared expert (None = the expert width d_ffn).
         shared_gate: scale the shared experts' output by ``sigmoid(x @ shared.gate)`` (Qwen2-MoE).
-        selection, top_p, min_k, max_k, capacity_factor, ec_inference: the selection rule and
-            its options (default top-k); see ``SparseFFN``.
+        selection, top_p, min_k, max_k, capacity_factor, ec_inference, entropy_loss_coef: the
+            selection rule, its options (default top-k) and the Ent_conf loss; see ``SparseFFN``.
+        erc_loss_coef: weight of the ERC loss coupling router and experts (``aoe.nn.erc``; 0 = off,
+            the paper: 1, with L_aux 0.01), computed in training only; needs the linear router.
+        erc_alpha: the ERC loss's margin alpha (1 = the paper's default; 0.5 its best at 256 experts).
     """
 
     CHOSEN_EXPERT_PARAMS = ("w_gate", "w_down", "w_up", "w_in", "w_out")
@@ -85,12 +89,15 @@ class MoE(SparseFFN):
         max_k: int | None = None,
         capacity_factor: float = 1.0,
         ec_inference: str = "top_k",
+        entropy_loss_coef: float = 0.0,
+        erc_loss_coef: float = 0.0,
+        erc_alpha: float = 1.0,
     ):
         super().__init__(
             d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
             bias_update_rate=bias_update_rate, grouped_mm=grouped_mm, backward_chunks=backward_chunks,
             selection=selection, top_p=top_p, min_k=min_k, max_k=max_k, capacity_factor=capacity_factor,
-            ec_inference=ec_inference,
+            ec_inference=ec_inference, entropy_loss_coef=entropy_loss_coef,
         )
         self.d_ffn = check_positive("d_ffn", d_ffn)
         self.z_loss_coef = check_non_negative("z_loss_coef", z_loss_coef)
@@ -98,10 +105,20 @@ class MoE(SparseFFN):
         self.gate_rank = None if gate_rank is None else check_positive("gate_rank", gate_rank)
         self.router_hidden = None if router_hidden is None else check_positive("router_hidden", router_hidden)
         self.gate_init = check_gate_init(gate_init)
+        self._init_erc(erc_loss_coef, erc_alpha)
         self._init_router(d_model, n_experts)
         self._init_experts(d_model, d_ffn, n_experts)
         self.init_shared(n_shared_experts, d_shared, shared_gate, d_ffn, init_std)
         self.reset_parameters(init_std)
+
+    def _init_erc(self, coef: float, alpha: float) -> None:
+        self.erc_loss_coef = check_non_negative("erc_loss_coef", coef)
+        if not (isinstance(alpha, (int, float)) and 0 < alpha < float("inf")):
+            raise ValueError(f"erc_alpha={alpha!r} must be a positive finite number (the paper: 1)")
+        self.erc_alpha = float(alpha)
+        if self.erc_loss_coef > 0 and self.router_hidden is not None:
+            raise ValueError(f"erc_loss_coef={coef}: the ERC loss feeds router rows through the experts' gates and "
+                             "needs the linear router [d_model, E]; it does not apply with router_hidden")
 
     def _init_router(self, d_model: int, n_experts: int) -> None:
         """Registers the router, uninitialized: router [D, E], or with router_hidden=H router_in [D, H]
@@ -136,7 +153,24 @@ class MoE(SparseFFN):
         return at_least_fp32(x_TD @ self.router.to(dtype)), None
 
     def extra_loss(self, scores_TE):
-        return self.z_loss_coef * router_z_loss(scores_TE) if self.z_loss_coef > 0 else None
+        loss = self.z_loss_coef * router_z_loss(scores_TE) if self.z_loss_coef > 0 else None
+        if self.erc_loss_coef > 0 and self.training:
+            erc = self.erc_terms()
+            self.last_loss_terms.update(erc=erc.loss.detach(), erc_eps=erc.eps_E.mean())
+            loss = self.erc_loss_coef * erc.loss if loss is None else loss + self.erc_loss_coef * erc.loss
+        return loss
+
+    def erc_terms(self, delta_DE: torch.Tensor | None = None) -> ERCTerms:
+        """The ERC loss of this layer's router and gate matrices (noise drawn when ``delta_DE`` is None)."""
+        if self.gate_rank is None:
+            return erc_terms(self.router, self.w_gate, alpha=self.erc_alpha, delta_DE=delta_DE)
+        return erc_terms_factorized(self.router, self.w_down, self.w_up, alpha=self.erc_alpha, delta_DE=delta_DE)
+
+    def step_flops(self) -> int:
+        """The ERC loss's training FLOPs per step (forward + backward = 3 x ``erc_flops``), 0 when off."""
+        if self.erc_loss_coef == 0:
+            return 0
+        return 3 * erc_flops(self.n_experts, self.d_model, self.d_ffn, self.gate_rank)
 
     def expert_outputs(self, x_TD, state, routing: Routing, dtype):
         dispatch, gate_weight_S = routing.dispatch, routing.gate_weight_S
@@ -169,4 +203,5 @@ class MoE(SparseFFN):
         extra = "" if self.gate_rank is None else f", gate_rank={self.gate_rank}"
         extra += "" if self.router_hidden is None else f", router_hidden={self.router_hidden}"
         extra += "" if self.gate_rank is None or self.gate_init == "balanced" else f", gate_init={self.gate_init!r}"
+        extra += "" if self.erc_loss_coef == 0 else f", erc_loss_coef={self.erc_loss_coef:g}, erc_alpha={self.erc_alpha:g}"
         return f"{super().extra_repr()}, d_ffn={self.d_ffn}{extra}"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aoe.nn.balance import RoutingInfo, load_balancing_loss, update_selection_bias
+from aoe.nn.balance import RoutingInfo, confidence_entropy_loss, load_balancing_loss, update_selection_bias
 from aoe.nn.dispatch import Dispatch
 from aoe.nn.grouped_mm import check_backend
 from aoe.nn.selection import SELECTIONS, Selection, select_expert_choice, select_top_k, select_top_p
@@ -92,6 +92,11 @@ class SparseFFN(nn.Module):
             tokens of a sequence of n (1 = top-k's compute).
         ec_inference: expert choice outside training: "top_k" (default: routes each token by itself,
             as generation needs) or "expert_choice" (leaks later tokens into a causal LM's routing).
+        entropy_loss_coef: weight of Ent_conf, the mean entropy of the selection softmax, as a loss
+            (0 = off; the paper trains Top-P with 1e-4); any rule.
+
+    ``last_loss_terms``: the unweighted auxiliary terms of the last forward that are on, detached
+    (e.g. ``{"entropy": ..., "erc": ...}``), for the per-layer training metrics.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class SparseFFN(nn.Module):
         max_k: int | None = None,
         capacity_factor: float = 1.0,
         ec_inference: str = "top_k",
+        entropy_loss_coef: float = 0.0,
     ):
         super().__init__()
         self.d_model = check_positive("d_model", d_model)
@@ -121,6 +127,8 @@ class SparseFFN(nn.Module):
         self.renormalize = bool(renormalize)
         self.aux_loss_coef = check_non_negative("aux_loss_coef", aux_loss_coef)
         self.bias_update_rate = check_non_negative("bias_update_rate", bias_update_rate)
+        self.entropy_loss_coef = check_non_negative("entropy_loss_coef", entropy_loss_coef)
+        self.last_loss_terms: dict[str, torch.Tensor] = {}
         self.grouped_mm = check_backend(grouped_mm)
         self.backward_chunks = None if backward_chunks is None else check_positive("backward_chunks", backward_chunks)
         self._init_selection(selection, top_p, min_k, max_k, capacity_factor, ec_inference)
@@ -256,8 +264,13 @@ class SparseFFN(nn.Module):
 
     def _aux_loss(self, scores_TE: torch.Tensor, selection: Selection, dispatch: Dispatch) -> torch.Tensor:
         loss = scores_TE.new_zeros(())
+        self.last_loss_terms = {}
         if self.aux_loss_coef > 0:
             loss = loss + self.aux_loss_coef * load_balancing_loss(selection.probs_TE, dispatch.tokens_per_expert_E)
+        if self.entropy_loss_coef > 0:
+            entropy = confidence_entropy_loss(selection.probs_TE)
+            self.last_loss_terms["entropy"] = entropy.detach()
+            loss = loss + self.entropy_loss_coef * entropy
         extra = self.extra_loss(scores_TE)
         if extra is not None:
             loss = loss + extra
@@ -290,6 +303,10 @@ class SparseFFN(nn.Module):
         for name, p in self.named_parameters(recurse=False):
             total += p.numel() // self.n_experts * k if name in self.CHOSEN_EXPERT_PARAMS else p.numel()
         return round(total)
+
+    def step_flops(self) -> int:
+        """Training matmul FLOPs per step that do not scale with the tokens (0 here; MoE's ERC loss)."""
+        return 0
 
     def shared_flops(self) -> int:
         """Forward matmul FLOPs per token of the shared experts (0 without)."""

@@ -27,6 +27,10 @@ from aoe.nn.sparse import SparseFFN, sparse_layers
 from aoe.train.distributed import DistInfo, all_reduce_sum
 
 
+#: A layer's ``last_loss_terms`` -> the per-layer metric that logs its mean over the collected forwards.
+LOSS_TERMS = {"entropy": "entropy_loss", "erc": "erc_loss", "erc_eps": "erc_eps"}
+
+
 class RoutingStats:
     """Accumulates the routing of every sparse layer of a model over forwards.
 
@@ -36,7 +40,9 @@ class RoutingStats:
     forwards; ``gate_weight_mean[j]`` the mean over tokens of the (j+1)-th largest chosen gate
     weight (how much of the expert outputs reaches the residual stream: without renormalization
     they sum to less than 1; 0 for a slot a token left unused); ``dead_experts`` the number of
-    experts that received no token.
+    experts that received no token. A layer with an auxiliary term on adds its unweighted mean
+    (``LOSS_TERMS``: ``"entropy_loss"`` = Ent_conf as trained, ``"erc_loss"``, ``"erc_eps"`` = the
+    mean noise bound of the ERC loss).
 
     A layer whose ``selection`` is not top-k adds ``"selection"`` (its rule), ``"experts_per_token"``
     (the mean), ``"experts_per_token_hist"`` (entry j: the tokens that used j experts),
@@ -63,6 +69,7 @@ class RoutingStats:
         self.hists = [torch.zeros(max_slots(m) + 1, dtype=torch.float64) for _, m in self.layers]
         self.n_tokens = torch.zeros(len(self.layers), dtype=torch.float64)
         self.leaky = torch.zeros(len(self.layers), dtype=torch.float64)  # forwards routed by expert choice
+        self.terms = torch.zeros(len(self.layers), 2 * len(LOSS_TERMS), dtype=torch.float64)  # sums, then counts
 
     @torch.no_grad()
     def collect(self) -> None:
@@ -81,17 +88,25 @@ class RoutingStats:
                                                     minlength=self.hists[i].numel()).double()
                 self.n_tokens[i] += n
             self.leaky[i] += 0.0 if info.causal else 1.0
+            self._collect_terms(i, getattr(layer, "last_loss_terms", {}))
+
+    def _collect_terms(self, i: int, terms: dict) -> None:
+        for j, name in enumerate(LOSS_TERMS):
+            if name in terms:
+                self.terms[i, j] += float(terms[name])
+                self.terms[i, len(LOSS_TERMS) + j] += 1
 
     def summary(self, dist_info: DistInfo | None = None) -> list[dict[str, Any]]:
         if not self.layers:
             return []
         n = len(self.layers)
-        flat = torch.cat([*self.counts, *self.gate_sums, *self.hists, self.conf_sum, self.n_tokens, self.leaky])
+        flat = torch.cat([*self.counts, *self.gate_sums, *self.hists, self.conf_sum, self.n_tokens, self.leaky,
+                          self.terms.flatten()])
         if dist_info is not None:
             all_reduce_sum(flat, dist_info)
         sizes = [c.numel() for c in self.counts] + [g.numel() for g in self.gate_sums] + [h.numel() for h in self.hists]
-        parts = list(flat.split([*sizes, n, n, n]))
-        conf_sum, n_tokens, leaky = parts[-3], parts[-2], parts[-1]
+        parts = list(flat.split([*sizes, n, n, n, self.terms.numel()]))
+        conf_sum, n_tokens, leaky, terms = parts[-4], parts[-3], parts[-2], parts[-1].view_as(self.terms)
         out = []
         for i, (idx, layer) in enumerate(self.layers):
             counts, gate_sum = parts[i], parts[n + i]
@@ -106,9 +121,16 @@ class RoutingStats:
                 "gate_weight_mean": [float(g) / tokens if tokens > 0 else float("nan") for g in gate_sum.tolist()],
                 "dead_experts": int((counts == 0).sum()) if tokens > 0 else None,
             })
+            out[-1].update(_term_means(terms[i]))
             if getattr(layer, "selection", "top_k") != "top_k":
                 out[-1].update(_rule_stats(layer.selection, parts[2 * n + i], tokens, float(leaky[i])))
         return out
+
+
+def _term_means(sums_and_counts: torch.Tensor) -> dict[str, float]:
+    n = len(LOSS_TERMS)
+    return {key: float(sums_and_counts[j] / sums_and_counts[n + j])
+            for j, key in enumerate(LOSS_TERMS.values()) if sums_and_counts[n + j] > 0}
 
 
 def max_slots(layer: SparseFFN) -> int:

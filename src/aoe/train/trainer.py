@@ -187,7 +187,10 @@ class Trainer:
             self._write_config()
 
         self.step_model: torch.nn.Module = self._wrap_for_steps()
-        self.flops_per_token = self.model.flops_per_token(self.cfg.train.seq_len)
+        t, step_flops = self.cfg.train, self.model.step_flops()
+        self.flops_per_token = self.model.flops_per_token(t.seq_len)
+        if step_flops:  # token-independent FLOPs of a step (the ERC loss), spread over its tokens
+            self.flops_per_token += step_flops / (t.batch_size * t.seq_len)
         self.peak_flops = measure_matmul_flops(self.device, self.dtype) * self.dist.world_size
 
     # -- set-up helpers ----------------------------------------------------------------------------
