@@ -177,6 +177,15 @@ def test_bad_options_say_what_to_do():
         use_fused("triton", torch.zeros(2, 4, dtype=torch.float64), "l2")
 
 
+def test_model_config_carries_and_checks_the_option():
+    from aoe.config import ConfigError, ModelConfig
+
+    assert ModelConfig(vocab_size=100, scores_backend="torch").ffn_config(0).build().scores_backend == "torch"
+    for bad, message in ((dict(scores_backend="fast"), "not one of"), (dict(scores_backend="triton", norm="linf"), "linf")):
+        with pytest.raises(ConfigError, match=f"model.scores_backend=.*{message}"):
+            ModelConfig(vocab_size=100, **bad).validate()
+
+
 def test_auto_uses_the_torch_path_on_the_cpu_and_for_linf():
     x = torch.zeros(2, 4)
     assert not use_fused("auto", x, "l2")
