@@ -3,8 +3,8 @@ outputs and gradients; the layer with the kernel forced against its PyTorch path
 reference, for every selection rule; torch.compile keeps the op whole; the options' errors; and
 the PyTorch path's no-fp32-copy rule.
 
-Without a CUDA device the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set here
-before the kernels are defined), in fp32 and fp16 (the interpreter computes bf16 wrongly). Each
+Without a CUDA device the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by
+tests/conftest.py before anything imports triton), in fp32 and fp16 (the interpreter computes bf16 wrongly). Each
 launch costs a fraction of a second there, so the shapes are tiny but cover the masks: T and D not
 multiples of the tile, d_low split into two column chunks of which the second is partial, and a
 d_low below the smallest tile.
@@ -25,15 +25,13 @@ from aoe.nn.selection import activation_norms
 from .helpers import grads_of, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before aoe.nn.score_kernels defines the kernels
 try:
     import triton  # noqa: F401
 except ImportError:
     triton = None
-needs_triton = pytest.mark.skipif(
+needs_triton = pytest.mark.skipif(  # tests/conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA
     triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton (and a CUDA device or TRITON_INTERPRET=1)")
+    reason="needs triton, and a CUDA device or TRITON_INTERPRET=1 set before triton is imported")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # (norms, gradients) tolerances against fp64 on the same rounded inputs
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 3e-3), torch.bfloat16: (1e-3, 2e-2)}
