@@ -24,7 +24,6 @@ Shape legend: T tokens, D model dim, E experts, L = d_low, X = E*L, S chosen (to
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -47,14 +46,24 @@ def check_scores_backend(scores_backend: str, norm: str) -> str:
     return scores_backend
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Whether triton imports (and with it the kernels)."""
+_TRITON_IMPORTS: bool | None = None
+
+
+def _import_kernels() -> bool:
     try:
         import aoe.nn.score_kernels  # noqa: F401
     except Exception:  # ImportError, or a triton that fails on this platform
         return False
     return True
+
+
+def triton_available() -> bool:
+    """Whether triton imports (and with it the kernels); tried once, eagerly even under torch.compile."""
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        probe = torch.compiler.disable(_import_kernels) if torch.compiler.is_compiling() else _import_kernels
+        _TRITON_IMPORTS = probe()
+    return _TRITON_IMPORTS
 
 
 def interpreting() -> bool:

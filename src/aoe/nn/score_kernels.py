@@ -67,7 +67,7 @@ def _program_tile(T, n_cols, BT: tl.constexpr, GROUP_T: tl.constexpr):
 @triton.jit
 def _activation_tile(x_ptr, w_ptr, offs_t, cols, mask_t, mask_n, sxt, sxd, swd, swx,
                      D: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """c[offs_t, cols] = x[offs_t, :] @ w[:, cols], accumulated in fp32 ([BT, BN])."""
     acc = tl.zeros([BT, BN], dtype=tl.float32)
     for k0 in range(0, D, BK):
@@ -80,7 +80,10 @@ def _activation_tile(x_ptr, w_ptr, offs_t, cols, mask_t, mask_n, sxt, sxd, swd, 
         if UPCAST:  # the interpreter computes bf16 wrongly: fp32 operands there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if IEEE:  # fp32 operands: full fp32 products, not tf32
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
     return acc
 
 
@@ -100,11 +103,11 @@ def _tile_coords(T, E, L: tl.constexpr, C: tl.constexpr, BT: tl.constexpr, BN: t
 def _norm_partials_kernel(x_ptr, w_ptr, part_ptr, T, E, sxt, sxd, swd, swx,
                           D: tl.constexpr, L: tl.constexpr, C: tl.constexpr, ORD: tl.constexpr,
                           BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_T: tl.constexpr,
-                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                          UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """part[t, e, chunk] = the chunk's sum of c^2 (ORD 2), of |c| (ORD 1) or max |c| (ORD 0)."""
     offs_t, expert, pid_c, cols, mask_t, mask_n = _tile_coords(T, E, L, C, BT, BN, GROUP_T)
     c = _activation_tile(x_ptr, w_ptr, offs_t, cols, mask_t, mask_n, sxt, sxd, swd, swx,
-                         D, BT, BN, BK, UPCAST, PRECISION)  # masked columns are exactly 0
+                         D, BT, BN, BK, UPCAST, IEEE)  # masked columns are exactly 0
     if ORD == 2:
         part = tl.sum(c * c, axis=1)
     elif ORD == 1:
@@ -118,11 +121,11 @@ def _norm_partials_kernel(x_ptr, w_ptr, part_ptr, T, E, sxt, sxd, swd, swx,
 def _norm_grad_kernel(x_ptr, w_ptr, norm_ptr, grad_ptr, dc_ptr, T, E, sxt, sxd, swd, swx,
                       D: tl.constexpr, L: tl.constexpr, C: tl.constexpr, ORD: tl.constexpr,
                       BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_T: tl.constexpr,
-                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                      UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """dc[t, cols] = dnorm[t, e]/dc * grad[t, e] for this tile (ORD 2 or 1), stored in dc's dtype."""
     offs_t, expert, _, cols, mask_t, mask_n = _tile_coords(T, E, L, C, BT, BN, GROUP_T)
     c = _activation_tile(x_ptr, w_ptr, offs_t, cols, mask_t, mask_n, sxt, sxd, swd, swx,
-                         D, BT, BN, BK, UPCAST, PRECISION)
+                         D, BT, BN, BK, UPCAST, IEEE)
     g = tl.load(grad_ptr + offs_t * E + expert, mask=mask_t, other=0.0)
     if ORD == 2:
         n = tl.load(norm_ptr + offs_t * E + expert, mask=mask_t, other=1.0)
@@ -145,10 +148,9 @@ def _launch_args(x_TD: torch.Tensor, w_DX: torch.Tensor, d_low: int, norm: str, 
     C = triton.cdiv(d_low, tiles.block_n)
     grid = (triton.cdiv(T, tiles.block_t) * E * C,)
     upcast = x_TD.dtype == torch.bfloat16 and not x_TD.is_cuda
-    precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"  # fp32: no tf32 rounding
     strides = (x_TD.stride(0), x_TD.stride(1), w_DX.stride(0), w_DX.stride(1))
     meta = dict(D=D, L=d_low, C=C, ORD=ORDS[norm], BT=tiles.block_t, BN=tiles.block_n, BK=tiles.block_k,
-                GROUP_T=tiles.group_t, UPCAST=upcast, PRECISION=precision,
+                GROUP_T=tiles.group_t, UPCAST=upcast, IEEE=x_TD.dtype == torch.float32,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return grid, T, E, C, strides, meta
 
