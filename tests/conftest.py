@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without CUDA, Triton kernels run under Triton's interpreter (tests/nn/test_fused_scores.py). triton
+# reads the variable when it is first imported, and torch.compile's inductor imports it: set it first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Two cores: keep each test process to the machine's size and deterministic.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

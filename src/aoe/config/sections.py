@@ -12,6 +12,7 @@ from aoe.config.schema import ConfigError, _Section
 from aoe.nn.aoe import match_d_wide
 from aoe.nn.configs import AoEFFNConfig, DenseFFNConfig, MoEFFNConfig
 from aoe.nn.factorized import GATE_INITS  # the layers' own options: their lists, in one place each
+from aoe.nn.fused_scores import FUSED_NORMS, SCORES_BACKENDS
 from aoe.nn.grouped_mm import BACKENDS as GROUPED_MM_BACKENDS
 from aoe.nn.selection import NORMS as SCORE_NORMS
 from aoe.nn.selection import SELECTIONS
@@ -99,6 +100,8 @@ class ModelConfig(_Section):
     bias_update_rate: float = 0.0
     #: AoE only: recompute x @ w_down in backward instead of keeping the [tokens, E, d_low] cache.
     recompute_scores: bool = False
+    #: AoE only: "auto" (the fused Triton kernel on CUDA where it fits), "triton" or "torch" (aoe.nn.fused_scores).
+    scores_backend: str = "auto"
     #: Recompute the expert gate pre-activation in backward instead of keeping it. None = layer
     #: default: AoE true (a cheap [S, d_low] x [d_low, d_wide] matmul), MoE false (a full matmul).
     recompute_gate: bool | None = None
@@ -200,7 +203,7 @@ class ModelConfig(_Section):
                                 router_hidden=self.moe_router_hidden, erc_loss_coef=self.erc_loss_coef,
                                 erc_alpha=self.erc_alpha, **sparse)
         return AoEFFNConfig(self.d_model, self.d_low, d_wide=self.resolved_d_wide, norm=self.norm,
-                            recompute_scores=self.recompute_scores, **sparse)
+                            recompute_scores=self.recompute_scores, scores_backend=self.scores_backend, **sparse)
 
     def _check(self) -> None:
         self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
@@ -222,6 +225,9 @@ class ModelConfig(_Section):
         self._choice("norm", SCORE_NORMS)
         self._choice("qk_norm", QK_NORMS)
         self._choice("grouped_mm", GROUPED_MM_BACKENDS)
+        self._choice("scores_backend", SCORES_BACKENDS)
+        if self.scores_backend == "triton" and self.norm not in FUSED_NORMS:
+            self._fail("scores_backend", f"fuses norm in {list(FUSED_NORMS)} only, not {self.norm!r}: use 'auto' or 'torch'")
         self._choice("gate_init", GATE_INITS)
         if self.top_k > self.n_experts:
             raise ConfigError(f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}")

@@ -20,8 +20,8 @@ in ``ModelConfig``).
     min_experts_per_tok = min_k      max_experts_per_tok = max_k
     expert_capacity_factor = capacity_factor   expert_choice_inference = ec_inference
     (d_low, d_wide, rope_theta, qk_norm ("none" | "head" |
-    "full"), dense_layers, dense_gate_rank, gate_init, bias_update_rate, recompute_scores, recompute_gate, backward_chunks,
-    grouped_mm, shared_expert_gate keep their names)
+    "full"), dense_layers, dense_gate_rank, gate_init, bias_update_rate, recompute_scores, scores_backend, recompute_gate,
+    backward_chunks, grouped_mm, shared_expert_gate keep their names)
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ HF_TO_NATIVE: tuple[tuple[str, str], ...] = (
     ("router_z_loss_coef", "z_loss_coef"),
     ("bias_update_rate", "bias_update_rate"),
     ("recompute_scores", "recompute_scores"),
+    ("scores_backend", "scores_backend"),
     ("recompute_gate", "recompute_gate"),
     ("backward_chunks", "backward_chunks"),
     ("moe_gate_rank", "moe_gate_rank"),
@@ -127,6 +128,7 @@ class AoEConfig(PretrainedConfig):
     router_z_loss_coef: float = _DEFAULTS.z_loss_coef
     bias_update_rate: float = _DEFAULTS.bias_update_rate
     recompute_scores: bool = _DEFAULTS.recompute_scores
+    scores_backend: str = _DEFAULTS.scores_backend
     recompute_gate: bool | None = _DEFAULTS.recompute_gate
     backward_chunks: int | None = _DEFAULTS.backward_chunks
     moe_gate_rank: int | None = _DEFAULTS.moe_gate_rank

@@ -21,6 +21,7 @@ from torch import nn
 
 from aoe.nn.experts import swiglu_experts
 from aoe.nn.factorized import check_gate_init, init_factorized_gate
+from aoe.nn.fused_scores import check_scores_backend, chosen_activations, expert_norms, use_fused
 from aoe.nn.selection import activation_norms, check_norm
 from aoe.nn.sparse import Routing, SparseFFN, check_positive
 
@@ -70,6 +71,11 @@ class AoE(SparseFFN):
         bias_update_rate: aux-loss-free balancing step size (0 = off).
         recompute_scores: do not keep the [T, E, L] activation cache for backward; recompute
             ``x @ w_down`` there instead (training memory for one extra small matmul).
+        scores_backend: "auto" | "triton" | "torch": how the scores are computed. "triton": one
+            fused kernel that never writes the [T, E, L] activations (``aoe.nn.fused_scores``; the
+            chosen rows are then computed by one grouped matmul); "torch": the plain matmul and its
+            cache (the reference); "auto" (default): triton on CUDA when it imports and the norm is
+            l2 or l1, else torch.
         recompute_gate: recompute the chosen experts' ``c @ w_up`` in backward instead of keeping
             it (default True: an [S, L] x [L, W] matmul, cheap because L is small).
         grouped_mm: "auto" | "torch" | "loop" (see ``aoe.nn.grouped_mm``).
@@ -103,6 +109,7 @@ class AoE(SparseFFN):
         aux_loss_coef: float = 0.0,
         bias_update_rate: float = 0.0,
         recompute_scores: bool = False,
+        scores_backend: str = "auto",
         recompute_gate: bool = True,
         grouped_mm: str = "auto",
         backward_chunks: int | None = None,
@@ -131,6 +138,7 @@ class AoE(SparseFFN):
         self.d_wide = check_positive("d_wide", d_wide) if d_wide is not None else match_d_wide(d_model, d_ffn, d_low)
         self.norm = check_norm(norm)
         self.recompute_scores = bool(recompute_scores)
+        self.scores_backend = check_scores_backend(scores_backend, self.norm)
         self.recompute_gate = bool(recompute_gate)
         self.gate_init = check_gate_init(gate_init)
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_low))
@@ -148,8 +156,11 @@ class AoE(SparseFFN):
             self.shared.reset_parameters(std, out_std)
 
     def expert_scores(self, x_TD, dtype):
+        """The scores [T, E] and the activation cache [T, E, L] (None from the fused kernel)."""
         n_tokens, E, L = x_TD.shape[0], self.n_experts, self.d_low
         w_down_DX = self.w_down.to(dtype).transpose(0, 1).reshape(self.d_model, E * L)  # X = E*L, expert-major
+        if use_fused(self.scores_backend, x_TD, self.norm):
+            return expert_norms(x_TD, w_down_DX, L, self.norm), None
         act_TEL = (x_TD @ w_down_DX).view(n_tokens, E, L)
         recompute_from = (x_TD, w_down_DX) if self.recompute_scores else None
         return activation_norms(act_TEL, self.norm, recompute_from=recompute_from), act_TEL
@@ -157,13 +168,19 @@ class AoE(SparseFFN):
     def expert_outputs(self, x_TD, act_TEL, routing: Routing, dtype):
         dispatch, gate_weight_S = routing.dispatch, routing.gate_weight_S
         x_SD = dispatch.gather_tokens(x_TD)
-        E, L = self.n_experts, self.d_low
-        act_SL = act_TEL.reshape(-1, L).index_select(0, dispatch.token_S * E + dispatch.expert_S)
+        act_SL = self.chosen_activations(x_TD, act_TEL, dispatch, dtype)
         return swiglu_experts(
             x_SD, act_SL, self.w_up.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
             dispatch.offsets_E, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
             backend=self.grouped_mm,
         )
+
+    def chosen_activations(self, x_TD, act_TEL, dispatch, dtype):
+        """[S, L]: each sorted row's ``x @ w_down[e]``, read from the cache, or computed (fused path)."""
+        if act_TEL is None:
+            return chosen_activations(x_TD, self.w_down.to(dtype), dispatch, self.grouped_mm)
+        E, L = self.n_experts, self.d_low
+        return act_TEL.reshape(-1, L).index_select(0, dispatch.token_S * E + dispatch.expert_S)
 
     def forward_flops(self) -> int:
         """Matmul FLOPs (2 x multiply-adds) per token of the forward pass: every expert's low-rank

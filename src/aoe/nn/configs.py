@@ -123,6 +123,7 @@ class AoEFFNConfig(_LayerConfig):
     aux_loss_coef: float = _default(AoE, "aux_loss_coef")
     bias_update_rate: float = _default(AoE, "bias_update_rate")
     recompute_scores: bool = _default(AoE, "recompute_scores")
+    scores_backend: str = _default(AoE, "scores_backend")
     recompute_gate: bool = _default(AoE, "recompute_gate")
     grouped_mm: str = _default(AoE, "grouped_mm")
     backward_chunks: int | None = _default(AoE, "backward_chunks")

@@ -177,23 +177,34 @@ def check_norm(norm: str) -> str:
     return norm
 
 
-def _norm_and_grad(act_TEL: torch.Tensor, norm: str, need_grad: bool):
-    a = at_least_fp32(act_TEL)
+_ORDS = {"l2": 2, "l1": 1, "linf": math.inf}
+
+
+def _norms(act_TEL: torch.Tensor, norm: str) -> torch.Tensor:
+    """[T, E] norms in at least fp32, reduced in that precision as the elements are read: no
+    upcast copy of the [T, E, L] cache."""
+    return torch.linalg.vector_norm(act_TEL, ord=_ORDS[norm], dim=-1,
+                                    dtype=torch.promote_types(act_TEL.dtype, torch.float32))
+
+
+def _norms_grad(act_TEL: torch.Tensor, norms_TE: torch.Tensor, grad_TE: torch.Tensor, norm: str,
+                in_place: bool) -> torch.Tensor:
+    """d(sum grad * norms) / d act, in act's dtype. Each element is act (or its sign) times a
+    per-(t, e) factor in at least fp32, rounded once; the one [T, E, L] buffer is the result
+    (``in_place``: act's own, for a recomputed act; linf adds a bool mask of its maxima).
+    linf: the gradient goes to the largest entry, split evenly between exact ties."""
+    grad_TE1 = at_least_fp32(grad_TE).unsqueeze(-1)
     if norm == "l2":
-        n = torch.linalg.vector_norm(a, dim=-1)
-        d = a / n.clamp_min(torch.finfo(a.dtype).tiny).unsqueeze(-1) if need_grad else None
-    elif norm == "l1":
-        n = a.abs().sum(-1)
-        d = a.sign() if need_grad else None
-    else:  # linf: the gradient goes to the largest entry (split evenly between exact ties)
-        mag = a.abs()
-        n = mag.amax(-1)
-        if need_grad:
-            at_max = (mag == n.unsqueeze(-1)).to(a.dtype)
-            d = a.sign() * at_max / at_max.sum(-1, keepdim=True)
-        else:
-            d = None
-    return n, d
+        scale_TE1 = grad_TE1 / norms_TE.clamp_min(torch.finfo(norms_TE.dtype).tiny).unsqueeze(-1)
+        return act_TEL.mul_(scale_TE1) if in_place else torch.mul(act_TEL, scale_TE1, out=torch.empty_like(act_TEL))
+    at_max_TEL = None
+    if norm == "linf":  # (two comparisons: no |act| copy)
+        n_TE1 = norms_TE.unsqueeze(-1)
+        at_max_TEL = (act_TEL == n_TE1) | (act_TEL == -n_TE1)
+    sign_TEL = act_TEL.sign_() if in_place else act_TEL.sign()
+    if norm == "l1":
+        return sign_TEL.mul_(grad_TE1)
+    return sign_TEL.mul_(at_max_TEL).mul_(grad_TE1 / at_max_TEL.sum(-1, keepdim=True))
 
 
 def activation_norms(
@@ -214,19 +225,21 @@ def activation_norms(
 class _ActivationNorms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, act_TEL, norm, recompute_from):
-        norms_TE, _ = _norm_and_grad(act_TEL, norm, need_grad=False)
+        norms_TE = _norms(act_TEL, norm)
         ctx.norm = norm
         ctx.shape = act_TEL.shape
         ctx.recompute = recompute_from is not None
-        ctx.save_for_backward(*(recompute_from if ctx.recompute else (act_TEL,)))
+        ctx.save_for_backward(norms_TE, *(recompute_from if ctx.recompute else (act_TEL,)))
         return norms_TE
 
     @staticmethod
     def backward(ctx, grad_TE):
+        norms_TE, *inputs = ctx.saved_tensors
         if ctx.recompute:
-            x_TD, w_down_DX = ctx.saved_tensors
+            x_TD, w_down_DX = inputs
             act_TEL = (x_TD @ w_down_DX).view(ctx.shape)
         else:
-            (act_TEL,) = ctx.saved_tensors
-        _, dnorm_TEL = _norm_and_grad(act_TEL, ctx.norm, need_grad=True)
-        return (grad_TE.unsqueeze(-1) * dnorm_TEL).to(act_TEL.dtype), None, None
+            (act_TEL,) = inputs
+        if ctx.norm == "linf":  # the maxima of this very act (a recomputed act may differ by rounding)
+            norms_TE = _norms(act_TEL, "linf")
+        return _norms_grad(act_TEL, norms_TE, grad_TE, ctx.norm, in_place=ctx.recompute), None, None
