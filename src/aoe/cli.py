@@ -24,7 +24,7 @@ examples:
   aoe export runs/aoe hf/aoe-tiny                       # a Hugging Face transformers directory
   aoe convert mixtral-dir aoe-dir --d-low 256           # drop the routers of an MoE checkpoint
   aoe demo                                              # the small MoE vs AoE comparison (a few minutes)
-recipes: tiny (default), small, paper-732m; override any key as section.key=value (see configs/).
+recipes: tiny (default), small, paper-732m, paper-4b; override any key as section.key=value (see configs/).
 """
 
 

@@ -23,7 +23,7 @@ def test_defaults_are_valid():
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "paper-732m"])
+@pytest.mark.parametrize("name", ["tiny", "small", "paper-732m", "paper-4b"])
 def test_packaged_recipes_load_and_build(name):
     assert name in list_configs()
     for ffn in ("dense", "moe", "aoe"):
@@ -35,12 +35,43 @@ def test_packaged_recipes_load_and_build(name):
         assert model.num_params() > 0
 
 
-def test_paper_recipe_sizes():
-    cfg = load_config("paper-732m", ["model.ffn=moe", "model.vocab_size=32000"])
+def _meta_model(name, *overrides):
+    cfg = load_config(name, ["model.vocab_size=32000", *overrides])
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        return cfg.model, Transformer(cfg.model)
+
+
+def test_paper_recipe_sizes():
+    m, model = _meta_model("paper-732m", "model.ffn=moe")
     assert abs(model.num_params() / 732e6 - 1) < 0.01
-    assert abs(model.num_params(active=True) / 247e6 - 1) < 0.02
+    # the paper's 247M active counts the tied embedding again as the lm_head
+    assert abs((model.num_params(active=True) + m.vocab_size * m.d_model) / 247e6 - 1) < 0.02
+    m, model = _meta_model("paper-4b", "model.ffn=moe")
+    assert abs(model.num_params() / 4e9 - 1) < 0.01
+    assert abs((model.num_params(active=True) + m.vocab_size * m.d_model) / 1.18e9 - 1) < 0.01
+
+
+def _eq5(d_model, d_ffn, d_low):
+    """The paper's Eq. 5 solved for d_wide: d_low*D + d_low*W + 2*D*W = 3*D*d_ffn."""
+    return (3 * d_model * d_ffn - d_low * d_model) / (d_low + 2 * d_model)
+
+
+def test_paper_recipes_match_aoe_to_moe_by_eq5():
+    m, aoe = _meta_model("paper-732m")
+    assert _eq5(768, 3072, 256) == 3840 and m.resolved_d_wide == 3840  # exact: no rounding
+    _, moe = _meta_model("paper-732m", "model.ffn=moe")
+    assert abs(aoe.num_params() / moe.num_params() - 1) < 1e-3
+    m, _ = _meta_model("paper-4b")
+    assert round(_eq5(1280, 5120, 400), 2) == 6469.19  # the paper rounds to 6470
+    assert m.resolved_d_wide % 8 == 0 and abs(m.resolved_d_wide - _eq5(1280, 5120, 400)) < 4  # nearest aligned
+
+
+def test_paper_recipes_have_the_published_schedule():
+    for name, lr, final in (("paper-732m", 2e-4, 1.28e-5), ("paper-4b", 3.2e-4, 1.28e-5)):
+        t = load_config(name).train
+        assert (t.lr, t.warmup_steps, t.weight_decay, t.grad_clip, t.beta1, t.beta2) == (lr, 4800, 0.1, 1.0, 0.9, 0.95)
+        assert t.lr * t.min_lr_ratio == pytest.approx(final)
+        assert abs(t.batch_size * t.seq_len / 4.2e6 - 1) < 0.01 and abs(t.max_steps * t.batch_size * t.seq_len / 1e11 - 1) < 1e-3
 
 
 def test_yaml_file_partial_sections(tmp_path):
