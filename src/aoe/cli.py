@@ -329,15 +329,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise CLIError("aoe compare: --out DIR is required")
     _split_overrides(args)
     command = "aoe " + shlex.join(args.argv)
+    from aoe.compare.downstream import plan_downstream
+
+    downstream = plan_downstream(args.mc, args.tasks, args.num_fewshot, args.limit)
     run_comparison(args.out, config=args.config, overrides=args.overrides, variants=args.variants,
                    seeds=args.seeds, progress=not args.quiet, command=command, lr_sweep=args.lr_sweep,
-                   sweep_steps=args.sweep_steps, suite=args.suite)
+                   sweep_steps=args.sweep_steps, suite=args.suite, downstream=downstream)
     return 0
 
 
 def _split_overrides(args: argparse.Namespace) -> None:
     """`--seeds 0 1 train.max_steps=500`: key=value items after a list option are overrides."""
-    for name in ("seeds", "variants", "lr_sweep"):
+    for name in ("seeds", "variants", "lr_sweep", "mc"):
         items = getattr(args, name, None) or []
         kept = [i for i in items if "=" not in i]
         args.overrides = [i for i in items if "=" in i] + list(args.overrides)
@@ -454,6 +457,12 @@ def _add_compare_parser(sub) -> None:
                    help="learning rates to try first: each variant trains at its best one (lowest val loss)")
     p.add_argument("--sweep-steps", type=int, default=None,
                    help="steps of each sweep run (default: train.max_steps; shorter sweeps favour larger lrs)")
+    p.add_argument("--mc", nargs="+", default=None, metavar="FILE",
+                   help="score every finished run on these multiple-choice JSON Lines files (task = file stem, "
+                        "e.g. piqa.jsonl fills Table 2's PIQA column)")
+    p.add_argument("--tasks", default=None, help="score every finished run on these lm-eval tasks (comma-separated)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples for --tasks (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="examples per --tasks task (default: all)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--list-variants", action="store_true", help="print the known variants and exit")
     _add_config_args(p)

@@ -78,3 +78,33 @@ def test_compare_refuses_a_suite_with_variants_before_training(tmp_path):
     with pytest.raises(ConfigError, match="--suite or --variants"):
         run_comparison(tmp_path / "cmp", suite="paper-table2", variants=["moe"], progress=False)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_scores_each_finished_run_once_on_multiple_choice_files(tmp_path, cache_dir, one_thread, monkeypatch):
+    """--mc: every run's final model scored, the accuracy stored per run and shown in the paper's
+    column named by the file's stem; a second invocation reuses the runs and their scores."""
+    import json
+
+    from aoe.compare.downstream import plan_downstream
+    from aoe.compare.runner import run_comparison
+    from tiny_runs import tiny_overrides
+
+    examples = [{"context": "def f(x):\n    return", "choices": ["x", "(((("], "label": 0},
+                {"context": "import", "choices": ["os", ")))"], "label": 0},
+                {"context": "for i in", "choices": ["range(3):", "]]"], "label": 1}]
+    mc = tmp_path / "piqa.jsonl"
+    mc.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    plan = plan_downstream([str(mc)])
+    overrides = tiny_overrides(cache_dir, **{"train.max_steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2})
+    out = tmp_path / "cmp"
+    results = run_comparison(out, "tiny", overrides, ["moe"], [0], progress=False, downstream=plan)
+    acc = results["runs"][0]["downstream"]["piqa"]
+    assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
+    import aoe.compare.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "score_run", lambda *a, **k: calls.append(a))
+    again = run_comparison(out, "tiny", overrides, ["moe"], [0], progress=False, downstream=plan)
+    assert calls == [] and again["runs"][0]["downstream"] == {"piqa": acc}
+    with pytest.raises(ConfigError, match="no such file"):
+        plan_downstream([str(tmp_path / "nope.jsonl")])

@@ -24,11 +24,13 @@ import torch
 from aoe.config import ConfigError, RunConfig, config_to_dict, load_config
 from aoe.config.files import load_saved_config
 from aoe.data import TokenData, unigram_cross_entropy, unigram_entropy
+from aoe.compare.downstream import DownstreamPlan, score_run
 from aoe.compare.suites import Suite, resolve_suite
 from aoe.compare.sweep import SweepPlan, finished_summary, run_sweep
 from aoe.compare.variants import Variant, resolve_variants
 from aoe.io.checkpoint import list_checkpoints
-from aoe.train.trainer import Trainer, prepare_data
+from aoe.train.distributed import DistInfo
+from aoe.train.trainer import Trainer, prepare_data, resolve_device
 from aoe.utils.memory import training_step_peak_bytes
 
 RESULTS_FILE = "results.json"
@@ -161,6 +163,7 @@ def run_comparison(
     lr_sweep: list[float] | tuple[float, ...] | None = None,
     sweep_steps: int | None = None,
     suite: str | None = None,
+    downstream: DownstreamPlan | None = None,
 ) -> dict[str, Any]:
     """Train ``variants`` x ``seeds`` (see ``aoe.compare.variants``) on the base config
     ``config`` + ``overrides`` and write OUT/results.json and the report. Returns the results dict.
@@ -169,6 +172,8 @@ def run_comparison(
     ``sweep_steps`` steps (default: the base max_steps) at each, with the first seed, and its main
     runs use the one with the lowest validation loss. ``suite``: a named suite of variants instead
     of ``variants`` (``aoe.compare.suites``; e.g. "paper-table2"), its table added to the report.
+    ``downstream``: score every finished run on multiple-choice files and lm-eval tasks
+    (``aoe.compare.downstream``; a run already scored on each is not scored again).
 
     Peak memory per run: one micro-batch forward + backward after training
     (``aoe.utils.memory.training_step_peak_bytes``: parameters + activations + gradients).
@@ -195,12 +200,23 @@ def run_comparison(
     jobs = [(v, seed) for seed in seeds for v in chosen]
     for i, (v, seed) in enumerate(jobs, 1):
         cfg = load_config(config, [*overrides, *v.overrides, f"train.seed={seed}", f"train.lr={lrs[v.name]!r}"])
-        results["runs"].append(_run_or_reuse(v, seed, cfg, out, data, done, f"[{i}/{len(jobs)}]", progress))
+        entry = _run_or_reuse(v, seed, cfg, out, data, done, f"[{i}/{len(jobs)}]", progress)
+        results["runs"].append(_scored(entry, out, downstream, cfg.train.device, progress))
         _write_json(results_path, results)
     _write_json(results_path, results)
     if report:
         _report(results, out, progress)
     return results
+
+
+def _scored(entry: dict[str, Any], out: Path, plan: DownstreamPlan | None, device: str, progress: bool) -> dict[str, Any]:
+    """The run's entry with the downstream scores the plan asks for and it lacks."""
+    if plan is None or entry.get("status") != "done" or not plan.missing(entry):
+        return entry
+    if progress:
+        print(f"  scoring {entry['run_dir']} on {', '.join(plan.names)}", file=sys.stderr)
+    where = str(resolve_device(device, DistInfo(), set_current=False))
+    return {**entry, "downstream": {**(entry.get("downstream") or {}), **score_run(out / entry["run_dir"], plan, where)}}
 
 
 def _adopt_swept_lrs(results: dict[str, Any]) -> dict[str, float]:
