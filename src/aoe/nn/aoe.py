@@ -158,8 +158,8 @@ class AoE(SparseFFN):
         act_SL = act_TEL.reshape(-1, L).index_select(0, dispatch.token_S * E + dispatch.expert_S)
         return swiglu_experts(
             x_SD, act_SL, self.w_up.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
-            dispatch.offsets_E, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
-            backend=self.grouped_mm,
+            dispatch.offsets_E, tokens=(x_TD, dispatch.token_S), recompute_gate=self.recompute_gate,
+            backward_chunks=self.backward_chunks, backend=self.grouped_mm,
         )
 
     def forward_flops(self) -> int:
