@@ -58,6 +58,7 @@ def swiglu_experts(
     if backward_chunks is None:
         backward_chunks = min(4, max(1, x_SD.shape[0] // (256 * w_in_EDF.shape[0])))
     x_TD, token_S = tokens if tokens is not None else (None, None)
+    gate_in_SG = None if gate_in_SG is x_SD else gate_in_SG  # (one tensor passed twice: a graph break under compile)
     return _SwiGLUExperts.apply(
         x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, x_TD, token_S,
         recompute_gate, backward_chunks, backend,
@@ -92,13 +93,13 @@ class _SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, x_TD, token_S,
                 recompute_gate, backward_chunks, backend):
-        gate_SF = grouped_mm(gate_in_SG, w_gate_EGF, offsets_E, backend)
+        ctx.gate_in_is_x = gate_in_SG is None  # MoE: the gate reads x itself
+        gate_SF = grouped_mm(x_SD if ctx.gate_in_is_x else gate_in_SG, w_gate_EGF, offsets_E, backend)
         up_SF = grouped_mm(x_SD, w_in_EDF, offsets_E, backend)
         hidden_SF = F.silu(gate_SF).mul_(up_SF)
         y_SD = grouped_mm(hidden_SF, w_out_EFD, offsets_E, backend).mul_(gate_weight_S.to(x_SD.dtype).unsqueeze(-1))
         del hidden_SF
         ctx.recompute_gate, ctx.backward_chunks, ctx.backend = recompute_gate, backward_chunks, backend
-        ctx.gate_in_is_x = gate_in_SG is x_SD  # MoE: the gate reads x itself
         ctx.regather = x_TD is not None
         ctx.x_shape, ctx.x_dtype = x_SD.shape, x_SD.dtype
         rows = (x_TD, token_S) if ctx.regather else (x_SD,)
