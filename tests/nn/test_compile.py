@@ -76,3 +76,26 @@ def test_misaligned_operands_warn_once_and_run_the_loop():
     messages = [str(c.message) for c in caught if "not 16-byte aligned" in str(c.message)]
     assert len(messages) == 1, messages
     assert rel_err(first, grouped_mm(x, w, offsets, "loop")) == 0 and rel_err(second, first) == 0
+
+
+@pytest.mark.parametrize("ffn", ["aoe", "moe"])
+def test_language_model_compiles_to_one_graph(ffn):
+    """What ``train.compile=true`` compiles: the whole model's loss, forward and backward."""
+    from aoe.config.sections import ModelConfig
+    from aoe.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, ffn=ffn, d_ffn=32,
+                      n_experts=4, top_k=2, d_low=4, d_wide=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.check_inputs = False  # as the trainer does under compile
+    idx = torch.randint(0, 64, (2, 8))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    loss_c, loss_e = compiled(idx, targets=idx).loss, model(idx, targets=idx).loss
+    grads_c = torch.autograd.grad(loss_c, list(model.parameters()))
+    grads_e = torch.autograd.grad(loss_e, list(model.parameters()))
+    assert counter.frame_count == 1
+    assert rel_err(loss_c, loss_e) <= 1e-6
+    assert max(rel_err(a, b) for a, b in zip(grads_c, grads_e)) <= 1e-5

@@ -62,6 +62,14 @@ def _torch_kernel_supports(device_type: str, dtype: torch.dtype) -> bool:
     return _KERNEL_SUPPORT[key]
 
 
+def probe_before_compile(device: torch.device | str) -> None:
+    """Run the kernel probe of ``device`` for bf16 (the dtype the compiled path can take) now, in
+    eager mode: a probe first met inside a traced graph is a graph break (``train.compile``)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        _torch_kernel_supports(device.type, torch.bfloat16)
+
+
 def _probe_torch_kernel(device_type: str, dtype: torch.dtype) -> bool:
     """Try torch._grouped_mm once for this device type and dtype (all three call forms)."""
     if not hasattr(torch, "_grouped_mm"):
