@@ -9,6 +9,8 @@ Compared in one process, interleaved (every repetition runs every contender once
   (how MoE layers are commonly written);
 - hf-olmoe-<impl>: Hugging Face transformers' ``OlmoeSparseMoeBlock`` of the same shape, with each
   experts implementation of the installed transformers that runs on the device (eager, grouped_mm).
+- with ``--before REV``: ours-MoE and ours-AoE (same weights) on ``aoe/nn/experts.py`` as it was at
+  git revision REV (``ours-MoE@REV``...), for memory and time before/after an engine change;
 - with ``--rules``: ours-MoE and ours-AoE under the other selection rules (``aoe.nn.selection``):
   ``-topp`` (top-p with p = k/E: at most k experts per token, k where the probabilities are near
   uniform, as at init) and ``-ec`` (expert choice, capacity factor 1: exactly top-k's T*k rows per
@@ -26,6 +28,8 @@ Peak memory: on CUDA the allocator's peak; on CPU the peak of live tensor storag
 
 Usage:
     python benchmarks/bench_layers.py                        # CPU target shape, fp32
+    python benchmarks/bench_layers.py --preset cpu-e64       # fp32, T=2048, D=512, F=128, E=64, k=8
+    python benchmarks/bench_layers.py --before 69e9e7b       # + our layers on the expert engine of a git revision
     python benchmarks/bench_layers.py --preset gpu-e64       # bf16, T=16384, D=2048, F=1024, E=64, k=8
     python benchmarks/bench_layers.py --preset gpu-e8        # bf16, T=16384, D=2048, F=4096, E=8, k=2
     python benchmarks/bench_layers.py --rules --no-hf        # + top-p and expert choice, against top-k
@@ -49,6 +53,8 @@ from aoe.utils.memory import TensorMemoryTracker, tensor_bytes
 
 PRESETS = {
     "cpu": dict(tokens=4096, d_model=512, d_ffn=1024, n_experts=8, top_k=2, d_low=128, dtype="float32", device="cpu"),
+    # fine-grained: many small experts (E = 64, k = 8, d_ffn = D/4), the shape where AoE's scoring is dearest
+    "cpu-e64": dict(tokens=2048, d_model=512, d_ffn=128, n_experts=64, top_k=8, d_low=64, dtype="float32", device="cpu"),
     "gpu-e64": dict(tokens=16384, d_model=2048, d_ffn=1024, n_experts=64, top_k=8, d_low=512, dtype="bfloat16", device="cuda"),
     "gpu-e8": dict(tokens=16384, d_model=2048, d_ffn=4096, n_experts=8, top_k=2, d_low=512, dtype="bfloat16", device="cuda"),
 }
@@ -154,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers OLMoE block")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--before", default=None, metavar="REV",
+                    help="also our layers on the expert engine of this git revision (before/after)")
     ap.add_argument("--rules", action="store_true", help="also top-p and expert choice of both layers")
     ap.add_argument("--only-ours", action="store_true", help="skip the naive loop and the transformers block")
     ap.add_argument("--seq-len", type=int, default=None,
@@ -184,7 +192,13 @@ def main(argv=None):
         contenders.update(hf_blocks(cfg, device, dtype))
     if args.rules:
         contenders.update(rule_contenders(moe, aoe, device, dtype))
-    params_of = {n: list((moe if n == "naive-loop" else m).parameters()) for n, m in contenders.items()}
+    owner = {"naive-loop": moe}
+    if args.before:
+        old_engine = engine_at(args.before)
+        for name, layer in (("ours-MoE", moe), ("ours-AoE", aoe), ("ours-AoE-recompute", aoe_rc)):
+            contenders[f"{name}@{args.before}"] = on_engine(old_engine, layer)
+            owner[f"{name}@{args.before}"] = layer
+    params_of = {n: list(owner.get(n, m).parameters()) for n, m in contenders.items()}
 
     seq_len = args.seq_len or cfg["tokens"]
     if cfg["tokens"] % seq_len:
@@ -240,6 +254,7 @@ def main(argv=None):
             print(f"ours-MoE is {med[n] / med['ours-MoE']:.2f}x faster than {n}")
     print(f"peak memory AoE/MoE = {memory['ours-AoE'] / memory['ours-MoE']:.3f} "
           f"(recompute: {memory['ours-AoE-recompute'] / memory['ours-MoE']:.3f})")
+    print_targets(med, memory, flops, rate, flop_ratio, args.before)
     if args.rules:
         print_rules(med, memory, experts_per_token)
     if args.json:
@@ -247,6 +262,60 @@ def main(argv=None):
             json.dump(dict(config=cfg, machine=machine, torch=torch.__version__, matmul_flops_per_s=rate,
                            median_s=med, peak_bytes=memory, train_flops=flops, experts_per_token=experts_per_token,
                            seq_len=seq_len), f, indent=2)
+
+
+def engine_at(rev: str):
+    """``swiglu_experts`` of ``src/aoe/nn/experts.py`` at git revision ``rev``, as a function taking
+    (and ignoring) today's ``tokens=`` argument."""
+    import subprocess
+    import types
+
+    src = subprocess.run(["git", "show", f"{rev}:src/aoe/nn/experts.py"], check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType(f"experts_at_{rev}")
+    exec(compile(src, f"experts.py@{rev}", "exec"), module.__dict__)
+    return lambda *args, tokens=None, **kw: module.swiglu_experts(*args, **kw)
+
+
+def on_engine(engine, layer):
+    """Call ``layer`` with ``engine`` in place of the layers' ``swiglu_experts`` (forward only:
+    the backward is the engine's own autograd Function, already in the graph)."""
+    import aoe.nn.aoe as aoe_module
+    import aoe.nn.moe as moe_module
+
+    def call(x):
+        kept = moe_module.swiglu_experts, aoe_module.swiglu_experts
+        moe_module.swiglu_experts = aoe_module.swiglu_experts = engine
+        try:
+            return layer(x)
+        finally:
+            moe_module.swiglu_experts, aoe_module.swiglu_experts = kept
+    return call
+
+
+def print_targets(med, memory, flops, rate, flop_ratio, before):
+    """The issue-24 targets, each with its number (``met`` / ``not met``)."""
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+
+    print()
+    mem_ratio = memory["ours-AoE"] / memory["ours-MoE"]
+    print(f"target AoE peak <= 1.05x MoE's: {mem_ratio:.3f} "
+          f"(recompute {memory['ours-AoE-recompute'] / memory['ours-MoE']:.3f}): {verdict(mem_ratio <= 1.05)}")
+    if "hf-olmoe-grouped_mm" in memory:
+        hf_ratio = memory["ours-MoE"] / memory["hf-olmoe-grouped_mm"]
+        print(f"target our MoE's peak below HF grouped_mm's (<= 0.8x at E = 64): {hf_ratio:.3f}x: "
+              f"{verdict(hf_ratio < 1)} (< 1), {verdict(hf_ratio <= 0.8)} (<= 0.8)")
+    time_r = med["ours-AoE"] / med["ours-MoE"] / flop_ratio
+    print(f"target AoE time <= 1.05 R x MoE's: {time_r:.3f} R "
+          f"(recompute {med['ours-AoE-recompute'] / med['ours-MoE'] / flop_ratio:.3f} R): {verdict(time_r <= 1.05)}")
+    print(f"our MoE at {100 * flops['ours-MoE'] / rate / med['ours-MoE']:.0f}% of the dense matmul rate "
+          f"(target >= 85% where the FLOPs are in large matmuls)")
+    if before:
+        for name in ("ours-MoE", "ours-AoE", "ours-AoE-recompute"):
+            old = f"{name}@{before}"
+            print(f"{name}: peak {memory[name] / 2**20:.1f} MiB against {memory[old] / 2**20:.1f} MiB at {before} "
+                  f"({memory[name] / memory[old]:.3f}x, {(memory[old] - memory[name]) / 2**20:.1f} MiB saved); "
+                  f"time {med[name] / med[old]:.3f}x")
 
 
 def rule_contenders(moe: MoE, aoe: AoE, device, dtype) -> dict:

@@ -52,3 +52,22 @@ def test_cuda_grouped_kernel_matches_loop_bf16(kind):
     assert rel_err(xf.grad, xl.grad) <= 2e-2
     for (name, a), b in zip(fast.named_parameters(), loop.parameters()):
         assert rel_err(a.grad, b.grad) <= 3e-2, name
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+def test_cuda_bf16_layer_compiles_to_one_graph_on_the_kernel(kind):
+    """With the kernel probe run before compiling (as ``train.compile`` does), the bf16 layer on
+    torch._grouped_mm is one graph, forward and backward."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from aoe.nn.grouped_mm import probe_before_compile
+
+    layer = _layer(kind).cuda().bfloat16()
+    probe_before_compile("cuda")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    x = torch.randn(2, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = torch.compile(layer, backend=counter, fullgraph=True)(x)
+    out.float().sum().backward()
+    assert counter.frame_count == 1
+    assert rel_err(out, layer(x.detach())) <= 1e-2

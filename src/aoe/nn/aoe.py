@@ -16,6 +16,8 @@ w_out [E, W, D]; no router. L = d_low, W = d_wide.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -31,7 +33,7 @@ def aoe_expert_params(d_model: int, d_low: int, d_wide: int) -> int:
     return d_model * d_low + d_low * d_wide + 2 * d_model * d_wide
 
 
-def match_d_wide(d_model: int, d_ffn: int, d_low: int, multiple: int = 16) -> int:
+def match_d_wide(d_model: int, d_ffn: int, d_low: int, multiple: int = 16, min_multiple: int = 1) -> int:
     """The paper's parameter-matching rule: the d_wide that gives an AoE expert the parameters of
     a SwiGLU expert of width d_ffn.
 
@@ -39,20 +41,42 @@ def match_d_wide(d_model: int, d_ffn: int, d_low: int, multiple: int = 16) -> in
     ``d_wide = (3*d_model*d_ffn - d_low*d_model) / (d_low + 2*d_model)``, rounded to the nearest
     multiple of ``multiple`` (16 by default, for aligned kernels). If that rounding would put the
     expert's parameters more than 1% away from the target, the multiple is halved until it does not
-    (down to 1), so the result is always within 1% where an integer solution is.
+    (down to ``min_multiple``), so with the default 1 the result is always within 1% where an
+    integer solution is.
+
+    Which width and why: torch._grouped_mm needs 16-byte aligned rows, a multiple of 8 in bf16. A
+    width that the 1% rule leaves below a multiple of 8 (only at small shapes: ``match_d_wide(64,
+    128, 16)`` is 164, where 160 and 168 are 2.1% and 2.6% off) is returned as the rule gives it,
+    with a warning naming the aligned widths beside it and their parameter gap, because a saved
+    config without ``d_wide`` recomputes its width here and must keep getting the same one. Such a
+    layer runs the per-expert loop where the kernel would be used. ``min_multiple=8`` keeps the
+    fast path instead, at the parameter gap (the result is then a multiple of 8 however far off).
     """
-    for name, v in (("d_model", d_model), ("d_ffn", d_ffn), ("d_low", d_low), ("multiple", multiple)):
+    for name, v in (("d_model", d_model), ("d_ffn", d_ffn), ("d_low", d_low), ("multiple", multiple),
+                    ("min_multiple", min_multiple)):
         check_positive(name, v)
     target = 3 * d_model * d_ffn
     exact = (target - d_low * d_model) / (d_low + 2 * d_model)
     if exact < 1:
         raise ValueError(f"d_low={d_low} is too large to match d_ffn={d_ffn} at d_model={d_model} (d_wide would be {exact:.2f})")
-    m = multiple
+    m = max(multiple, min_multiple)
     while True:
         d_wide = max(m, int(round(exact / m)) * m)
-        if m == 1 or abs(aoe_expert_params(d_model, d_low, d_wide) - target) <= 0.01 * target:
-            return d_wide
+        off = aoe_expert_params(d_model, d_low, d_wide) / target - 1
+        if m <= min_multiple or m == 1 or abs(off) <= 0.01:
+            break
         m //= 2
+    if d_wide % 8:
+        _warn_unaligned_width(d_model, d_low, d_wide, exact, target)
+    return d_wide
+
+
+def _warn_unaligned_width(d_model: int, d_low: int, d_wide: int, exact: float, target: int) -> None:
+    lower, upper = max(8, int(exact // 8) * 8), int(exact // 8) * 8 + 8
+    gaps = ", ".join(f"{w} ({aoe_expert_params(d_model, d_low, w) / target - 1:+.1%} parameters)" for w in (lower, upper))
+    warnings.warn(f"match_d_wide: d_wide={d_wide} matches the parameters within 1% but is not a multiple of 8, so bf16 "
+                  f"rows are not 16-byte aligned and torch._grouped_mm falls back to the per-expert loop; the "
+                  f"nearest aligned widths are {gaps} (set d_wide, or min_multiple=8)", stacklevel=3)
 
 
 class AoE(SparseFFN):
@@ -171,8 +195,8 @@ class AoE(SparseFFN):
         act_SL = self.chosen_activations(x_TD, act_TEL, dispatch, dtype)
         return swiglu_experts(
             x_SD, act_SL, self.w_up.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
-            dispatch.offsets_E, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
-            backend=self.grouped_mm,
+            dispatch.offsets_E, tokens=(x_TD, dispatch.token_S), recompute_gate=self.recompute_gate,
+            backward_chunks=self.backward_chunks, backend=self.grouped_mm,
         )
 
     def chosen_activations(self, x_TD, act_TEL, dispatch, dtype):

@@ -57,15 +57,16 @@ class Dispatch:
         n_rows = int(valid_X.sum())  # the one host sync of a dynamic rule: the row count
         inverse_X = torch.empty_like(order_X)
         inverse_X[order_X] = torch.arange(order_X.numel(), device=order_X.device)
-        tokens_per_expert_E = torch.bincount(expert_X, minlength=n_experts + 1)[:n_experts]
         order_S = order_X[:n_rows]
+        expert_S = expert_X[order_S]
+        ends_E = _group_ends(expert_S, n_experts)
         return Dispatch(
             order_S=order_S,
             inverse_S=torch.where(valid_X, inverse_X, n_rows),
             token_S=order_S // top_k,
-            expert_S=expert_X[order_S],
-            tokens_per_expert_E=tokens_per_expert_E,
-            offsets_E=tokens_per_expert_E.cumsum(0).to(torch.int32),
+            expert_S=expert_S,
+            tokens_per_expert_E=_group_sizes(ends_E),
+            offsets_E=ends_E.to(torch.int32),
             top_k=top_k,
             padded=True,
         )
@@ -77,14 +78,15 @@ class Dispatch:
         order_S = torch.argsort(expert_unsorted_S, stable=True)
         inverse_S = torch.empty_like(order_S)
         inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        tokens_per_expert_E = torch.bincount(expert_unsorted_S, minlength=n_experts)
+        expert_S = expert_unsorted_S[order_S]
+        ends_E = _group_ends(expert_S, n_experts)
         return Dispatch(
             order_S=order_S,
             inverse_S=inverse_S,
             token_S=order_S // top_k,
-            expert_S=expert_unsorted_S[order_S],
-            tokens_per_expert_E=tokens_per_expert_E,
-            offsets_E=tokens_per_expert_E.cumsum(0).to(torch.int32),
+            expert_S=expert_S,
+            tokens_per_expert_E=_group_sizes(ends_E),
+            offsets_E=ends_E.to(torch.int32),
             top_k=top_k,
         )
 
@@ -103,6 +105,19 @@ class Dispatch:
         No atomics anywhere, so the result is deterministic on every device.
         """
         return _CombineSlots.apply(y_SD, self.token_S, self.inverse_S, self.top_k, self.padded)
+
+
+def _group_ends(expert_S: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[E] int64: the end row of each expert's block in the sorted ``expert_S``. A binary search
+    of every expert index in the sorted rows: a fixed output shape (unlike ``bincount``, whose
+    length depends on the data), so ``torch.compile`` traces it without a graph break."""
+    experts_E = torch.arange(n_experts, device=expert_S.device, dtype=expert_S.dtype)
+    return torch.searchsorted(expert_S, experts_E, right=True)
+
+
+def _group_sizes(ends_E: torch.Tensor) -> torch.Tensor:
+    """[E] int64 rows per expert from the end rows."""
+    return torch.diff(ends_E, prepend=ends_E.new_zeros(1))
 
 
 def _sum_slots(rows_SD: torch.Tensor, inverse_X: torch.Tensor, top_k: int, padded: bool) -> torch.Tensor:

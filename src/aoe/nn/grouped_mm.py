@@ -21,10 +21,22 @@ Backends:
   operands first, so the loop is as fast and uses less memory. Under ``torch.compile`` the torch
   kernel is only used for bf16 (the compiled kernel accepts bf16 only).
 
+A call that would take the torch kernel on this device but cannot (operands not 16-byte aligned,
+e.g. a bf16 width that is not a multiple of 8) warns once per device type, dtype and widths, then
+runs on the loop.
+
+Under ``torch.compile`` (no graph break): the loop runs as the custom ops ``aoe::loop_mm`` and
+``aoe::loop_weight_grad``, opaque to the tracer (their group bounds are read on the host, inside
+the op), and the layout rule checks strides only: a traced tensor's storage offset is not a
+static value, and every operand the engine passes is a whole tensor or a slice along one of its
+checked strides, whose start is then aligned as well.
+
 Shape legend: T rows (token slots), D input dim, F output dim, E experts.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -50,6 +62,14 @@ def _torch_kernel_supports(device_type: str, dtype: torch.dtype) -> bool:
     return _KERNEL_SUPPORT[key]
 
 
+def probe_before_compile(device: torch.device | str) -> None:
+    """Run the kernel probe of ``device`` for bf16 (the dtype the compiled path can take) now, in
+    eager mode: a probe first met inside a traced graph is a graph break (``train.compile``)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        _torch_kernel_supports(device.type, torch.bfloat16)
+
+
 def _probe_torch_kernel(device_type: str, dtype: torch.dtype) -> bool:
     """Try torch._grouped_mm once for this device type and dtype (all three call forms)."""
     if not hasattr(torch, "_grouped_mm"):
@@ -68,26 +88,49 @@ def _probe_torch_kernel(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
-    """The kernel's layout rule: 16-byte aligned starts and non-unit strides."""
+    """The kernel's layout rule: 16-byte aligned starts and non-unit strides (under compile the
+    strides only: see the module's docstring)."""
+    compiling = torch.compiler.is_compiling()
     for t in tensors:
         size = t.element_size()
-        if (t.storage_offset() * size) % 16:
+        if not compiling and (t.storage_offset() * size) % 16:
             return False
         if any((st * size) % 16 for st, n in zip(t.stride(), t.shape) if st != 1 and n > 1):
             return False
     return True
 
 
-def _use_torch_kernel(backend: str, x: torch.Tensor, w: torch.Tensor) -> bool:
-    if backend == "loop" or not _aligned(x, w):
-        return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+def _kernel_wanted(backend: str, x: torch.Tensor) -> bool:
+    """Would this call take the torch kernel if its operands were aligned?"""
+    if backend == "loop" or (torch.compiler.is_compiling() and x.dtype != torch.bfloat16):
         return False
     if backend == "torch":
         return True
     # On the CPU the kernel is itself a loop of matmuls that first copies transposed operands,
     # so the loop backend is as fast and leaner there (benchmarks/RESULTS.md).
     return x.device.type != "cpu" and _torch_kernel_supports(x.device.type, x.dtype)
+
+
+_WARNED: set[tuple] = set()
+
+
+def _warn_fallback(x: torch.Tensor, w: torch.Tensor) -> None:
+    key = (x.device.type, x.dtype, tuple(x.shape[1:]), tuple(w.shape[1:]))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"grouped_mm: {x.dtype} operands of widths {tuple(x.shape[1:])} x {tuple(w.shape[1:])} "
+                      f"are not 16-byte aligned on {x.device.type}: running the per-expert loop instead of "
+                      f"torch._grouped_mm (use widths that are multiples of {16 // x.element_size()})",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _use_torch_kernel(backend: str, x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not _kernel_wanted(backend, x):
+        return False
+    if not _aligned(x, w):
+        _warn_fallback(x, w)
+        return False
+    return True
 
 
 def _group_bounds(offsets_E: torch.Tensor) -> list[int]:
@@ -120,6 +163,40 @@ def _loop_weight_grad(x_TD: torch.Tensor, dy_TF: torch.Tensor, offsets_E: torch.
     return out_EDF
 
 
+@torch.library.custom_op("aoe::loop_mm", mutates_args=())
+def _loop_mm_op(x_TD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return _loop_mm(x_TD, w_EDF, offsets_E)
+
+
+@_loop_mm_op.register_fake
+def _(x_TD, w_EDF, offsets_E):
+    return x_TD.new_empty(x_TD.shape[0], w_EDF.shape[-1])
+
+
+@torch.library.custom_op("aoe::loop_weight_grad", mutates_args=())
+def _loop_weight_grad_op(x_TD: torch.Tensor, dy_TF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return _loop_weight_grad(x_TD, dy_TF, offsets_E, None)
+
+
+@_loop_weight_grad_op.register_fake
+def _(x_TD, dy_TF, offsets_E):
+    return x_TD.new_empty(offsets_E.shape[0], x_TD.shape[1], dy_TF.shape[1])
+
+
+def _loop(x_TD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """The loop backend, as an opaque op under torch.compile (its bounds are host values)."""
+    if torch.compiler.is_compiling():
+        return _loop_mm_op(x_TD, w_EDF, offsets_E)
+    return _loop_mm(x_TD, w_EDF, offsets_E)
+
+
+def _loop_grad(x_TD, dy_TF, offsets_E, out_EDF):
+    if torch.compiler.is_compiling():
+        result = _loop_weight_grad_op(x_TD, dy_TF, offsets_E)
+        return result if out_EDF is None else out_EDF.add_(result)
+    return _loop_weight_grad(x_TD, dy_TF, offsets_E, out_EDF)
+
+
 def grouped_mm(x_TD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``out[rows of group e] = x[rows of group e] @ w_EDF[e]``; returns [T, F]."""
     if x_TD.shape[0] > 0 and _use_torch_kernel(backend, x_TD, w_EDF):
@@ -128,7 +205,7 @@ def grouped_mm(x_TD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor,
         except RuntimeError:
             if backend == "torch":
                 raise
-    return _loop_mm(x_TD, w_EDF, offsets_E)
+    return _loop(x_TD, w_EDF, offsets_E)
 
 
 def grouped_weight_grad(
@@ -145,7 +222,7 @@ def grouped_weight_grad(
         except RuntimeError:
             if backend == "torch":
                 raise
-    return _loop_weight_grad(x_TD, dy_TF, offsets_E, out)
+    return _loop_grad(x_TD, dy_TF, offsets_E, out)
 
 
 class _GroupedLinear(torch.autograd.Function):

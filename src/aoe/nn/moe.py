@@ -179,13 +179,13 @@ class MoE(SparseFFN):
             act_SR = grouped_linear(x_SD, self.w_down.to(dtype), dispatch.offsets_E, self.grouped_mm)
             return swiglu_experts(
                 x_SD, act_SR, self.w_up.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
-                dispatch.offsets_E, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
-                backend=self.grouped_mm,
+                dispatch.offsets_E, tokens=(x_TD, dispatch.token_S), recompute_gate=self.recompute_gate,
+                backward_chunks=self.backward_chunks, backend=self.grouped_mm,
             )
         return swiglu_experts(
             x_SD, x_SD, self.w_gate.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
-            dispatch.offsets_E, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
-            backend=self.grouped_mm,
+            dispatch.offsets_E, tokens=(x_TD, dispatch.token_S), recompute_gate=self.recompute_gate,
+            backward_chunks=self.backward_chunks, backend=self.grouped_mm,
         )
 
     def forward_flops(self) -> int:

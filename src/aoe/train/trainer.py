@@ -57,6 +57,7 @@ from aoe.config import ConfigError, RunConfig, config_to_dict, save_config
 from aoe.config.files import INIT_ONLY_MODEL_KEYS
 from aoe.data import BatchSampler, DataError, TokenData, prepare_tokens, unigram_entropy
 from aoe.model import Transformer
+from aoe.nn.grouped_mm import probe_before_compile
 from aoe.nn.sparse import update_selection_biases
 from aoe.train import checkpoint as ckpt
 from aoe.train.distributed import (
@@ -239,6 +240,7 @@ class Trainer:
             step_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.train.compile:
             self.model.check_inputs = False
+            probe_before_compile(self.device)
             step_model = torch.compile(step_model)
         return step_model
 
