@@ -16,6 +16,7 @@ w_out [E, W, D]; no router. L = d_low, W = d_wide.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -71,6 +72,7 @@ def match_d_wide(d_model: int, d_ffn: int, d_low: int, multiple: int = 16, min_m
     return d_wide
 
 
+@functools.lru_cache(maxsize=None)  # once per width: every layer of a model shares it
 def _warn_unaligned_width(d_model: int, d_low: int, d_wide: int, exact: float, target: int) -> None:
     lower, upper = max(8, int(exact // 8) * 8), int(exact // 8) * 8 + 8
     gaps = ", ".join(f"{w} ({aoe_expert_params(d_model, d_low, w) / target - 1:+.1%} parameters)" for w in (lower, upper))
