@@ -21,6 +21,7 @@ from aoe.nn.sparse import EC_INFERENCE
 FFN_KINDS = ("dense", "moe", "aoe")
 DTYPES = ("auto", "float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 DECODE_ERRORS = ("replace", "skip")
 QK_NORMS = ("none", "head", "full")
 #: What ``model.renormalize: null`` computes: the layers' defaults before AoE's became the paper's
@@ -374,6 +375,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = 500
     #: Keep the newest this many checkpoints (0 = keep all).
     keep_checkpoints: int = 2
+    #: "full": the one-process format (rank 0 gathers every weight and moment); "sharded": each
+    #: rank writes its own shards (torch.distributed.checkpoint, aoe.io.sharded; resumes in any
+    #: layout); "auto": sharded under fsdp or expert_parallel > 1, else full.
+    checkpoint_format: str = "auto"
     #: Compile the model with torch.compile.
     compile: bool = False
     #: Expert parallelism: shard each sparse layer's experts over this many ranks (1 = off: every
@@ -383,7 +388,7 @@ class TrainConfig(_Section):
     #: Fully sharded data parallelism (FSDP2): every rank holds 1/world of each parameter, gradient
     #: and optimizer moment (see aoe.parallel.fsdp). Needs several processes (torchrun). With
     #: expert_parallel > 1, FSDP shards the non-expert parameters and EP the experts. Not with
-    #: compile yet. Checkpoints keep the single-process format.
+    #: compile yet. Checkpoints are sharded unless checkpoint_format=full.
     fsdp: bool = False
     #: Under fsdp: ranks each parameter is sharded over (None = the world). Smaller: hybrid
     #: sharding, world / fsdp_shard_size data-parallel replicas of an FSDP group (a 2-D mesh).
@@ -461,6 +466,7 @@ class TrainConfig(_Section):
             )
         self._choice("dtype", DTYPES)
         self._choice("nan_policy", NAN_POLICIES)
+        self._choice("checkpoint_format", CHECKPOINT_FORMATS)
         self._check_signals()
         if self.device != "auto":
             import torch

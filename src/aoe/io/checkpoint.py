@@ -296,7 +296,7 @@ def _verify(path: Path) -> dict:
         raise CheckpointError(f"{str(meta_file)!r} is unreadable or malformed: {e}") from e
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r} has checkpoint format {version!r}; this version reads {FORMAT_VERSION}")
-    for required in (MODEL_FILE, CONFIG_FILE, STATE_FILE):
+    for required in _required_files(meta):
         if required not in files:
             raise CheckpointError(f"{str(path)!r}: {META_FILE} does not list {required}")
     for name, info in files.items():
@@ -309,6 +309,15 @@ def _verify(path: Path) -> dict:
         if file_sha256(file) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {str(file)!r} does not match its SHA-256 (corrupt)")
     return meta
+
+
+def _required_files(meta: dict) -> tuple[str, ...]:
+    """The files a checkpoint's metadata must list: the one-process format's, or the sharded one's."""
+    if meta.get("layout") == "sharded":  # aoe.io.sharded (torch.distributed.checkpoint)
+        from aoe.io.sharded import REQUIRED
+
+        return REQUIRED
+    return MODEL_FILE, CONFIG_FILE, STATE_FILE
 
 
 # Checkpoints this process has fully verified (or written and hashed), with the (name, size,
@@ -404,7 +413,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 # Load
 # ---------------------------------------------------------------------------------------------
 def load_model_state(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load ``model.safetensors`` of a (verified) checkpoint into ``model`` (strict, tied-aware)."""
+    """Load ``model.safetensors`` of a (verified) checkpoint into ``model`` (strict, tied-aware);
+    a sharded checkpoint's weights through ``aoe.io.sharded`` (one process, no process group)."""
+    from aoe.io import sharded
+
+    if sharded.is_sharded(path):
+        return sharded.load_model_state(model, path)
     file = Path(path) / MODEL_FILE
     try:
         state = load_file(str(file))

@@ -56,6 +56,7 @@ import torch
 from aoe.config import ConfigError, RunConfig, config_to_dict, save_config
 from aoe.config.files import INIT_ONLY_MODEL_KEYS
 from aoe.data import BatchSampler, DataError, TokenData, prepare_tokens, unigram_entropy
+from aoe.io.sharded import is_sharded
 from aoe.model import Transformer
 from aoe.nn.grouped_mm import probe_before_compile
 from aoe.nn.sparse import update_selection_biases
@@ -328,6 +329,8 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0) and return its path (None on other ranks).
         Every rank returns only once it is written, and every rank raises if it could not be."""
+        if self._sharded_checkpoints():  # each rank writes its own shards (aoe.io.sharded)
+            return self._save_sharded()
         path, error = None, None
         with self._full_state() as (model, optimizer_state):
             if self.dist.is_main:
@@ -345,6 +348,46 @@ class Trainer:
             raise ckpt.CheckpointError(f"rank 0 could not save the checkpoint of step {self.state.step} "
                                        "(its message says why); stopping")
         return path
+
+    # -- sharded checkpoints (aoe.io.sharded, torch.distributed.checkpoint) -------------------------
+    def _sharded_checkpoints(self) -> bool:
+        """``train.checkpoint_format``: "auto" is sharded under FSDP or expert parallelism."""
+        fmt = self.cfg.train.checkpoint_format
+        return fmt == "sharded" or (fmt == "auto" and (self.fsdp is not None or self.expert_parallel is not None))
+
+    def _save_sharded(self) -> Path | None:
+        """``save`` in the sharded layout: no gather, every rank writes its shards and its data
+        position and RNG; the ranks agree on failure as ``save`` does."""
+        from aoe.io.sharded import save_sharded_checkpoint
+        from aoe.parallel.state import training_state
+
+        common = self._trainer_state(optimizer_state={})
+        del common["optimizer"]  # in the shards
+        path, error = None, None
+        try:
+            path = save_sharded_checkpoint(
+                self.out_dir, self.state.step, training_state(self.model, self.optimizer, self.expert_parallel),
+                self.cfg, common, {"sampler": common["sampler"], "rng": common["rng"]},
+                tokenizer=self.data.tokenizer, keep=self.cfg.train.keep_checkpoints,
+                retry_hint="free some space, then continue with --resume")
+        except Exception as e:
+            error = e
+        failed = self._any_rank(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise ckpt.CheckpointError(f"rank 0 could not save the checkpoint of step {self.state.step} "
+                                       "(its message says why); stopping")
+        return path
+
+    def _load_sharded(self, path: Path, state: dict[str, Any]) -> None:
+        """``_resume`` of a sharded checkpoint: this rank's shards in this run's layout, and its own
+        data position and RNG when the world size is the one that saved (else rank 0's, in ``state``)."""
+        from aoe.io import sharded
+
+        sharded.load_training(path, self.model, self.optimizer, self.expert_parallel)
+        state.update(sharded.load_rank_state(path, self.dist.rank, self.dist.world_size) or {})
+    # -- end of sharded checkpoints ------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _full_state(self):
@@ -414,19 +457,10 @@ class Trainer:
             raise ConfigError(f"--resume: the model config differs from the one in {str(path)!r}; "
                               "resume with the same model.* settings")
         state = ckpt.load_trainer_state(path)
-        with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
-            if self.fsdp is not None:  # every rank reads the full tensors and keeps its shards
-                plain = self._plain_model()
-                ckpt.load_model_state(plain, path)
-                self.fsdp.load_full_model(plain.state_dict())
-            else:
-                ckpt.load_model_state(self.model, path)
-        if self.expert_parallel is not None:
-            state["optimizer"] = self.expert_parallel.slice_optimizer_state(state["optimizer"], self.optimizer)
-        if self.fsdp is not None:
-            self.fsdp.load_full_optimizer(self.optimizer, state["optimizer"])
+        if is_sharded(path):  # aoe.io.sharded: resharded to this layout
+            self._load_sharded(path, state)
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_full(path, state)
         for group in self.optimizer.param_groups:  # optimizer state follows the model's device
             for p in group["params"]:
                 for k, v in self.optimizer.state.get(p, {}).items():
@@ -441,6 +475,22 @@ class Trainer:
         with self._writing(self.logger.path):
             self.logger.truncate_after(self.state.step)
         self.resumed_from = path
+
+    def _load_full(self, path: Path, state: dict[str, Any]) -> None:
+        """``_resume`` of a one-process checkpoint: every rank reads the full tensors, keeps its own."""
+        with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
+            if self.fsdp is not None:  # every rank reads the full tensors and keeps its shards
+                plain = self._plain_model()
+                ckpt.load_model_state(plain, path)
+                self.fsdp.load_full_model(plain.state_dict())
+            else:
+                ckpt.load_model_state(self.model, path)
+        if self.expert_parallel is not None:
+            state["optimizer"] = self.expert_parallel.slice_optimizer_state(state["optimizer"], self.optimizer)
+        if self.fsdp is not None:
+            self.fsdp.load_full_optimizer(self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
 
     # -- one optimizer step ------------------------------------------------------------------------
     def _train_step(self, collect_routing: bool) -> dict[str, float]:
