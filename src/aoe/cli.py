@@ -375,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
     _add_demo_parser(sub)
     _add_hf_parsers(sub)
+    _add_checkpoint_parser(sub)
     return parser
 
 
@@ -493,6 +494,13 @@ def _add_hf_parsers(sub) -> None:
     else:
         add_export_parser(sub)
         add_convert_parser(sub)
+
+
+def _add_checkpoint_parser(sub) -> None:
+    """``aoe checkpoint consolidate`` (``aoe.io.commands``)."""
+    from aoe.io.commands import add_checkpoint_parser
+
+    add_checkpoint_parser(sub)
 
 
 def cmd_list_variants(args: argparse.Namespace) -> int:

@@ -27,10 +27,12 @@ writes the one-process format.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,14 @@ def _rank_world() -> tuple[int, int]:
 
 def _one_process() -> bool:
     return _rank_world()[1] == 1
+
+
+@contextlib.contextmanager
+def _quiet_one_process():
+    """Without DCP's warning that a process without a group saves or loads alone (meant so here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*(disabled|unavailable)")
+        yield
 
 
 def _from_rank0(make):
@@ -174,7 +184,8 @@ def _write_shards(tmp: Path, tensors: dict, final: Path, advice) -> None:
     import torch.distributed.checkpoint as dcp
 
     with reporting_write_errors(final, advice, ckpt.CheckpointWriteError):
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=_one_process())
+        with _quiet_one_process():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=_one_process())
 
 
 def _write_rank_file(tmp: Path, rank: int, rank_state: dict) -> dict:
@@ -232,7 +243,8 @@ def load_tensors(path: str | os.PathLike, tensors: dict) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=_one_process())
+        with _quiet_one_process():
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=_one_process())
     except Exception as e:  # DCP's CheckpointException gathers every rank's errors, over many lines
         first = " ".join(str(e).split())[:400]
         raise ckpt.CheckpointError(f"cannot read the sharded checkpoint {str(path)!r}: {first}") from e
