@@ -258,7 +258,8 @@ def test_expert_parallel_training_matches_one_process_and_resumes_there(single_r
 
     overrides, single = single_run
     ep = tmp_path / "ep2"
-    _spawn(_trainer_worker, 2, [*overrides, "train.expert_parallel=2"], str(ep), None)
+    full = [*overrides, "train.expert_parallel=2", "train.checkpoint_format=full"]  # sharded: test_sharded_checkpoint
+    _spawn(_trainer_worker, 2, full, str(ep), None)
     want = _losses(single)
     _same_losses(_losses(ep), want, "EP=2")
     final = "checkpoints/step_00000004/model.safetensors"  # the single-process format, full experts

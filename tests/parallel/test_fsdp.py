@@ -1,9 +1,10 @@
 """FSDP2 (train.fsdp=true) with real processes (gloo on CPU): the per-step losses and gradient norms
 of 2 ranks, of 4 ranks as FSDP 2 x DP 2 (HSDP) and as EP 2 x DP 2 with the non-expert parameters
-under FSDP equal the single-process run at the same global batch (rel 1e-5); its checkpoints are
-the single-process format (full tensors, rel 1e-5 of the single run's), resume in one process, and
-a one-process checkpoint resumes under FSDP; a checkpoint written under expert parallelism
-(2 ranks) resumes under FSDP (2 ranks) and exports to Hugging Face.
+under FSDP equal the single-process run at the same global batch (rel 1e-5); its checkpoints
+(the single-process format with train.checkpoint_format=full, else sharded: their weights rel 1e-5
+of the single run's) resume in one process, and a one-process checkpoint resumes under FSDP; a
+(sharded) checkpoint written under expert parallelism (2 ranks) resumes under FSDP (2 ranks) and
+exports to Hugging Face.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .test_expert_parallel import (  # noqa: F401  (single_run is a fixture)
     _close, _copy_until, _losses, _same_losses, _spawn, _trainer_worker, single_run,
 )
 
-FINAL = "checkpoints/step_00000004/model.safetensors"
+FINAL = "checkpoints/step_00000004"
 
 
 def _resume_worker(rank: int, world: int, port: int, overrides: list[str], run: str) -> None:
@@ -35,10 +36,16 @@ def _resume_worker(rank: int, world: int, port: int, overrides: list[str], run: 
         shutdown_distributed()
 
 
-def _same_tensors(got_dir: Path, want_dir: Path, what: str, tol: float = 1e-5) -> None:
-    from safetensors.torch import load_file
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full weights of a checkpoint of either format (one-process or sharded), read here."""
+    from aoe.io.checkpoint import load_model, model_state_for_saving
 
-    got, want = load_file(got_dir / FINAL), load_file(want_dir / FINAL)
+    model, _, _ = load_model(checkpoint)
+    return model_state_for_saving(model)
+
+
+def _same_tensors(got_dir: Path, want_dir: Path, what: str, tol: float = 1e-5) -> None:
+    got, want = _weights(got_dir / FINAL), _weights(want_dir / FINAL)
     assert got.keys() == want.keys(), what
     for name, b in want.items():
         assert got[name].shape == b.shape, f"{what} {name}"
@@ -87,10 +94,12 @@ def test_fsdp_training_matches_one_process_and_checkpoints_move_both_ways(single
 
     overrides, single = single_run
     run, into_fsdp = tmp_path / "fsdp2", _copy_until(single, tmp_path / "into_fsdp", 2)
-    _spawn(_trainer_worker, 2, [*overrides, "train.fsdp=true"], str(run), str(into_fsdp))
+    full = [*overrides, "train.fsdp=true", "train.checkpoint_format=full"]  # sharded: test_sharded_checkpoint
+    _spawn(_trainer_worker, 2, full, str(run), str(into_fsdp))
     want = _losses(single)
     _same_losses(_losses(run), want, "FSDP, 2 ranks")
-    _same_tensors(run, single, "FSDP checkpoint")  # gathered: the single-process format
+    assert (run / FINAL / "model.safetensors").is_file()  # gathered: the single-process format
+    _same_tensors(run, single, "FSDP checkpoint")
     _same_losses(_losses(into_fsdp), want, "one-process checkpoint resumed by FSDP, 2 ranks")
     out_of_fsdp = _copy_until(run, tmp_path / "out_of_fsdp", 2)
     torch.set_num_threads(1)

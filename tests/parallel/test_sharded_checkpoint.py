@@ -21,7 +21,7 @@ import torch
 from .test_expert_parallel import (  # noqa: F401  (single_run is a fixture)
     _close, _copy_until, _losses, _same_losses, _spawn, _trainer_worker, single_run,
 )
-from .test_fsdp import _resume_worker
+from .test_fsdp import _resume_worker, _weights
 
 STEP2, STEP4 = "checkpoints/step_00000002", "checkpoints/step_00000004"
 
@@ -32,14 +32,6 @@ def fsdp_run(single_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("sharded") / "fsdp2"
     _spawn(_trainer_worker, 2, [*overrides, "train.fsdp=true"], str(run), None)
     return overrides, single, run
-
-
-def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The full weights of a checkpoint of either format, read in this process (no group)."""
-    from aoe.io.checkpoint import load_model, model_state_for_saving
-
-    model, _, _ = load_model(checkpoint)
-    return model_state_for_saving(model)
 
 
 def _same_weights(got: dict, want: dict, what: str, tol: float = 1e-5) -> None:

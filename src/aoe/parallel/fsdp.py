@@ -10,13 +10,13 @@ of its own (its parameters are all-gathered just before its forward and backward
 after), and the root (embeddings, final norm, output head) is the last unit. Gradients are reduce-scattered and averaged over the W ranks, so
 with each rank's share of the global batch a step equals the single-process step (as DDP does).
 
-Checkpoints keep the single-process format (world-size independent, the same as DDP's and
-expert parallelism's): ``full_state_for_saving`` gathers every parameter and moment, one tensor at
+Checkpoints are sharded by default (``aoe.io.sharded``: each rank writes its own shards, no
+gather). With ``train.checkpoint_format=full`` they are the single-process format:
+``full_state_for_saving`` gathers every parameter and moment, one tensor at
 a time, onto rank 0, which writes them from a plain CPU copy of the model (rank 0 holds one full
 copy of the weights and both moments, 3x the fp32 model, in CPU memory while it saves);
 ``load_full_state`` hands every rank its shard of a checkpoint's tensors (each rank reads the
-file). A sharded format (torch.distributed.checkpoint, one file per rank) would drop that full
-copy and the gather, at the price of checkpoints that need resharding to load elsewhere.
+file); that is also how a one-process checkpoint resumes under FSDP.
 """
 
 from __future__ import annotations

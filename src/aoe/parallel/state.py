@@ -79,12 +79,12 @@ def _wrap_experts(state: dict, names: set[str], mesh) -> None:
     def wrap(t):
         return DTensor.from_local(t, mesh, placements, run_check=False)
 
+    per_param = state.get(OPTIM, {}).get("state", {})
     for name in names:
         state[MODEL][name] = wrap(state[MODEL][name])
-        moments = state.get(OPTIM, {}).get("state", {}).get(name, {})
-        for key, value in moments.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                moments[key] = wrap(value)
+        if name in per_param:  # a new dict: the one given may be the optimizer's own state of the parameter
+            per_param[name] = {key: wrap(v) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                               for key, v in per_param[name].items()}
 
 
 def _unwrap_experts(state: dict, names: set[str]) -> None:
@@ -94,8 +94,8 @@ def _unwrap_experts(state: dict, names: set[str]) -> None:
     def local(value):
         return value.to_local() if isinstance(value, DTensor) else value
 
+    per_param = state.get(OPTIM, {}).get("state", {})
     for name in names:
         state[MODEL][name] = local(state[MODEL][name])
-        moments = state.get(OPTIM, {}).get("state", {}).get(name, {})
-        for key, value in moments.items():
-            moments[key] = local(value)
+        if name in per_param:
+            per_param[name] = {key: local(v) for key, v in per_param[name].items()}

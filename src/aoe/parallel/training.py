@@ -16,8 +16,9 @@ With FSDP (``train.fsdp=true``, ``aoe.parallel.fsdp``) the replicated parameters
 the world instead (DTensors): FSDP reduce-scatters their gradients (the same average over W), so
 ``reduce_gradients`` leaves them alone, and their part of the norm is the DTensors' total norm.
 
-Checkpoints stay in the single-process format (full expert tensors, world-size independent):
-``full_experts_for_saving`` gathers every expert slice (and its AdamW moments) onto rank 0 for the
+Checkpoints are sharded by default (``aoe.io.sharded``, ``aoe.parallel.state``: each rank writes
+its expert slices as part of the full tensors). The single-process format (``train.checkpoint_format
+=full``, and every one-process checkpoint resumed here): ``full_experts_for_saving`` gathers every expert slice (and its AdamW moments) onto rank 0 for the
 save, ``full_experts_for_loading`` gives the model full-size expert tensors to load into and keeps
 this rank's slice after; ``slice_optimizer_state`` cuts a full optimizer state to this rank's
 experts. Rank 0 holds one full copy of the expert tensors while it saves.

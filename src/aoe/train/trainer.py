@@ -10,11 +10,12 @@ layers' auxiliary losses) are averaged by gradient accumulation; gradients are c
 
 Expert parallelism (``train.expert_parallel=N > 1``, ``aoe.parallel``): each sparse layer's experts
 are sharded over N ranks, tokens travel to their experts by all-to-all; no DDP (the gradients are
-averaged by ``ExpertParallel.reduce_gradients``); checkpoints keep the single-process format.
+averaged by ``ExpertParallel.reduce_gradients``).
 FSDP2 (``train.fsdp=true``, ``aoe.parallel.fsdp``): parameters, gradients and AdamW moments are
 sharded over the ranks (no DDP), on a 2-D mesh with ``train.fsdp_shard_size`` (HSDP), or for the
-non-expert parameters alongside expert parallelism; checkpoints are gathered to the same
-single-process format.
+non-expert parameters alongside expert parallelism. Under either, checkpoints are sharded
+(``aoe.io.sharded``: each rank writes its own shards; they reshard on resume) unless
+``train.checkpoint_format=full`` (gathered to the single-process format).
 
 Determinism: on CPU, a run with the same config, seed and thread count computes the same losses,
 and a run resumed from a checkpoint continues exactly where the uninterrupted run would be (the
