@@ -122,3 +122,28 @@ def test_a_damaged_or_half_written_sharded_checkpoint_is_refused_by_name(fsdp_ru
     (run / STEP2 / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"step_00000002/\.metadata' is missing"):
         verify_checkpoint(run / STEP2)
+
+
+def test_the_checkpoint_format_is_one_of_three(make_cfg):
+    from aoe.config import ConfigError
+
+    for fmt in ("auto", "full", "sharded"):
+        assert make_cfg(**{"train.checkpoint_format": fmt}).train.checkpoint_format == fmt
+    with pytest.raises(ConfigError, match=r"train.checkpoint_format"):
+        make_cfg(**{"train.checkpoint_format": "zip"})
+
+
+def test_one_process_writes_and_resumes_the_sharded_format_too(single_run, tmp_path):
+    """train.checkpoint_format=sharded without a process group: DCP alone, the same losses exactly."""
+    from aoe.config import load_config
+    from aoe.train.trainer import Trainer
+
+    overrides, single = single_run
+    run = tmp_path / "one"
+    torch.set_num_threads(1)
+    Trainer(load_config("tiny", [*overrides, "train.checkpoint_format=sharded"]), run, progress=False).fit()
+    assert json.loads((run / STEP2 / "checkpoint.json").read_text())["world_size"] == 1
+    assert _losses(run) == _losses(single)
+    resumed = _copy_until(run, tmp_path / "resumed", 2)
+    Trainer(load_config("tiny", overrides), resumed, resume=True, progress=False).fit()
+    assert _losses(resumed) == _losses(single)
