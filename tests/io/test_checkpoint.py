@@ -253,3 +253,27 @@ def test_save_model_checkpoint_leaves_the_callers_model_as_it_is(tmp_path):
     loaded, _, _ = load_model(tmp_path / "run")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert b.dtype == torch.float32 and torch.equal(a.float(), b), name
+
+
+def test_a_renamed_checkpoint_is_not_taken_for_the_step_of_its_name(tmp_path):
+    model, cfg = _model_and_cfg()
+    good = save_checkpoint(tmp_path, 3, model, cfg, {"step": 3})
+    renamed = save_checkpoint(tmp_path, 6, model, cfg, {"step": 6}).rename(tmp_path / "checkpoints" / "step_00000099")
+    with pytest.raises(CheckpointError, match="named for step 99 but its checkpoint.json records step 6.*"
+                                              "rename it back to step_00000006"):
+        verify_checkpoint(renamed)
+    with pytest.raises(CheckpointError, match="named for step 99"):
+        load_model(renamed)
+    with pytest.warns(UserWarning, match="skipping a bad checkpoint.*named for step 99"):
+        assert find_latest_checkpoint(tmp_path) == good
+
+
+def test_a_checkpoint_whose_recorded_step_was_edited_is_refused(tmp_path):
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 6, model, cfg, {"step": 6})
+    meta = json.loads((path / "checkpoint.json").read_text())
+    for step in (99, "6", None):
+        meta["step"] = step
+        (path / "checkpoint.json").write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match=f"named for step 6 but its checkpoint.json records step {step!r}"):
+            verify_checkpoint(path)

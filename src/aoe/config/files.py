@@ -223,13 +223,17 @@ def load_saved_config(path: str | os.PathLike) -> RunConfig:
     return config_from_dict(d)
 
 
+def config_yaml(cfg: RunConfig) -> str:
+    """The resolved config as the YAML text ``save_config`` writes."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config: JSON if the path ends in .json, else YAML. Returns the path."""
     p = Path(path)
-    d = config_to_dict(cfg)
     if p.suffix == ".json":
-        text = json.dumps(d, indent=2) + "\n"
+        text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
     else:
-        text = yaml.safe_dump(d, sort_keys=False)
+        text = config_yaml(cfg)
     p.write_text(text, encoding="utf-8")
     return p

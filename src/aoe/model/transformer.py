@@ -168,7 +168,7 @@ class Transformer(nn.Module):
         pad = None
         if attention_mask is not None:
             pad = padding(check_attention_mask(attention_mask.to(idx.device), B, start_pos, T), start_pos, T)
-            cos, sin = self.rotary.at(pad.positions_BT)
+            cos, sin = self.rotary.at(pad.positions_BT, start_pos + T)  # a position is below start_pos + T
         else:
             cos, sin = self.rotary(start_pos, T, idx.device)
         x = self.embed_tokens(idx)
