@@ -277,3 +277,23 @@ def test_a_checkpoint_whose_recorded_step_was_edited_is_refused(tmp_path):
         (path / "checkpoint.json").write_text(json.dumps(meta))
         with pytest.raises(CheckpointError, match=f"named for step 6 but its checkpoint.json records step {step!r}"):
             verify_checkpoint(path)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test (``umask(0o022)``), restored after."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield os.umask
+    os.umask(before)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_checkpoint_files_get_the_permissions_the_umask_gives(tmp_path, umask, mask):
+    umask(mask)
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 1, model, cfg, {"step": 1})
+    assert path.stat().st_mode & 0o777 == 0o777 & ~mask
+    for file in path.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file.name
+    verify_checkpoint(path)

@@ -40,7 +40,8 @@ from aoe.config import RunConfig, save_config
 from aoe.config.files import load_saved_config
 from aoe.errors import shown
 from aoe.utils.files import (
-    WriteError, file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors, signals_deferred,
+    WriteError, file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors, share_as_umask_allows,
+    signals_deferred,
 )
 
 FORMAT_VERSION = 1
@@ -143,6 +144,7 @@ def _write_files(tmp: Path, step: int, model: torch.nn.Module, cfg: RunConfig, t
             raise CheckpointError("tokenizer.save did not write tokenizer.json")
     with open_for_writing(tmp / STATE_FILE) as f:  # a full disk raises ENOSPC, not a bare "unexpected pos"
         torch.save(trainer_state, f)
+    share_as_umask_allows(tmp)  # safetensors writes its files 0600
     files = {}
     for file in sorted(tmp.iterdir()):
         fsync_file(file)
