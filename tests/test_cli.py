@@ -12,12 +12,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def cli_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli-cache")
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(cli_cache, monkeypatch):
+    """`aoe eval` caches tokens where $AOE_CACHE (or --cache-dir) says, never where a checkpoint's config does."""
+    monkeypatch.setenv("AOE_CACHE", str(cli_cache))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cli_cache):
     import torch
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cli")
-    cache = root / "cache"
+    cache = cli_cache
     run = root / "run"
     assert main(["train", "--quiet", "--out", str(run), *tiny_overrides(cache, **{"train.max_steps": 8})]) == 0
     return run, cache
@@ -242,3 +253,18 @@ def test_choices_with_a_leading_space_warn_once_and_mc_delimiter(trained, tmp_pa
         results[name] = next(iter(json.loads(out_json.read_text())["results"].values()))
     for key in ("acc,none", "acc_norm,none", "acc_bytes,none"):  # '' scores " main(" as ' ' scores "main("
         assert results["own"][key] == results["plain"][key]
+
+
+def test_eval_caches_tokens_where_this_machine_says_not_where_the_checkpoint_records(tmp_path, monkeypatch, capsys):
+    recorded, env, flag = tmp_path / "recorded", tmp_path / "env", tmp_path / "flag"
+    run = tmp_path / "run"
+    quick = {"train.max_steps": 2, "train.eval_every": 0, "train.checkpoint_every": 0}
+    assert main(["train", "--quiet", "--out", str(run), *tiny_overrides(recorded, **quick)]) == 0
+    import shutil
+
+    shutil.rmtree(recorded)
+    monkeypatch.setenv("AOE_CACHE", str(env))
+    assert main(["eval", str(run), "--max-batches", "1"]) == 0
+    assert not recorded.exists() and (env / "tokens").is_dir()
+    assert main(["eval", str(run), "--max-batches", "1", "--cache-dir", str(flag)]) == 0
+    assert not recorded.exists() and (flag / "tokens").is_dir()

@@ -184,10 +184,10 @@ def _corpus_loss(loaded, args: argparse.Namespace):
         raise CLIError(f"{loaded.path}: the corpus loss needs a tokenizer whose document separator is {EOS_TOKEN!r}; "
                        f"this model's ends documents with {loaded.tokenizer.eos_token!r}: pass --skip-loss "
                        "(--mc and --tasks work)")
-    source = args.data or d.source
+    source = args.data or _recorded_source(loaded)
     data = prepare_tokens(source, vocab_size=d.vocab_size, tokenizer_path=loaded.tokenizer_file,
                           val_fraction=d.val_fraction, max_bytes=d.max_bytes if args.data is None else None,
-                          text_field=d.text_field, on_decode_error=d.on_decode_error, cache_dir=d.cache_dir)
+                          text_field=d.text_field, on_decode_error=d.on_decode_error, cache_dir=args.cache_dir)
     split = data.split(args.split)
     seq_len = loaded.config.train.seq_len if args.seq_len is None else args.seq_len
     _check(seq_len <= model.config.max_seq_len, "--seq-len", seq_len,
@@ -207,6 +207,16 @@ def _corpus_loss(loaded, args: argparse.Namespace):
                "bits_per_byte": val.get("val_bpb"), "tokens": val["val_tokens"], "unigram_entropy": entropy,
                "layers": val["layers"]}
     return corpus_task(args.split, str(source), val, entropy, len(split), settings), earlier
+
+
+def _recorded_source(loaded) -> str:
+    """The corpus the model was trained on (its config's data.source), said on stderr when it is
+    local files: a checkpoint's record chooses what is read only where --data does not."""
+    source = loaded.config.data.source
+    if str(source) != "stdlib" and not str(source).startswith("hf:"):
+        print(f"note: scoring the corpus this model records, data.source={source!r}; pass --data to score "
+              "another", file=sys.stderr)
+    return source
 
 
 def _score_mc_files(lm, mc_files: dict[str, list[dict]], delimiter: str, taken: set[str]) -> tuple[list, dict]:
@@ -393,6 +403,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--data", help="corpus to score (default: the one the model was trained on; for a Hugging Face "
                                   "directory, which does not record it, the default corpus 'stdlib')")
     p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where the corpus's tokens are cached (default: $AOE_CACHE, else ~/.cache/aoe; never the "
+                        "directory the checkpoint's config records)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window length (default: the training seq_len; for a Hugging Face directory min(128, "
                         "max_seq_len))")
