@@ -268,3 +268,41 @@ def test_eval_caches_tokens_where_this_machine_says_not_where_the_checkpoint_rec
     assert not recorded.exists() and (env / "tokens").is_dir()
     assert main(["eval", str(run), "--max-batches", "1", "--cache-dir", str(flag)]) == 0
     assert not recorded.exists() and (flag / "tokens").is_dir()
+
+
+def test_several_prompts_are_generated_together_each_as_alone(trained, tmp_path, capsys):
+    run, _ = trained
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps("def f(x):\n    return") + "\n\n" + json.dumps({"prompt": "class A"}) + "\n")
+    common = ["--max-new-tokens", "6", "--temperature", "1.0", "--no-stop"]
+    assert main(["generate", str(run), "--prompt", "import os", "--prompt", "x =", "--prompts-file",
+                 str(prompts_file), "--seed", "3", *common]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["import os", "x =", "def f(x):\n    return", "class A"]
+    for i, row in enumerate(rows):  # row i samples with seed + i, as it would alone
+        assert main(["generate", str(run), "--prompt", row["prompt"], "--seed", str(3 + i), *common]) == 0
+        assert capsys.readouterr().out == row["text"] + "\n"
+    text_file = tmp_path / "prompts.txt"
+    text_file.write_text("import sys\n\nfrom os import\n")
+    assert main(["generate", str(run), "--prompts-file", str(text_file), "--greedy", "--max-new-tokens", "3"]) == 0
+    assert [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()] == ["import sys", "from os import"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--greedy", "--temperature", "1.5", "--top-k", "5"], "--greedy takes the most likely token, so --temperature, "
+                                                          "--top-k would do nothing"),
+    (["--greedy", "--top-p", "0.9"], "--greedy takes the most likely token, so --top-p would do nothing"),
+    (["--temperature", "0", "--top-k", "5"], "--temperature 0 takes the most likely token, so --top-k would do nothing"),
+])
+def test_conflicting_sampling_flags_are_refused(trained, capsys, flags, message):
+    run, _ = trained
+    assert main(["generate", str(run), "--prompt", "x", *flags]) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_a_bad_prompts_file_is_named(trained, tmp_path, capsys):
+    run, _ = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"ok"\n{"text": 1}\n')
+    assert main(["generate", str(run), "--prompts-file", str(bad)]) == 2
+    assert f"{bad}:2: expected a JSON string" in _one_error_line(capsys)

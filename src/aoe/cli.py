@@ -297,9 +297,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 def _check_generate_args(args: argparse.Namespace) -> None:
     _check(args.max_new_tokens >= 0, "--max-new-tokens", args.max_new_tokens, "must be >= 0")
-    _check(args.temperature >= 0, "--temperature", args.temperature, "must be >= 0 (0 = greedy)")
+    _check(args.temperature is None or args.temperature >= 0, "--temperature", args.temperature,
+           "must be >= 0 (0 = greedy)")
     _check(args.top_k is None or args.top_k >= 1, "--top-k", args.top_k, "must be at least 1")
     _check(args.top_p is None or 0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]")
+    _check_sampling_flags(args)
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse sampling flags that greedy decoding would ignore."""
+    greedy = "--greedy" if args.greedy else "--temperature 0" if args.temperature == 0 else None
+    if greedy is None:
+        return
+    unused = [flag for flag, value in (("--temperature", None if args.temperature == 0 else args.temperature),
+                                       ("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+    if unused:
+        raise CLIError(f"{greedy} takes the most likely token, so {', '.join(unused)} would do nothing: drop "
+                       f"{'them' if len(unused) > 1 else 'it'}, or drop {greedy} to sample")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of --prompt (each one) and --prompts-file (one per line; in a .jsonl file a JSON
+    string or {"prompt": ...} per line); [""] (the start of a document) when none is given."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += _read_prompts_file(Path(args.prompts_file))
+    return prompts or [""]
+
+
+def _read_prompts_file(path: Path) -> list[str]:
+    """The non-blank lines of a prompts file (see ``_prompts``)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--prompts-file {str(path)!r}: cannot read it as UTF-8 text ({e})") from None
+    if path.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            prompts.append(_jsonl_prompt(line, f"{path}:{number}"))
+    return prompts
+
+
+def _jsonl_prompt(line: str, where: str) -> str:
+    try:
+        value = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CLIError(f"--prompts-file {where}: not JSON ({e}); write one JSON string or {{\"prompt\": ...}} "
+                       "per line") from None
+    value = value.get("prompt") if isinstance(value, dict) else value
+    if not isinstance(value, str):
+        raise CLIError(f"--prompts-file {where}: expected a JSON string or an object with a \"prompt\" string")
+    return value
 
 
 def _new_token_budget(requested: int, prompt_len: int, limit: int) -> int:
@@ -312,26 +362,39 @@ def _new_token_budget(requested: int, prompt_len: int, limit: int) -> int:
     return requested
 
 
+def _encoded_prompts(prompts: list[str], tokenizer, limit: int) -> list[list[int]]:
+    """Each prompt's ids (an empty prompt: the end-of-text token), refused when one fills the context."""
+    encoded = [(tokenizer.encode(p) if p else []) or [tokenizer.eos_id] for p in prompts]
+    for number, ids in enumerate(encoded, start=1):
+        if len(ids) >= limit:
+            which = "the prompt" if len(encoded) == 1 else f"prompt {number}"
+            raise CLIError(f"{which} is {len(ids)} tokens long; the model's context (max_seq_len) is {limit}: "
+                           "shorten the prompt")
+    return encoded
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from aoe.model import generate
     from aoe.io.models import load_any
 
     _check_generate_args(args)
+    prompts = _prompts(args)
     device = _device(args.device)
     loaded = load_any(args.checkpoint, device=device)
     _check_tokenizer(loaded)
     model, tokenizer = loaded.model, loaded.tokenizer
-    prompt_ids = (tokenizer.encode(args.prompt) if args.prompt else []) or [tokenizer.eos_id]
     limit = model.config.max_seq_len
-    if len(prompt_ids) >= limit:
-        raise CLIError(f"the prompt is {len(prompt_ids)} tokens long; the model's context (max_seq_len) is {limit}: "
-                       "shorten the prompt")
-    max_new = _new_token_budget(args.max_new_tokens, len(prompt_ids), limit)
-    temperature = 0.0 if args.greedy else args.temperature
-    out = generate(model, prompt_ids, max_new, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+    encoded = _encoded_prompts(prompts, tokenizer, limit)
+    max_new = _new_token_budget(args.max_new_tokens, max(len(ids) for ids in encoded), limit)
+    temperature = 0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature
+    out = generate(model, encoded, max_new, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, eos_id=None if args.no_stop else tokenizer.eos_id)
-    text = tokenizer.decode(out.tolist()[len(prompt_ids):])
-    print((args.prompt or "") + text)
+    texts = [prompt + tokenizer.decode(row[len(ids):]) for prompt, ids, row in zip(prompts, encoded, out)]
+    if len(texts) == 1:
+        print(texts[0])
+    else:
+        for prompt, text in zip(prompts, texts):
+            print(json.dumps({"prompt": prompt, "text": text}, ensure_ascii=False))
     return 0
 
 
@@ -445,14 +508,20 @@ def _add_generate_parser(sub) -> None:
     """``aoe generate``: the prompt and the sampling options."""
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.add_argument("checkpoint", metavar="MODEL", help=MODEL_PATHS)
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (default: start of a document); give it several times for several "
+                        "prompts, generated together (left-padded): then each result is printed as one JSON line "
+                        "{\"prompt\", \"text\"}; row i samples with --seed + i")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="more prompts, one per line (a .jsonl file: a JSON string or {\"prompt\": ...} per line)")
     p.add_argument("--max-new-tokens", type=int, default=100,
                    help="tokens to add (default 100); capped, with a warning, where the prompt and the new tokens "
                         "would pass the model's context (max_seq_len)")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 0.8; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
+    p.add_argument("--greedy", action="store_true",
+                   help="argmax decoding (temperature 0; refused with --temperature, --top-k or --top-p)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--device", default=None)
