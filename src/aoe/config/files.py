@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from aoe.config.applicability import settle_saved
 from aoe.config.schema import ConfigError
 from aoe.config.sections import SECTIONS, RunConfig
 from aoe.errors import one_line, shown
@@ -215,12 +216,13 @@ INIT_ONLY_MODEL_KEYS = ("gate_init",)
 def load_saved_config(path: str | os.PathLike) -> RunConfig:
     """Read a run config the trainer saved (a checkpoint's or a run's config.yaml): as
     ``load_config``, except that a model key of ``SAVED_MODEL_DEFAULTS`` the file lacks takes the
-    value the run was trained with, not today's default."""
+    value the run was trained with, not today's default, and an option that did nothing in that run
+    (``aoe.config.applicability``) reads as its off value."""
     d = _read_file(path)
     model = d["model"] = d.get("model") or {}
     for key, value in SAVED_MODEL_DEFAULTS.items():
         model.setdefault(key, value)
-    return config_from_dict(d)
+    return config_from_dict(settle_saved(d))
 
 
 def config_yaml(cfg: RunConfig) -> str:
