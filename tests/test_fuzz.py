@@ -240,10 +240,26 @@ def corpus_bytes(rng: random.Random) -> bytes:
 
 
 def write_corpus(rng: random.Random, directory, i: int):
-    suffix = rng.choice([".txt", ".jsonl", ".py", ""])
+    suffix = rng.choice([".txt", ".jsonl", ".py", "", ".jsonl.gz", ".jsonl.zst", ".parquet"])
     path = directory / f"corpus{i}{suffix}"
-    path.write_bytes(corpus_bytes(rng))
+    path.write_bytes(compressed(rng, suffix, corpus_bytes(rng)))
     return path
+
+
+def compressed(rng: random.Random, suffix: str, data: bytes) -> bytes:
+    """``data``, compressed as ``suffix`` says half the time (else left raw: a damaged file)."""
+    if rng.random() < 0.5:
+        return data
+    if suffix == ".jsonl.gz":
+        import gzip
+
+        return gzip.compress(data)
+    if suffix == ".jsonl.zst":
+        with contextlib.suppress(ImportError):
+            import zstandard
+
+            return zstandard.ZstdCompressor().compress(data)
+    return data
 
 
 def test_random_corpora(tmp_path):
