@@ -91,6 +91,10 @@ def _debug_nonfinite_steps() -> set[tuple[int, int]]:
     return pairs
 
 
+def _differ(items: list) -> str:
+    return "differs" if len(items) == 1 else "differ"
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss under nan_policy=stop, too many skipped steps...)."""
 
@@ -406,12 +410,12 @@ class Trainer:
         changed = [f"{section}.{key}={now[section][key]!r} (the run has {then[section][key]!r})"
                    for section, key in RESUME_FIXED_KEYS if now[section][key] != then[section][key]]
         if changed:
-            raise ConfigError(f"--resume: {', '.join(changed)} differs from {str(path)!r}: resume with the run's "
-                              "values, or start a new run with another --out")
+            raise ConfigError(f"--resume: {', '.join(changed)} {_differ(changed)} from {str(path)!r}: resume with "
+                              "the run's values, or start a new run with another --out")
         model = [f"model.{key}={value!r} (the run has {then['model'].get(key)!r})"
                  for key, value in now["model"].items() if then["model"].get(key) != value]
         if model:
-            raise ConfigError(f"--resume: {', '.join(model)} differs from the model in {str(path)!r}; "
+            raise ConfigError(f"--resume: {', '.join(model)} {_differ(model)} from the model in {str(path)!r}; "
                               "resume with the same model.* settings")
 
     def _resume(self) -> None:
