@@ -16,7 +16,8 @@ A write the system refuses (disk full, quota...) raises ``CheckpointWriteError``
 the cause and the newest good checkpoint; the temporary directory is removed.
 
 ``checkpoint.json`` is checked on load: a truncated or altered file, or a directory whose name
-is not the step its ``checkpoint.json`` records (renamed), is refused with an error naming it, and ``find_latest_checkpoint`` falls back to the newest checkpoint that verifies.
+is not the step its ``checkpoint.json`` records (renamed), is refused with an error naming it,
+and ``find_latest_checkpoint`` falls back to the newest checkpoint that verifies.
 A checkpoint that does not verify is never deleted or overwritten by a run: the run moves it
 aside to ``step_XXXXXXXX.corrupt`` (``.corrupt-2``, ... when taken) and says so, and it no longer
 counts as a checkpoint. Retention (``keep``) counts only checkpoints that verify.
