@@ -297,3 +297,27 @@ def test_checkpoint_files_get_the_permissions_the_umask_gives(tmp_path, umask, m
     for file in path.iterdir():
         assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file.name
     verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"n_layers": 48, "d_model": 8192}, "model.n_layers=48, but the weights hold 2 layer(s): this config.yaml"),
+    ({"d_model": 10**12}, "model.d_model=1000000000000 is larger than the"),
+    ({"d_ffn": 64}, "layers.0.ffn.w_up has shape [4, 4, 41] in the weights, but"),
+])
+def test_a_checkpoint_config_edited_to_claim_more_than_its_weights_is_refused_before_building(tmp_path, edit, message):
+    import yaml
+
+    from aoe.utils.files import file_sha256
+
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 1, model, cfg, {"step": 1})
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    config["model"].update(edit)
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    meta = json.loads((path / "checkpoint.json").read_text())  # sums made to match: only the sizes are hostile
+    meta["files"]["config.yaml"] = {"bytes": (path / "config.yaml").stat().st_size,
+                                    "sha256": file_sha256(path / "config.yaml")}
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -86,7 +86,7 @@ import torch
 
 from aoe.config import ConfigError, ModelConfig
 from aoe.hf._io import atomic_directory, check_destination
-from aoe.hf.bounds import check_sizes, native_shapes
+from aoe.io.bounds import check_sizes, native_shapes
 from aoe.hf.configuration import AoEConfig
 from aoe.hf.sources import (
     ARCHS, GLOBAL_KEYS, LAYER_KEYS, QK_NORM_KEYS, QKV_BIAS_KEYS, REFUSED, SHARED_EXPERT_KEYS, SHARED_GATE_KEYS,

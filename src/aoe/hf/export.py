@@ -128,7 +128,7 @@ def load_hf_as_native(hf_dir: str | os.PathLike, device: str | torch.device = "c
     """An HF ``aoe`` directory -> a native ``Transformer`` (eval mode) with the same weights and dtype.
 
     config.json is checked against the weights' headers before anything is allocated
-    (``aoe.hf.bounds``): ConversionError naming the file when they do not belong together."""
+    (``aoe.io.bounds``): ConversionError naming the file when they do not belong together."""
     from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)
@@ -152,8 +152,8 @@ def load_hf_as_native(hf_dir: str | os.PathLike, device: str | torch.device = "c
 
 
 def _check_weights_fit(model_cfg, files: list[Path], config_file: Path) -> None:
-    """The sizes, then the shapes, of ``config_file`` against the weights' headers (``aoe.hf.bounds``)."""
-    from aoe.hf.bounds import check_shapes, check_sizes, native_shapes, read_shapes
+    """The sizes, then the shapes, of ``config_file`` against the weights' headers (``aoe.io.bounds``)."""
+    from aoe.io.bounds import check_shapes, check_sizes, native_shapes, read_shapes
     from aoe.hf.sources import ConversionError
 
     found = read_shapes(files, ConversionError)

@@ -473,12 +473,26 @@ def load_native_checkpoint(ckpt: str | os.PathLike, device: str | torch.device =
     if verify:
         verify_checkpoint(ckpt)
     cfg = load_run_config(ckpt)
+    _check_weights_fit(cfg, ckpt)
     model = Transformer(cfg.model)
     load_model_state(model, ckpt)
     model.to(device).eval()
     tok_file = ckpt / TOKENIZER_FILE
     tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
     return model, cfg, tokenizer
+
+
+def _check_weights_fit(cfg: RunConfig, ckpt: Path) -> None:
+    """The checkpoint's model config against its weights' header (``aoe.io.bounds``), before the
+    model is built: a config.yaml that claims more than the weights hold is refused."""
+    from aoe.io.bounds import SIZE_FIELDS, check_shapes, check_sizes, native_shapes, read_shapes
+
+    found = read_shapes([ckpt / MODEL_FILE], CheckpointError)
+    where = ckpt / CONFIG_FILE
+    names = {field: f"model.{field}" for field in ("n_layers", *SIZE_FIELDS)}
+    check_sizes(cfg.model, found, where, CheckpointError, names=names)
+    expected = {key.removeprefix("model."): shape for key, shape in native_shapes(cfg.model).items()}
+    check_shapes(expected, found, where, CheckpointError)
 
 
 def imported_run_config(model_config, tokenizer=None) -> RunConfig:

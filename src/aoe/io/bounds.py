@@ -1,4 +1,5 @@
-"""A model directory's config checked against its weights before anything is allocated.
+"""A model directory's config checked against its weights before anything is allocated (a
+Hugging Face directory's config.json, a native checkpoint's config.yaml).
 
 A config.json is small and its sizes are only claims: a 1 KB file saying ``hidden_size=8192`` and
 48 layers beside 172 KB of weights would have the model built (gigabytes) before the weights'
@@ -60,13 +61,13 @@ def check_sizes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], config_
     layers = {int(m.group(1)) for key in shapes for m in [_LAYER.search(key)] if m}
     if cfg.n_layers > len(layers):
         raise error(f"{str(config_file)!r}: {names['n_layers']}={cfg.n_layers}, but the weights hold {len(layers)} "
-                    "layer(s): this config.json does not belong to these weights")
+                    f"layer(s): this {config_file.name} does not belong to these weights")
     values = sum(math.prod(shape) for shape in shapes.values())
     for field in SIZE_FIELDS:
         size = getattr(cfg, field, None)
         if isinstance(size, int) and size > max(values, 1):
             raise error(f"{str(config_file)!r}: {names.get(field, field)}={size} is larger than the {values:,} values "
-                        "all the weights hold together: this config.json does not belong to these weights")
+                        f"all the weights hold together: this {config_file.name} does not belong to these weights")
 
 
 def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -91,7 +92,7 @@ def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tu
     for key, shape in expected.items():
         if key in found and tuple(found[key]) != tuple(shape):
             raise error(f"{key} has shape {list(found[key])} in the weights, but {str(config_file)!r} implies "
-                        f"{list(shape)}: this config.json does not belong to these weights")
+                        f"{list(shape)}: this {config_file.name} does not belong to these weights")
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
         raise error(f"the weights do not fit {str(config_file)!r}: missing {_few(missing)}, unexpected {_few(unexpected)}")
