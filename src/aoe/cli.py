@@ -286,9 +286,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 print(f"{task}: {shown}")
     if args.json:
         from aoe.io.results import json_default, results_layout
+        from aoe.utils.files import atomic_write_text
 
         layout = results_layout(local, _eval_config(loaded, args, device), harness, extra=earlier)
-        Path(args.json).write_text(json.dumps(layout, indent=2, default=json_default, ensure_ascii=False))
+        atomic_write_text(args.json, json.dumps(layout, indent=2, default=json_default, ensure_ascii=False))
     return 0
 
 
