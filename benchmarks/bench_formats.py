@@ -1,6 +1,6 @@
 """Record corpora per format: peak memory and rate of reading them, and of tokenizing them.
 
-    python benchmarks/bench_formats.py --read-mb 500 --prepare-mb 50
+    python benchmarks/bench_formats.py --read-mb 500 --prepare-mb 500
 
 One corpus of records (documents of 2 to 8 KB of shuffled standard-library source lines, seeded),
 written as ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` and ``.parquet`` (the last two when
@@ -149,11 +149,12 @@ def main() -> None:
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-formats-"))
     print(f"| format | file MB | docs | text MB | read MB/s | read peak RSS MB (import) |\n|---|---|---|---|---|---|")
-    for path in write_corpora(work / "read", args.read_mb):
+    read = write_corpora(work / "read", args.read_mb)
+    for path in read:
         r = _in_child("read", str(path))
         print(f"| {path.name[len('corpus'):]} | {path.stat().st_size / 1e6:.0f} | {r['docs']:,} | {r['mb']:.0f} | "
               f"{r['mb_s']:.1f} | {r['peak']:.0f} ({r['import']:.0f}) |", flush=True)
-    small = write_corpora(work / "prepare", args.prepare_mb)
+    small = read if args.prepare_mb == args.read_mb else write_corpora(work / "prepare", args.prepare_mb)
     tokenizer = work / "tokenizer"
     _in_child("train", str(small[0]), str(tokenizer))
     print(f"\n| format | tokens | prepare s | prepare peak RSS MB (import) | train.bin / val.bin sha256 |\n|---|---|---|---|---|")
