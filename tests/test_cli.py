@@ -306,3 +306,15 @@ def test_a_bad_prompts_file_is_named(trained, tmp_path, capsys):
     bad.write_text('"ok"\n{"text": 1}\n')
     assert main(["generate", str(run), "--prompts-file", str(bad)]) == 2
     assert f"{bad}:2: expected a JSON string" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--skip-loss", "--data", "x.txt", "--max-batches", "2"], "--skip-loss skips the corpus loss, so --data, "
+                                                               "--max-batches would do nothing"),
+    (["--skip-loss", "--seq-len", "8"], "--skip-loss skips the corpus loss, so --seq-len would do nothing"),
+    (["--limit", "5"], "--limit applies to lm-eval tasks only: add --tasks"),
+    (["--num-fewshot", "2", "--limit", "5"], "--num-fewshot, --limit apply to lm-eval tasks only"),
+])
+def test_eval_options_that_would_do_nothing_are_refused(trained, capsys, flags, message):
+    assert main(["eval", str(trained[0]), *flags]) == 2
+    assert message in _one_error_line(capsys)

@@ -123,6 +123,24 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     _check(args.limit is None or args.limit >= 1, "--limit", args.limit, "must be at least 1")
     if args.tasks is not None and not _task_names(args.tasks):
         raise CLIError(f"--tasks {args.tasks!r} names no task: give comma-separated lm-eval tasks, e.g. piqa,arc_easy")
+    _check_eval_flags_apply(args)
+
+
+def _check_eval_flags_apply(args: argparse.Namespace) -> None:
+    """Refuse eval options that the other options leave with nothing to do."""
+    if args.skip_loss:
+        unused = [flag for flag, value in (("--data", args.data), ("--seq-len", args.seq_len),
+                                           ("--max-batches", args.max_batches), ("--cache-dir", args.cache_dir))
+                  if value is not None]
+        if unused:
+            raise CLIError(f"--skip-loss skips the corpus loss, so {', '.join(unused)} would do nothing: drop "
+                           f"{'them' if len(unused) > 1 else 'it'}, or drop --skip-loss")
+    if args.tasks is None:
+        unused = [flag for flag, value in (("--num-fewshot", args.num_fewshot or None), ("--limit", args.limit))
+                  if value is not None]
+        if unused:
+            raise CLIError(f"{', '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to lm-eval tasks only: "
+                           "add --tasks, or drop " + ("them" if len(unused) > 1 else "it"))
 
 
 def _task_names(tasks: str) -> list[str]:
