@@ -293,6 +293,7 @@ def test_several_prompts_are_generated_together_each_as_alone(trained, tmp_path,
                                                           "--top-k would do nothing"),
     (["--greedy", "--top-p", "0.9"], "--greedy takes the most likely token, so --top-p would do nothing"),
     (["--temperature", "0", "--top-k", "5"], "--temperature 0 takes the most likely token, so --top-k would do nothing"),
+    (["--greedy", "--seed", "3"], "--greedy takes the most likely token, so --seed would do nothing"),
 ])
 def test_conflicting_sampling_flags_are_refused(trained, capsys, flags, message):
     run, _ = trained

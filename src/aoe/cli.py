@@ -324,12 +324,13 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 
 
 def _check_sampling_flags(args: argparse.Namespace) -> None:
-    """Refuse sampling flags that greedy decoding would ignore."""
+    """Refuse sampling flags (and the sampling seed) that greedy decoding would ignore."""
     greedy = "--greedy" if args.greedy else "--temperature 0" if args.temperature == 0 else None
     if greedy is None:
         return
     unused = [flag for flag, value in (("--temperature", None if args.temperature == 0 else args.temperature),
-                                       ("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+                                       ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+              if value is not None]
     if unused:
         raise CLIError(f"{greedy} takes the most likely token, so {', '.join(unused)} would do nothing: drop "
                        f"{'them' if len(unused) > 1 else 'it'}, or drop {greedy} to sample")
@@ -540,7 +541,7 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--greedy", action="store_true",
-                   help="argmax decoding (temperature 0; refused with --temperature, --top-k or --top-p)")
+                   help="argmax decoding (temperature 0; refused with --temperature, --top-k, --top-p or --seed)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--device", default=None)
