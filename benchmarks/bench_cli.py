@@ -17,8 +17,9 @@ import sys
 import time
 
 COMMANDS = ("", "train", "eval", "generate", "compare", "demo", "export", "convert")
-PROBE = ("import runpy, sys\nsys.argv = ['aoe', *sys.argv[1:]]\ntry:\n    runpy.run_module('aoe.cli', run_name='__main__')\n"
-         "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)\n")
+PROBE = ("import runpy, sys\nsys.argv = ['aoe', *sys.argv[1:]]\n"
+         "try:\n    runpy.run_module('aoe.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+         "print('torch' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)\n")
 
 
 def _timed(argv: list[str]) -> tuple[float, str]:

@@ -157,7 +157,8 @@ def main() -> None:
     small = read if args.prepare_mb == args.read_mb else write_corpora(work / "prepare", args.prepare_mb)
     tokenizer = work / "tokenizer"
     _in_child("train", str(small[0]), str(tokenizer))
-    print(f"\n| format | tokens | prepare s | prepare peak RSS MB (import) | train.bin / val.bin sha256 |\n|---|---|---|---|---|")
+    print("\n| format | tokens | prepare s | prepare peak RSS MB (import) | train.bin / val.bin sha256 |\n"
+          "|---|---|---|---|---|")
     for path in small:
         r = _in_child("prepare", str(path), str(work / ("tok" + path.name)), str(tokenizer / "tokenizer.json"))
         print(f"| {path.name[len('corpus'):]} | {r['tokens']:,} | {r['s']:.0f} | {r['peak']:.0f} ({r['import']:.0f}) | "

@@ -582,7 +582,8 @@ def _add_hf_parsers(sub) -> None:
 
     if importlib.util.find_spec("transformers") is None:
         for name in ("export", "convert"):
-            sub.add_parser(name, help="(needs transformers)").set_defaults(func=_needs_hf("transformers is not installed"))
+            unavailable = _needs_hf("transformers is not installed")
+            sub.add_parser(name, help="(needs transformers)").set_defaults(func=unavailable)
         return
     for add in (add_export_parser, add_convert_parser):
         parser = add(sub)
