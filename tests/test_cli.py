@@ -12,12 +12,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def cli_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli-cache")
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(cli_cache, monkeypatch):
+    """`aoe eval` caches tokens where $AOE_CACHE (or --cache-dir) says, never where a checkpoint's config does."""
+    monkeypatch.setenv("AOE_CACHE", str(cli_cache))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cli_cache):
     import torch
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cli")
-    cache = root / "cache"
+    cache = cli_cache
     run = root / "run"
     assert main(["train", "--quiet", "--out", str(run), *tiny_overrides(cache, **{"train.max_steps": 8})]) == 0
     return run, cache
@@ -242,3 +253,69 @@ def test_choices_with_a_leading_space_warn_once_and_mc_delimiter(trained, tmp_pa
         results[name] = next(iter(json.loads(out_json.read_text())["results"].values()))
     for key in ("acc,none", "acc_norm,none", "acc_bytes,none"):  # '' scores " main(" as ' ' scores "main("
         assert results["own"][key] == results["plain"][key]
+
+
+def test_eval_caches_tokens_where_this_machine_says_not_where_the_checkpoint_records(tmp_path, monkeypatch, capsys):
+    recorded, env, flag = tmp_path / "recorded", tmp_path / "env", tmp_path / "flag"
+    run = tmp_path / "run"
+    quick = {"train.max_steps": 2, "train.eval_every": 0, "train.checkpoint_every": 0}
+    assert main(["train", "--quiet", "--out", str(run), *tiny_overrides(recorded, **quick)]) == 0
+    import shutil
+
+    shutil.rmtree(recorded)
+    monkeypatch.setenv("AOE_CACHE", str(env))
+    assert main(["eval", str(run), "--max-batches", "1"]) == 0
+    assert not recorded.exists() and (env / "tokens").is_dir()
+    assert main(["eval", str(run), "--max-batches", "1", "--cache-dir", str(flag)]) == 0
+    assert not recorded.exists() and (flag / "tokens").is_dir()
+
+
+def test_several_prompts_are_generated_together_each_as_alone(trained, tmp_path, capsys):
+    run, _ = trained
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps("def f(x):\n    return") + "\n\n" + json.dumps({"prompt": "class A"}) + "\n")
+    common = ["--max-new-tokens", "6", "--temperature", "1.0", "--no-stop"]
+    assert main(["generate", str(run), "--prompt", "import os", "--prompt", "x =", "--prompts-file",
+                 str(prompts_file), "--seed", "3", *common]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["import os", "x =", "def f(x):\n    return", "class A"]
+    for i, row in enumerate(rows):  # row i samples with seed + i, as it would alone
+        assert main(["generate", str(run), "--prompt", row["prompt"], "--seed", str(3 + i), *common]) == 0
+        assert capsys.readouterr().out == row["text"] + "\n"
+    text_file = tmp_path / "prompts.txt"
+    text_file.write_text("import sys\n\nfrom os import\n")
+    assert main(["generate", str(run), "--prompts-file", str(text_file), "--greedy", "--max-new-tokens", "3"]) == 0
+    assert [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()] == ["import sys", "from os import"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--greedy", "--temperature", "1.5", "--top-k", "5"], "--greedy takes the most likely token, so --temperature, "
+                                                          "--top-k would do nothing"),
+    (["--greedy", "--top-p", "0.9"], "--greedy takes the most likely token, so --top-p would do nothing"),
+    (["--temperature", "0", "--top-k", "5"], "--temperature 0 takes the most likely token, so --top-k would do nothing"),
+    (["--greedy", "--seed", "3"], "--greedy takes the most likely token, so --seed would do nothing"),
+])
+def test_conflicting_sampling_flags_are_refused(trained, capsys, flags, message):
+    run, _ = trained
+    assert main(["generate", str(run), "--prompt", "x", *flags]) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_a_bad_prompts_file_is_named(trained, tmp_path, capsys):
+    run, _ = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"ok"\n{"text": 1}\n')
+    assert main(["generate", str(run), "--prompts-file", str(bad)]) == 2
+    assert f"{bad}:2: expected a JSON string" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--skip-loss", "--data", "x.txt", "--max-batches", "2"], "--skip-loss skips the corpus loss, so --data, "
+                                                               "--max-batches would do nothing"),
+    (["--skip-loss", "--seq-len", "8"], "--skip-loss skips the corpus loss, so --seq-len would do nothing"),
+    (["--limit", "5"], "--limit applies to lm-eval tasks only: add --tasks"),
+    (["--num-fewshot", "2", "--limit", "5"], "--num-fewshot, --limit apply to lm-eval tasks only"),
+])
+def test_eval_options_that_would_do_nothing_are_refused(trained, capsys, flags, message):
+    assert main(["eval", str(trained[0]), *flags]) == 2
+    assert message in _one_error_line(capsys)

@@ -1,4 +1,5 @@
-"""Fuzz: random configs, overrides, corpora and multiple-choice files meet success or one clear error.
+"""Fuzz: random configs, overrides, option combinations, corpora, multiple-choice files, edited Hugging
+Face config.json files and renamed or edited checkpoints meet success or one clear error.
 
 Every case ends in success or in one of the project's error types with a one-line message
 (through ``aoe.cli.main``: exit status 2 and a single ``error: ...`` line on stderr, the last
@@ -239,10 +240,26 @@ def corpus_bytes(rng: random.Random) -> bytes:
 
 
 def write_corpus(rng: random.Random, directory, i: int):
-    suffix = rng.choice([".txt", ".jsonl", ".py", ""])
+    suffix = rng.choice([".txt", ".jsonl", ".py", "", ".jsonl.gz", ".jsonl.zst", ".parquet"])
     path = directory / f"corpus{i}{suffix}"
-    path.write_bytes(corpus_bytes(rng))
+    path.write_bytes(compressed(rng, suffix, corpus_bytes(rng)))
     return path
+
+
+def compressed(rng: random.Random, suffix: str, data: bytes) -> bytes:
+    """``data``, compressed as ``suffix`` says half the time (else left raw: a damaged file)."""
+    if rng.random() < 0.5:
+        return data
+    if suffix == ".jsonl.gz":
+        import gzip
+
+        return gzip.compress(data)
+    if suffix == ".jsonl.zst":
+        with contextlib.suppress(ImportError):
+            import zstandard
+
+            return zstandard.ZstdCompressor().compress(data)
+    return data
 
 
 def test_random_corpora(tmp_path):
@@ -347,3 +364,86 @@ def test_random_inputs_to_aoe_eval(tmp_path, tiny_checkpoint, capsys, monkeypatc
         with case(f"{i}: aoe {shown(argv, 500)} with {shown(path.read_bytes(), 300)}"):
             statuses.append(cli_outcome(argv, capsys))
     assert 0 in statuses and 2 in statuses
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile model directories: edited config.json, renamed and edited checkpoints
+# ---------------------------------------------------------------------------------------------
+HF_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_experts", "num_experts_per_tok",
+                  "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings", "d_low",
+                  "d_wide")
+
+
+def hostile_size(rng: random.Random):
+    return rng.choice([0, 1, 2, 3, 8, 16, 48, 8192, 10**9, 10**12, 2**63, -1, 2.5, "wide", None, [16]])
+
+
+def test_random_hf_config_edits_through_generate(tmp_path, tiny_checkpoint, capsys, one_thread):
+    pytest.importorskip("transformers")
+    import shutil
+
+    from aoe.hf.export import export_to_hf
+
+    _, model, tokenizer = tiny_checkpoint
+    exported = export_to_hf(model, tmp_path / "hf", tokenizer)
+    rng = random.Random(SEED + 5)
+    statuses = []
+    for i in range(24):
+        edited = tmp_path / f"hf{i}"
+        shutil.copytree(exported, edited)
+        config = json.loads((edited / "config.json").read_text())
+        fields = {name: hostile_size(rng) for name in rng.sample(HF_SIZE_FIELDS, rng.randint(1, 3))}
+        config.update(fields)
+        (edited / "config.json").write_text(json.dumps(config))
+        argv = ["generate", str(edited), "--prompt", "the cat", "--max-new-tokens", "2", "--greedy"]
+        with case(f"{i}: config.json edited with {fields}"):
+            statuses.append(cli_outcome(argv, capsys))
+    assert 2 in statuses
+
+
+def test_renamed_and_edited_checkpoints(tmp_path, tiny_checkpoint, capsys, one_thread):
+    import shutil
+
+    rng = random.Random(SEED + 6)
+    statuses = []
+    for i in range(16):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(tiny_checkpoint[0], run)
+        step_dir = next((run / "checkpoints").iterdir())
+        meta = json.loads((step_dir / "checkpoint.json").read_text())
+        edits = []
+        if rng.random() < 0.6:
+            meta["step"] = rng.choice([0, 1, 99, -1, "0", None, 2**40])
+            (step_dir / "checkpoint.json").write_text(json.dumps(meta))
+            edits.append(f"step={meta['step']!r}")
+        if rng.random() < 0.6:
+            new_name = rng.choice(["step_00000099", "step_00000000", "step_x", "step_00000001.corrupt"])
+            step_dir = step_dir.rename(step_dir.with_name(new_name))
+            edits.append(f"renamed {new_name}")
+        target = rng.choice([run, step_dir])
+        argv = ["generate", str(target), "--prompt", "the", "--max-new-tokens", "1", "--greedy"]
+        with case(f"{i}: {edits}, generate from {target.name}"):
+            statuses.append(cli_outcome(argv, capsys))
+    assert 0 in statuses and 2 in statuses
+
+
+IDLE_OPTIONS = (("model.ffn", ["dense", "moe", "aoe"]), ("model.selection", ["top_k", "top_p", "expert_choice"]),
+                ("model.top_p", [None, 0.5, 1.0]), ("model.min_k", [1, 2]), ("model.max_k", [None, 2]),
+                ("model.capacity_factor", [1.0, 2.0, 1e30]), ("model.ec_inference", ["top_k", "expert_choice"]),
+                ("train.fsdp", [False, True]), ("train.fsdp_shard_size", [None, 2]))
+
+
+def test_random_option_combinations_build_only_configs_where_every_option_applies():
+    from aoe.config.applicability import idle_options
+
+    rng = random.Random(SEED + 7)
+    built = 0
+    for i in range(150):
+        items = [f"{key}={json.dumps(rng.choice(values))}" for key, values in rng.sample(IDLE_OPTIONS, rng.randint(1, 5))]
+        with case(f"{i}: {items}"):
+            cfg = outcome(lambda: load_config("tiny", items), (ConfigError,))
+        if cfg is not None:
+            built += 1
+            assert idle_options("model", dataclasses.asdict(cfg.model)) == []
+            assert idle_options("train", dataclasses.asdict(cfg.train)) == []
+    assert 10 < built < 150

@@ -1,6 +1,7 @@
 """`import aoe` stays light (no transformers, no torch._dynamo) and still registers the HF classes;
 loading and exporting models never imports the trainer."""
 
+import os
 import subprocess
 import sys
 
@@ -14,8 +15,10 @@ _CHECK_AUTO = ("from transformers import AutoConfig, AutoModelForCausalLM\n"
 
 
 def _run(code: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:  # the package under test, where it is not the installed one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout.split("\n")[:-1]
 
@@ -37,3 +40,12 @@ def test_a_failing_registration_does_not_break_importing_transformers():
             "    import transformers\n"
             "print(any('could not register' in str(w.message) for w in caught), hasattr(transformers, 'AutoConfig'))\n")
     assert _run(code) == ["True True"]
+
+
+@pytest.mark.parametrize("command", ["", "train", "eval", "generate", "export", "convert"])
+def test_help_imports_neither_torch_nor_transformers(command):
+    code = ("import sys\nfrom aoe.cli import main\ntry:\n    main([" + (f"{command!r}, " if command else "")
+            + "'--help'])\nexcept SystemExit:\n    pass\n"
+              "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    lines = _run(code)
+    assert lines[-1] == "False False" and any("usage: aoe" in line for line in lines)

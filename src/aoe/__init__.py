@@ -2,10 +2,19 @@
 
 import importlib.util as _importlib_util
 
-from aoe.nn import AoE, DenseFFN, MoE, match_d_wide, total_aux_loss, update_selection_biases
-
 __version__ = "0.1.0"
 __all__ = ["AoE", "MoE", "DenseFFN", "match_d_wide", "total_aux_loss", "update_selection_biases", "__version__"]
+_FROM_NN = frozenset(__all__) - {"__version__"}
+
+
+def __getattr__(name: str):
+    """``aoe.AoE`` and the other layer names, imported from ``aoe.nn`` (and so torch) on first use:
+    ``import aoe`` itself, and the ``aoe`` command's ``--help``, stay quick."""
+    if name in _FROM_NN:
+        import aoe.nn
+
+        return getattr(aoe.nn, name)
+    raise AttributeError(f"module 'aoe' has no attribute {name!r}")
 
 
 

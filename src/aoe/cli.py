@@ -123,6 +123,24 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     _check(args.limit is None or args.limit >= 1, "--limit", args.limit, "must be at least 1")
     if args.tasks is not None and not _task_names(args.tasks):
         raise CLIError(f"--tasks {args.tasks!r} names no task: give comma-separated lm-eval tasks, e.g. piqa,arc_easy")
+    _check_eval_flags_apply(args)
+
+
+def _check_eval_flags_apply(args: argparse.Namespace) -> None:
+    """Refuse eval options that the other options leave with nothing to do."""
+    if args.skip_loss:
+        unused = [flag for flag, value in (("--data", args.data), ("--seq-len", args.seq_len),
+                                           ("--max-batches", args.max_batches), ("--cache-dir", args.cache_dir))
+                  if value is not None]
+        if unused:
+            raise CLIError(f"--skip-loss skips the corpus loss, so {', '.join(unused)} would do nothing: drop "
+                           f"{'them' if len(unused) > 1 else 'it'}, or drop --skip-loss")
+    if args.tasks is None:
+        unused = [flag for flag, value in (("--num-fewshot", args.num_fewshot or None), ("--limit", args.limit))
+                  if value is not None]
+        if unused:
+            raise CLIError(f"{', '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to lm-eval tasks only: "
+                           "add --tasks, or drop " + ("them" if len(unused) > 1 else "it"))
 
 
 def _task_names(tasks: str) -> list[str]:
@@ -131,10 +149,15 @@ def _task_names(tasks: str) -> list[str]:
 
 def _load_mc_files(paths: list[str], delimiter: str) -> dict[str, list[dict]]:
     """Every --mc file read and checked before the model is loaded (a bad line fails fast); a file
-    whose choices begin with whitespace gets one ``warning:`` line on stderr."""
+    whose choices begin with whitespace, or that lists a choice twice, gets one ``warning:`` line
+    on stderr for each."""
     import warnings
 
-    from aoe.eval.multiple_choice import MultipleChoiceWhitespaceWarning, load_multiple_choice
+    from aoe.eval.multiple_choice import (
+        MultipleChoiceDuplicateWarning, MultipleChoiceWhitespaceWarning, load_multiple_choice,
+    )
+
+    shown_here = (MultipleChoiceWhitespaceWarning, MultipleChoiceDuplicateWarning)
 
     loaded = {}
     for path in paths:
@@ -142,10 +165,11 @@ def _load_mc_files(paths: list[str], delimiter: str) -> dict[str, list[dict]]:
             raise CLIError(f"--mc {path}: no such file; give the path of a JSON Lines file of "
                            "{context, choices, label} objects")
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MultipleChoiceWhitespaceWarning)
+            for category in shown_here:
+                warnings.simplefilter("always", category)
             loaded[path] = load_multiple_choice(path, target_delimiter=delimiter)
         for w in caught:
-            if issubclass(w.category, MultipleChoiceWhitespaceWarning):
+            if issubclass(w.category, shown_here):
                 print(f"warning: {w.message}", file=sys.stderr)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -184,10 +208,10 @@ def _corpus_loss(loaded, args: argparse.Namespace):
         raise CLIError(f"{loaded.path}: the corpus loss needs a tokenizer whose document separator is {EOS_TOKEN!r}; "
                        f"this model's ends documents with {loaded.tokenizer.eos_token!r}: pass --skip-loss "
                        "(--mc and --tasks work)")
-    source = args.data or d.source
+    source = args.data or _recorded_source(loaded)
     data = prepare_tokens(source, vocab_size=d.vocab_size, tokenizer_path=loaded.tokenizer_file,
                           val_fraction=d.val_fraction, max_bytes=d.max_bytes if args.data is None else None,
-                          text_field=d.text_field, on_decode_error=d.on_decode_error, cache_dir=d.cache_dir)
+                          text_field=d.text_field, on_decode_error=d.on_decode_error, cache_dir=args.cache_dir)
     split = data.split(args.split)
     seq_len = loaded.config.train.seq_len if args.seq_len is None else args.seq_len
     _check(seq_len <= model.config.max_seq_len, "--seq-len", seq_len,
@@ -207,6 +231,16 @@ def _corpus_loss(loaded, args: argparse.Namespace):
                "bits_per_byte": val.get("val_bpb"), "tokens": val["val_tokens"], "unigram_entropy": entropy,
                "layers": val["layers"]}
     return corpus_task(args.split, str(source), val, entropy, len(split), settings), earlier
+
+
+def _recorded_source(loaded) -> str:
+    """The corpus the model was trained on (its config's data.source), said on stderr when it is
+    local files: a checkpoint's record chooses what is read only where --data does not."""
+    source = loaded.config.data.source
+    if str(source) != "stdlib" and not str(source).startswith("hf:"):
+        print(f"note: scoring the corpus this model records, data.source={source!r}; pass --data to score "
+              "another", file=sys.stderr)
+    return source
 
 
 def _score_mc_files(lm, mc_files: dict[str, list[dict]], delimiter: str, taken: set[str]) -> tuple[list, dict]:
@@ -270,9 +304,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 print(f"{task}: {shown}")
     if args.json:
         from aoe.io.results import json_default, results_layout
+        from aoe.utils.files import atomic_write_text
 
         layout = results_layout(local, _eval_config(loaded, args, device), harness, extra=earlier)
-        Path(args.json).write_text(json.dumps(layout, indent=2, default=json_default, ensure_ascii=False))
+        atomic_write_text(args.json, json.dumps(layout, indent=2, default=json_default, ensure_ascii=False))
     return 0
 
 
@@ -281,9 +316,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 def _check_generate_args(args: argparse.Namespace) -> None:
     _check(args.max_new_tokens >= 0, "--max-new-tokens", args.max_new_tokens, "must be >= 0")
-    _check(args.temperature >= 0, "--temperature", args.temperature, "must be >= 0 (0 = greedy)")
+    _check(args.temperature is None or args.temperature >= 0, "--temperature", args.temperature,
+           "must be >= 0 (0 = greedy)")
     _check(args.top_k is None or args.top_k >= 1, "--top-k", args.top_k, "must be at least 1")
     _check(args.top_p is None or 0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]")
+    _check_sampling_flags(args)
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse sampling flags (and the sampling seed) that greedy decoding would ignore."""
+    greedy = "--greedy" if args.greedy else "--temperature 0" if args.temperature == 0 else None
+    if greedy is None:
+        return
+    unused = [flag for flag, value in (("--temperature", None if args.temperature == 0 else args.temperature),
+                                       ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+              if value is not None]
+    if unused:
+        raise CLIError(f"{greedy} takes the most likely token, so {', '.join(unused)} would do nothing: drop "
+                       f"{'them' if len(unused) > 1 else 'it'}, or drop {greedy} to sample")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of --prompt (each one) and --prompts-file (one per line; in a .jsonl file a JSON
+    string or {"prompt": ...} per line); [""] (the start of a document) when none is given."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += _read_prompts_file(Path(args.prompts_file))
+    return prompts or [""]
+
+
+def _read_prompts_file(path: Path) -> list[str]:
+    """The non-blank lines of a prompts file (see ``_prompts``)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--prompts-file {str(path)!r}: cannot read it as UTF-8 text ({e})") from None
+    if path.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            prompts.append(_jsonl_prompt(line, f"{path}:{number}"))
+    return prompts
+
+
+def _jsonl_prompt(line: str, where: str) -> str:
+    try:
+        value = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CLIError(f"--prompts-file {where}: not JSON ({e}); write one JSON string or {{\"prompt\": ...}} "
+                       "per line") from None
+    value = value.get("prompt") if isinstance(value, dict) else value
+    if not isinstance(value, str):
+        raise CLIError(f"--prompts-file {where}: expected a JSON string or an object with a \"prompt\" string")
+    return value
 
 
 def _new_token_budget(requested: int, prompt_len: int, limit: int) -> int:
@@ -296,26 +382,39 @@ def _new_token_budget(requested: int, prompt_len: int, limit: int) -> int:
     return requested
 
 
+def _encoded_prompts(prompts: list[str], tokenizer, limit: int) -> list[list[int]]:
+    """Each prompt's ids (an empty prompt: the end-of-text token), refused when one fills the context."""
+    encoded = [(tokenizer.encode(p) if p else []) or [tokenizer.eos_id] for p in prompts]
+    for number, ids in enumerate(encoded, start=1):
+        if len(ids) >= limit:
+            which = "the prompt" if len(encoded) == 1 else f"prompt {number}"
+            raise CLIError(f"{which} is {len(ids)} tokens long; the model's context (max_seq_len) is {limit}: "
+                           "shorten the prompt")
+    return encoded
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from aoe.model import generate
     from aoe.io.models import load_any
 
     _check_generate_args(args)
+    prompts = _prompts(args)
     device = _device(args.device)
     loaded = load_any(args.checkpoint, device=device)
     _check_tokenizer(loaded)
     model, tokenizer = loaded.model, loaded.tokenizer
-    prompt_ids = (tokenizer.encode(args.prompt) if args.prompt else []) or [tokenizer.eos_id]
     limit = model.config.max_seq_len
-    if len(prompt_ids) >= limit:
-        raise CLIError(f"the prompt is {len(prompt_ids)} tokens long; the model's context (max_seq_len) is {limit}: "
-                       "shorten the prompt")
-    max_new = _new_token_budget(args.max_new_tokens, len(prompt_ids), limit)
-    temperature = 0.0 if args.greedy else args.temperature
-    out = generate(model, prompt_ids, max_new, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+    encoded = _encoded_prompts(prompts, tokenizer, limit)
+    max_new = _new_token_budget(args.max_new_tokens, max(len(ids) for ids in encoded), limit)
+    temperature = 0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature
+    out = generate(model, encoded, max_new, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, eos_id=None if args.no_stop else tokenizer.eos_id)
-    text = tokenizer.decode(out.tolist()[len(prompt_ids):])
-    print((args.prompt or "") + text)
+    texts = [prompt + tokenizer.decode(row[len(ids):]) for prompt, ids, row in zip(prompts, encoded, out)]
+    if len(texts) == 1:
+        print(texts[0])
+    else:
+        for prompt, text in zip(prompts, texts):
+            print(json.dumps({"prompt": prompt, "text": text}, ensure_ascii=False))
     return 0
 
 
@@ -397,6 +496,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--data", help="corpus to score (default: the one the model was trained on; for a Hugging Face "
                                   "directory, which does not record it, the default corpus 'stdlib')")
     p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where the corpus's tokens are cached (default: $AOE_CACHE, else ~/.cache/aoe; never the "
+                        "directory the checkpoint's config records)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window length (default: the training seq_len; for a Hugging Face directory min(128, "
                         "max_seq_len))")
@@ -430,14 +532,20 @@ def _add_generate_parser(sub) -> None:
     """``aoe generate``: the prompt and the sampling options."""
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.add_argument("checkpoint", metavar="MODEL", help=MODEL_PATHS)
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (default: start of a document); give it several times for several "
+                        "prompts, generated together (left-padded): then each result is printed as one JSON line "
+                        "{\"prompt\", \"text\"}; row i samples with --seed + i")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="more prompts, one per line (a .jsonl file: a JSON string or {\"prompt\": ...} per line)")
     p.add_argument("--max-new-tokens", type=int, default=100,
                    help="tokens to add (default 100); capped, with a warning, where the prompt and the new tokens "
                         "would pass the model's context (max_seq_len)")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 0.8; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
+    p.add_argument("--greedy", action="store_true",
+                   help="argmax decoding (temperature 0; refused with --temperature, --top-k, --top-p or --seed)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--device", default=None)
@@ -479,21 +587,41 @@ def _add_demo_parser(sub) -> None:
 
 
 def _add_hf_parsers(sub) -> None:
-    """``aoe export`` and ``aoe convert`` (``aoe.hf.commands``); without transformers, two commands
-    that say they need it."""
-    try:
-        from aoe.hf.commands import add_convert_parser, add_export_parser
-    except ImportError as e:  # transformers missing: the other commands still work
-        _missing = str(e)
+    """``aoe export`` and ``aoe convert`` (``aoe.hf_cli``; transformers is imported only when one
+    runs); without transformers, or with one aoe cannot use, two commands that say they need it."""
+    import importlib.util
 
-        def _unavailable(args):
-            raise CLIError(f"this command needs the 'hf' extra (pip install 'autonomy-of-experts[hf]'): {_missing}")
+    from aoe.hf_cli import add_convert_parser, add_export_parser
 
+    if importlib.util.find_spec("transformers") is None:
         for name in ("export", "convert"):
-            sub.add_parser(name, help="(needs transformers)").set_defaults(func=_unavailable)
-    else:
-        add_export_parser(sub)
-        add_convert_parser(sub)
+            unavailable = _needs_hf("transformers is not installed")
+            sub.add_parser(name, help="(needs transformers)").set_defaults(func=unavailable)
+        return
+    for add in (add_export_parser, add_convert_parser):
+        parser = add(sub)
+        parser.set_defaults(func=_reporting_missing_hf(parser.get_default("func")))
+
+
+def _needs_hf(why: str):
+    def unavailable(args):
+        raise CLIError(f"this command needs the 'hf' extra (pip install 'autonomy-of-experts[hf]'): {why}")
+
+    return unavailable
+
+
+def _reporting_missing_hf(run):
+    """``run``, with an ImportError of the Hugging Face modules (an incompatible transformers)
+    reported as the missing 'hf' extra."""
+
+    def guarded(args):
+        try:
+            from aoe.hf import commands  # noqa: F401  (imports transformers)
+        except ImportError as e:
+            _needs_hf(str(e))(args)
+        return run(args)
+
+    return guarded
 
 
 def _add_checkpoint_parser(sub) -> None:

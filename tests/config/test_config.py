@@ -309,3 +309,41 @@ def test_values_too_deep_or_too_long_to_show_keep_the_message_short():
     with pytest.raises(ConfigError) as e:
         config_from_dict({"data": {"source": ["x" * 10_000]}})
     assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.top_p=0.5"], "model.top_p=0.5 applies with model.selection=top_p only; set it to null"),
+    (["model.max_k=3"], "model.max_k=3 applies with model.selection=top_p only; set it to null"),
+    (["model.min_k=2"], "model.min_k=2 applies with model.selection=top_p only; set it to 1"),
+    (["model.capacity_factor=2.0"], "model.capacity_factor=2.0 applies with model.selection=expert_choice only; "
+                                    "set it to 1.0"),
+    (["model.selection=top_p", "model.ec_inference=expert_choice"],
+     "model.ec_inference='expert_choice' applies with model.selection=expert_choice only"),
+    (["model.ffn=dense", "model.selection=expert_choice"],
+     "model.selection='expert_choice' applies to sparse FFNs (ffn=\"moe\" or \"aoe\") only; set it to top_k"),
+    (["train.fsdp_shard_size=2"], "train.fsdp_shard_size=2 applies with train.fsdp=true only; set it to null"),
+])
+def test_an_option_that_does_nothing_where_it_is_set_is_refused(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_same_options_are_accepted_where_they_apply():
+    load_config("tiny", ["model.selection=top_p", "model.top_p=0.5", "model.min_k=2", "model.max_k=3"])
+    load_config("tiny", ["model.selection=expert_choice", "model.capacity_factor=2.0",
+                         "model.ec_inference=expert_choice"])
+    load_config("tiny", ["train.fsdp=true", "train.fsdp_shard_size=2"])
+
+
+def test_a_saved_config_with_an_option_that_did_nothing_still_loads(tmp_path):
+    from aoe.config.files import load_saved_config
+
+    saved = config_to_dict(load_config("tiny", ["model.ffn=dense"]))
+    saved["model"].update(selection="expert_choice", capacity_factor=4.0, top_p=0.3)
+    saved["train"]["fsdp_shard_size"] = 2
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    cfg = load_saved_config(path)
+    assert (cfg.model.selection, cfg.model.capacity_factor, cfg.model.top_p) == ("top_k", 1.0, None)
+    assert cfg.train.fsdp_shard_size is None

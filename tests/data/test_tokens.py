@@ -202,3 +202,34 @@ def test_concurrent_prepare_tokenizes_once(corpus, tmp_path, cache_dir):
         reused = pool.map(_prepare_in_child, [(corpus, out, cache_dir)] * 2)
     assert sorted(reused) == [False, True]
     assert TokenData.open(out).manifest["splits"]["val"]["documents"] >= 1
+
+
+def _lock_made_unopenable(out):
+    """The cache as a read-only mount leaves it: the lock file cannot be opened for writing (here a
+    directory stands in its place, which fails the same open for any user, root included)."""
+    lock = out / ".prepare.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+
+
+def test_a_complete_cache_that_cannot_be_locked_is_read_as_it_is(corpus, tmp_path, cache_dir):
+    out = tmp_path / "out"
+    first = _prep(corpus, out, cache_dir)
+    _lock_made_unopenable(out)
+    again = _prep(corpus, out, cache_dir)
+    assert again.reused and np.array_equal(again.train, first.train)
+    with pytest.raises(DataError, match=r"cannot be written \(.*\) and does not hold these tokens yet: point "
+                                        r"--cache-dir or \$AOE_CACHE at a writable directory"):
+        _prep(corpus, out, cache_dir, val_fraction=0.3)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
+def test_a_complete_cache_in_a_read_only_directory_is_read_as_it_is(corpus, tmp_path, cache_dir):
+    out = tmp_path / "out"
+    first = _prep(corpus, out, cache_dir)
+    (out / ".prepare.lock").unlink()
+    out.chmod(0o555)
+    try:
+        assert np.array_equal(_prep(corpus, out, cache_dir).train, first.train)
+    finally:
+        out.chmod(0o755)

@@ -197,3 +197,27 @@ def test_scoring_is_unchanged_by_leading_whitespace(model, tokenizer):
     ctx, cont = split_like_harness(tokenizer, SPACED[0]["context"], "  a mat")  # the double space, by hand
     assert doubled["predictions"][0]["loglikelihoods"][0] == pytest.approx(direct_logprob(model, ctx, cont)[0], abs=1e-4)
     assert doubled["predictions"][0]["loglikelihoods"][0] != plain["predictions"][0]["loglikelihoods"][0]
+
+
+def test_duplicate_choices_warn_once_and_count_the_labels_that_cannot_be_right(tmp_path):
+    from aoe.eval.multiple_choice import MultipleChoiceDuplicateWarning
+
+    examples = [{"context": "a", "choices": ["x", "y"], "label": 0},
+                {"context": "b", "choices": ["x", "y", "x"], "label": 2},  # on the second copy: never right
+                {"context": "c", "choices": ["z", "z"], "label": 0}]
+    path = write_jsonl(tmp_path / "dup.jsonl", examples)
+    with pytest.warns(MultipleChoiceDuplicateWarning) as caught:
+        assert load_multiple_choice(path) == examples
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert str(path) in message and "2 example(s) list the same choice twice (first on line 2)" in message
+    assert "1 label(s) on a later copy can never be right" in message
+
+
+def test_the_cli_prints_the_duplicate_choice_warning(tmp_path, capsys):
+    from aoe.cli import _load_mc_files
+
+    path = write_jsonl(tmp_path / "dup.jsonl", [{"context": "b", "choices": ["x", "x"], "label": 1}])
+    _load_mc_files([str(path)], " ")
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "list the same choice twice" in err and err.count("\n") == 1

@@ -710,3 +710,18 @@ def test_cli_convert_ffn_moe_keeps_the_router(tmp_path, capsys):
     capsys.readouterr()
     assert _run(["convert", str(src), str(tmp_path / "out2"), "--ffn", "moe", "--d-low", "8"]) == 1
     assert "d_low" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"hidden_size": 10**12}, "hidden_size=1000000000000 is larger than the"),
+    ({"intermediate_size": 10**12}, "intermediate_size=1000000000000 is larger than the"),
+    ({"num_hidden_layers": 48}, "num_hidden_layers=48, but the weights hold 2 layer(s)"),
+])
+def test_a_source_config_far_larger_than_its_weights_is_refused_before_building_anything(tmp_path, fields, named):
+    src = _edit_config(mixtral_dir(tmp_path / "mix"), **fields)
+    from aoe.hf.convert import ConversionError
+
+    with pytest.raises(ConversionError) as e:
+        convert_to_aoe(src, tmp_path / "out", verbose=False)
+    assert named in str(e.value) and "config.json" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -164,3 +166,17 @@ def test_disk_full_while_exporting_names_the_cause_and_changes_nothing(tmp_path,
     assert isinstance(info.value, WriteError) and info.value.errno == errno.ENOSPC
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directory left
+
+
+def test_an_export_gets_the_permissions_the_umask_gives(tmp_path, tiny_config):
+    from aoe.hf.export import export_to_hf
+    from aoe.model import Transformer
+
+    model = Transformer(tiny_config().to_model_config())
+    before = os.umask(0o022)
+    try:
+        dst = export_to_hf(model, tmp_path / "shared")
+    finally:
+        os.umask(before)
+    assert dst.stat().st_mode & 0o777 == 0o755
+    assert [f.name for f in dst.iterdir() if f.stat().st_mode & 0o777 != 0o644] == []

@@ -55,6 +55,14 @@ def test_position_ids_must_follow_the_mask(tiny_config):
         model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1]).expand_as(ids))
 
 
+
+def test_generate_with_an_all_padding_row_names_that_row_not_position_ids(tiny_config):
+    model = _model(tiny_config, "dense")
+    ids, mask = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[1, 1, 1], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"attention_mask row 1 has no real token in its prompt \(all 0s\)"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
 lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface", reason="lm_eval.models.huggingface cannot be imported")
 
 

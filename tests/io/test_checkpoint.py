@@ -253,3 +253,71 @@ def test_save_model_checkpoint_leaves_the_callers_model_as_it_is(tmp_path):
     loaded, _, _ = load_model(tmp_path / "run")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert b.dtype == torch.float32 and torch.equal(a.float(), b), name
+
+
+def test_a_renamed_checkpoint_is_not_taken_for_the_step_of_its_name(tmp_path):
+    model, cfg = _model_and_cfg()
+    good = save_checkpoint(tmp_path, 3, model, cfg, {"step": 3})
+    renamed = save_checkpoint(tmp_path, 6, model, cfg, {"step": 6}).rename(tmp_path / "checkpoints" / "step_00000099")
+    with pytest.raises(CheckpointError, match="named for step 99 but its checkpoint.json records step 6.*"
+                                              "rename it back to step_00000006"):
+        verify_checkpoint(renamed)
+    with pytest.raises(CheckpointError, match="named for step 99"):
+        load_model(renamed)
+    with pytest.warns(UserWarning, match="skipping a bad checkpoint.*named for step 99"):
+        assert find_latest_checkpoint(tmp_path) == good
+
+
+def test_a_checkpoint_whose_recorded_step_was_edited_is_refused(tmp_path):
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 6, model, cfg, {"step": 6})
+    meta = json.loads((path / "checkpoint.json").read_text())
+    for step in (99, "6", None):
+        meta["step"] = step
+        (path / "checkpoint.json").write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match=f"named for step 6 but its checkpoint.json records step {step!r}"):
+            verify_checkpoint(path)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test (``umask(0o022)``), restored after."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield os.umask
+    os.umask(before)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_checkpoint_files_get_the_permissions_the_umask_gives(tmp_path, umask, mask):
+    umask(mask)
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 1, model, cfg, {"step": 1})
+    assert path.stat().st_mode & 0o777 == 0o777 & ~mask
+    for file in path.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file.name
+    verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"n_layers": 48, "d_model": 8192}, "model.n_layers=48, but the weights hold 2 layer(s): this config.yaml"),
+    ({"d_model": 10**12}, "model.d_model=1000000000000 is larger than the"),
+    ({"d_ffn": 64}, "layers.0.ffn.w_up has shape [4, 4, 41] in the weights, but"),
+])
+def test_a_checkpoint_config_edited_to_claim_more_than_its_weights_is_refused_before_building(tmp_path, edit, message):
+    import yaml
+
+    from aoe.utils.files import file_sha256
+
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 1, model, cfg, {"step": 1})
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    config["model"].update(edit)
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    meta = json.loads((path / "checkpoint.json").read_text())  # sums made to match: only the sizes are hostile
+    meta["files"]["config.yaml"] = {"bytes": (path / "config.yaml").stat().st_size,
+                                    "sha256": file_sha256(path / "config.yaml")}
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert message in str(e.value) and "\n" not in str(e.value)

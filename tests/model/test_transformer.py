@@ -370,3 +370,19 @@ def test_kv_cache_with_qk_norm_matches_full_forward(qk_norm):
     cache = KVCache.for_model(model, batch_size=2)
     parts = [model(idx[:, a:b], kv_cache=cache, start_pos=a).logits for a, b in ((0, 5), (5, 6), (6, 12))]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ffn", ["moe", "aoe"])
+def test_active_parameters_and_flops_are_capped_at_every_expert(ffn):
+    from aoe.config import ModelConfig
+
+    base = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ffn=32, n_experts=4, d_low=4, max_seq_len=16, ffn=ffn)
+    every = Transformer(ModelConfig(**base, top_k=4))
+    for cf in (4.0, 1e30):  # capacity_factor * top_k past n_experts: every expert, no more
+        capped = Transformer(ModelConfig(**base, top_k=2, selection="expert_choice", capacity_factor=cf))
+        assert capped.num_params(active=True) == every.num_params(active=True) == every.num_params()
+        assert capped.flops_per_token(16) == every.flops_per_token(16)
+    half = Transformer(ModelConfig(**base, top_k=2, selection="expert_choice", capacity_factor=1.0))
+    top2 = Transformer(ModelConfig(**base, top_k=2))
+    assert half.num_params(active=True) == top2.num_params(active=True) < every.num_params()
+    assert half.flops_per_token(16) == top2.flops_per_token(16)

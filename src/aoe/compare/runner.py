@@ -91,9 +91,10 @@ def _run_entry(variant: Variant, seed: int, run_dir: str, summary: dict[str, Any
 
 
 def _fit(cfg: RunConfig, run_dir: Path, data: TokenData, progress: bool) -> tuple[dict[str, Any], Trainer]:
-    """Train one run to its end (continuing from its newest good checkpoint if it has one)."""
+    """Train one run to its end (continuing from its newest good checkpoint if it has one, else
+    starting again: the logs of a start that saved no checkpoint are replaced)."""
     resume = bool(list_checkpoints(run_dir))
-    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, data=data)
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, data=data, restart=not resume)
     return trainer.fit(), trainer
 
 

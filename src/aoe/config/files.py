@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from aoe.config.applicability import settle_saved
 from aoe.config.schema import ConfigError
 from aoe.config.sections import SECTIONS, RunConfig
 from aoe.errors import one_line, shown
@@ -217,21 +218,26 @@ INIT_ONLY_MODEL_KEYS = ("gate_init",)
 def load_saved_config(path: str | os.PathLike) -> RunConfig:
     """Read a run config the trainer saved (a checkpoint's or a run's config.yaml): as
     ``load_config``, except that a model key of ``SAVED_MODEL_DEFAULTS`` the file lacks takes the
-    value the run was trained with, not today's default."""
+    value the run was trained with, not today's default, and an option that did nothing in that run
+    (``aoe.config.applicability``) reads as its off value."""
     d = _read_file(path)
     model = d["model"] = d.get("model") or {}
     for key, value in SAVED_MODEL_DEFAULTS.items():
         model.setdefault(key, value)
-    return config_from_dict(d)
+    return config_from_dict(settle_saved(d))
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """The resolved config as the YAML text ``save_config`` writes."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config: JSON if the path ends in .json, else YAML. Returns the path."""
     p = Path(path)
-    d = config_to_dict(cfg)
     if p.suffix == ".json":
-        text = json.dumps(d, indent=2) + "\n"
+        text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
     else:
-        text = yaml.safe_dump(d, sort_keys=False)
+        text = config_yaml(cfg)
     p.write_text(text, encoding="utf-8")
     return p

@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aoe.config.applicability import refuse_idle_options
 from aoe.config.schema import ConfigError, _Section
 from aoe.nn.aoe import match_d_wide
 from aoe.nn.configs import AoEFFNConfig, DenseFFNConfig, MoEFFNConfig
@@ -254,6 +255,7 @@ class ModelConfig(_Section):
                 self.resolved_d_wide
             except ValueError as e:
                 raise ConfigError(f"model.d_low={self.d_low}: {e}; lower model.d_low or set model.d_wide") from None
+        refuse_idle_options(self)
 
 
     def _check_selection(self) -> None:
@@ -475,6 +477,7 @@ class TrainConfig(_Section):
                 torch.device(self.device)
             except (RuntimeError, ValueError):
                 self._fail("device", 'is not "auto" or a torch device string (e.g. "cpu", "cuda", "cuda:1")')
+        refuse_idle_options(self)
 
 
 @dataclass

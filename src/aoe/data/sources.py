@@ -14,13 +14,18 @@ Source specs (``open_source(spec)``):
   literals); what remains (~12 MB, ~730 files) is ordinary library code. To use a path that is
   literally called ``stdlib``, write ``./stdlib``.
 * a text file: one document (a ``.jsonl`` file: one document per line, see below).
-* a directory: recursively, every file whose suffix is in ``extensions`` (default
-  ``.txt .md .rst .py .jsonl``, case-insensitive), hidden files/directories (``.*``) skipped,
-  sorted by relative path.
+* a directory: recursively, every file whose name ends with one of ``extensions`` (default
+  ``.txt .md .rst .py .jsonl .jsonl.gz .jsonl.zst .parquet``, case-insensitive), hidden
+  files/directories (``.*``) skipped, sorted by relative path; the other files are named in one
+  warning (how many, the first few, the suffixes that are read).
 * a glob (the spec contains ``*``, ``?`` or ``[`` and is not an existing path): the matching
   files (``**`` recursive), any suffix, sorted.
-* ``.jsonl`` files (in any of the above): one JSON object per non-blank line; the document is
-  the string under ``text_field`` (default ``"text"``); ``null`` counts as an empty document.
+* ``.jsonl`` files, also gzip- or zstd-compressed (``.jsonl.gz``, ``.jsonl.zst``), in any of the
+  above: one JSON object per non-blank line; the document is the string under ``text_field``
+  (default ``"text"``); ``null`` counts as an empty document.
+* ``.parquet`` files (the format of Hugging Face datasets): one document per row, the string in
+  the column ``text_field``; a null counts as an empty document. Record files are read a line or
+  a batch of rows at a time (``aoe.data.records``); zstd needs ``zstandard``, Parquet ``pyarrow``.
 * ``"hf:NAME"``, ``"hf:NAME:SPLIT"`` or ``"hf:NAME:CONFIG:SPLIT"`` (split defaults to
   ``train``): a Hugging Face ``datasets`` dataset, loaded with ``streaming=True``; needs the
   optional ``datasets`` package. Its fingerprint is the spec itself (hub datasets are assumed
@@ -61,6 +66,7 @@ from typing import Callable, Iterable, Iterator
 from aoe.utils.files import file_sha256
 
 from aoe.data.errors import DataError
+from aoe.data.records import RECORD_SUFFIXES, is_jsonl, is_parquet, open_jsonl, parquet_texts
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -78,7 +84,7 @@ log = logging.getLogger(__name__)
 #: What a source yields for given files and settings; part of the cache keys of tokenizers and
 #: token files. 2: files that look binary are skipped.
 READER_VERSION = 2
-DEFAULT_EXTENSIONS: tuple[str, ...] = (".txt", ".md", ".rst", ".py", ".jsonl")
+DEFAULT_EXTENSIONS: tuple[str, ...] = (".txt", ".md", ".rst", ".py", *RECORD_SUFFIXES)
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 DECODE_ERROR_MODES = ("replace", "skip")
 FINGERPRINT_MODES = ("stat", "content")
@@ -189,11 +195,14 @@ class Source:
         if path.is_dir():
             self.kind = "dir"
             self.root = path
-            self.files = _walk(path, self.extensions, skip_dirs=frozenset(), skip_hidden=True)
+            skipped: list[Path] = []
+            self.files = _walk(path, self.extensions, skip_dirs=frozenset(), skip_hidden=True, skipped=skipped)
             if not self.files:
                 raise DataError(
-                    f"directory {spec!r} contains no files with a suffix in {self.extensions} (searched recursively)"
+                    f"directory {spec!r} contains no files with a suffix in {self.extensions} (searched recursively; "
+                    f"{len(skipped)} file(s) of other suffixes)"
                 )
+            _report_skipped(path, self.extensions, len(self.files), skipped)
             return
         if any(c in spec for c in _GLOB_CHARS):
             self.kind = "glob"
@@ -314,9 +323,12 @@ class Source:
                 yield self._value_document(where, value, bad, stats)
             return
         for path in self.files:
-            if path.suffix.lower() == ".jsonl":
+            if is_jsonl(path):
                 for where, value, bad in self._raw_jsonl(path, stats):
                     yield self._value_document(where, value, bad, stats)
+            elif is_parquet(path):
+                for where, value in parquet_texts(path, self.text_field):
+                    yield self._value_document(where, value, False, stats)
             else:
                 yield self._file_document(path, stats, read_bytes)
 
@@ -385,17 +397,14 @@ class Source:
         return value, len(value.encode("utf-8"))
 
     def _raw_jsonl(self, path: Path, stats: DocStats) -> Iterator[tuple[str, str | None, bool]]:
-        """(where, text or None, bad_bytes) per non-blank line; nothing for a binary file."""
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise DataError(f"cannot read source file {str(path)!r}: {e}") from e
-        with f:
+        """(where, text or None, bad_bytes) per non-blank line (of the decompressed file: .jsonl,
+        .jsonl.gz, .jsonl.zst); nothing for a binary file."""
+        with open_jsonl(path) as f:
             reason = binary_reason(f.read(SNIFF_BYTES))
-            if reason is not None:
-                _skip_binary(path, reason, stats)
-                return
-            f.seek(0)
+        if reason is not None:
+            _skip_binary(path, reason, stats)
+            return
+        with open_jsonl(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -528,20 +537,36 @@ def _scan(path: Path, errors: str, read_bytes: int) -> tuple[int, bool]:
     return nbytes, has_text
 
 
-def _walk(root: Path, extensions: tuple[str, ...], *, skip_dirs: frozenset, skip_hidden: bool = False) -> list[Path]:
-    """Files under ``root`` with a suffix in ``extensions``, sorted by relative posix path."""
+def _walk(root: Path, extensions: tuple[str, ...], *, skip_dirs: frozenset, skip_hidden: bool = False,
+          skipped: list[Path] | None = None) -> list[Path]:
+    """Files under ``root`` whose name ends with one of ``extensions`` (case-insensitive), sorted by
+    relative posix path; the other (not hidden) files are appended to ``skipped`` when given."""
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in skip_dirs and not (skip_hidden and d.startswith("."))]
         for name in filenames:
             if skip_hidden and name.startswith("."):
                 continue
-            if os.path.splitext(name)[1].lower() in extensions:
-                path = Path(dirpath, name)
+            path = Path(dirpath, name)
+            if name.lower().endswith(extensions):
                 if path.is_file():
                     found.append((path.relative_to(root).as_posix(), path))
+            elif skipped is not None:
+                skipped.append(path)
     found.sort(key=lambda t: t[0])
     return [p for _, p in found]
+
+
+def _report_skipped(root: Path, extensions: tuple[str, ...], read: int, skipped: list[Path]) -> None:
+    """One warning for a directory's files that are not read: how many, a few of them, and the
+    suffixes that are."""
+    if not skipped:
+        return
+    names = sorted(p.relative_to(root).as_posix() for p in skipped)
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    log.warning("directory %r: read %d file(s) with a suffix in %s; skipped %d other file(s) (%s%s): rename them, "
+                "or pass the suffixes to read (Source(extensions=...))", str(root), read, " ".join(extensions),
+                len(names), ", ".join(names[:3]), more)
 
 
 def _parse_hf(spec: str) -> tuple[str, str | None, str]:

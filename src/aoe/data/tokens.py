@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from aoe.utils.files import atomic_write_text, file_lock, fsync_file, tmp_sibling
+from aoe.utils.files import atomic_write_text, describe_os_error, file_lock, fsync_file, tmp_sibling
 from aoe.data.chunks import DEFAULT_CHUNK_SIZES, ChunkSizes, ForcedCuts, split_pieces
 from aoe.data.errors import DataError
 from aoe.data.sources import READER_VERSION, DocStats, Document, Source, check_max_bytes, open_source
@@ -399,11 +399,33 @@ def prepare_tokens(
                                     tokenizer_max_bytes=tokenizer_max_bytes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_dir / LOCK_FILE):
-        return _prepare_locked(src, out_dir, vocab_size=vocab_size, tokenizer_path=tokenizer_path,
-                               val_fraction=val_fraction, max_bytes=max_bytes,
-                               tokenizer_max_bytes=tokenizer_max_bytes, num_workers=num_workers, cache_dir=cache_dir,
+    settings = dict(vocab_size=vocab_size, tokenizer_path=tokenizer_path, val_fraction=val_fraction,
+                    max_bytes=max_bytes, tokenizer_max_bytes=tokenizer_max_bytes)
+    try:
+        lock = file_lock(out_dir / LOCK_FILE).__enter__()
+    except OSError as e:  # a read-only cache (a shared mount): usable as it is when it is complete
+        return _open_read_only(src, out_dir, e, **settings)
+    try:
+        return _prepare_locked(src, out_dir, **settings, num_workers=num_workers, cache_dir=cache_dir,
                                sizes=chunk_sizes or DEFAULT_CHUNK_SIZES)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _open_read_only(src: Source, out_dir: Path, cause: OSError, *, vocab_size, tokenizer_path, val_fraction,
+                    max_bytes, tokenizer_max_bytes) -> TokenData:
+    """The token files of a directory this process cannot lock (nor so write): opened when they
+    are up to date, else a DataError naming the directory, the cause and what to do."""
+    train_cap = max_bytes if tokenizer_max_bytes is None else tokenizer_max_bytes
+    settings = _settings(src, tokenizer_path=tokenizer_path, vocab_size=vocab_size, train_cap=train_cap,
+                         val_fraction=val_fraction, max_bytes=max_bytes)
+    manifest = _previous_manifest(out_dir)
+    tok = Tokenizer.load(tokenizer_path) if tokenizer_path is not None else None
+    if _up_to_date(out_dir, manifest, src.fingerprint, settings, tok):
+        return TokenData.open(out_dir, reused=True)
+    why = describe_os_error(cause.errno) if cause.errno else str(cause)
+    raise DataError(f"the token cache {str(out_dir)!r} cannot be written ({why}) "
+                    "and does not hold these tokens yet: point --cache-dir or $AOE_CACHE at a writable directory")
 
 
 def _prepare_locked(src: Source, out_dir: Path, *, vocab_size, tokenizer_path, val_fraction, max_bytes,

@@ -24,7 +24,8 @@ capital of France is Paris". A choice written " Paris" is scored on a double spa
 which changes its log-likelihood (usually for the worse) and so acc / acc_norm; lm-eval only logs
 such a choice at DEBUG level. ``load_multiple_choice`` warns (``MultipleChoiceWhitespaceWarning``,
 once per file, naming the file and how many choices) when choices begin with whitespace and the
-delimiter ends with it. The scores are computed as lm-eval computes them either way; a file of
+delimiter ends with it, and (``MultipleChoiceDuplicateWarning``) when examples list the same choice
+twice. The scores are computed as lm-eval computes them either way; a file of
 space-prefixed choices is scored as intended with ``target_delimiter=""`` (``aoe eval
 --mc-delimiter ''``).
 """
@@ -42,7 +43,7 @@ from lm_eval.api.instance import Instance
 
 from aoe.errors import InputError, shown
 
-__all__ = ["MultipleChoiceFormatError", "MultipleChoiceWhitespaceWarning", "load_multiple_choice", "validate_example",
+__all__ = ["MultipleChoiceDuplicateWarning", "MultipleChoiceFormatError", "MultipleChoiceWhitespaceWarning", "load_multiple_choice", "validate_example",
            "score_multiple_choice", "DEFAULT_TARGET_DELIMITER"]
 
 #: What lm-eval's multiple_choice tasks put between the context and each choice (their default).
@@ -56,6 +57,11 @@ class MultipleChoiceFormatError(InputError):
 
 class MultipleChoiceWhitespaceWarning(UserWarning):
     """A multiple-choice file whose choices begin with whitespace, which the delimiter doubles."""
+
+
+class MultipleChoiceDuplicateWarning(UserWarning):
+    """A multiple-choice file with examples that list the same choice twice (the copies score
+    alike and the first wins a tie, so a label on a later copy can never be right)."""
 
 
 def validate_example(example: Any, where: str = "example") -> dict:
@@ -97,17 +103,38 @@ def load_multiple_choice(path: str | os.PathLike, target_delimiter: str = DEFAUL
         FileNotFoundError: no such file (OSError for a file that cannot be read).
     """
     path = Path(path)
-    examples = []
+    examples, lines = [], []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             line = _decode_line(raw, where)
             if line.strip():
                 examples.append(validate_example(_parse_line(line, where), where))
+                lines.append(lineno)
     if not examples:
         raise MultipleChoiceFormatError(f"{path}: no examples (the file is empty)")
     _warn_leading_whitespace(examples, path, target_delimiter)
+    _warn_duplicate_choices(examples, lines, path)
     return examples
+
+
+def _warn_duplicate_choices(examples: Sequence[dict], lines: Sequence[int], path: Path) -> None:
+    """One warning for the file when examples list a choice twice, naming the first and counting
+    the labels that point at a later copy (never right: the first copy wins the tie)."""
+    repeated, unreachable = [], 0
+    for ex, lineno in zip(examples, lines):
+        first = {}
+        for j, choice in enumerate(ex["choices"]):
+            first.setdefault(choice, j)
+        if len(first) < len(ex["choices"]):
+            repeated.append(lineno)
+            unreachable += first[ex["choices"][ex["label"]]] != ex["label"]
+    if not repeated:
+        return
+    warnings.warn(
+        f"{path}: {len(repeated)} example(s) list the same choice twice (first on line {repeated[0]}); copies "
+        f"score alike and the first one wins, so {unreachable} label(s) on a later copy can never be right: "
+        "remove the duplicate choices", MultipleChoiceDuplicateWarning, stacklevel=3)
 
 
 def _warn_leading_whitespace(examples: Sequence[dict], path: Path, target_delimiter: str) -> None:

@@ -3,7 +3,8 @@
 A destination that holds a training run (its checkpoints, metrics) or a native checkpoint, or
 that is (or contains) one of the sources being read, is never replaced, ``overwrite`` or not. A
 write the system refuses (disk full...) raises ``WriteError`` naming the destination and the
-cause, with the temporary directory removed and the destination untouched.
+cause, with the temporary directory removed and the destination untouched. What is written gets the permissions the umask gives new files
+(not the private ones of a temporary directory).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from aoe.utils.files import reporting_write_errors, signals_deferred
+from aoe.utils.files import reporting_write_errors, share_as_umask_allows, signals_deferred
 
 # What a run directory (``aoe train --out``) or a native checkpoint directory holds.
 _RUN_MARKERS = ("checkpoints", "metrics.jsonl", "checkpoint.json", "trainer_state.pt")
@@ -65,6 +66,7 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False,
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
             yield tmp
+            share_as_umask_allows(tmp)
             _replace(tmp, dst)
     except BaseException:
         if tmp is not None:

@@ -32,6 +32,7 @@ from dataclasses import field
 from transformers import PretrainedConfig
 
 from aoe.config import ModelConfig
+from aoe.config.applicability import settle_saved
 
 __all__ = ["AoEConfig", "HF_TO_NATIVE"]
 
@@ -169,7 +170,8 @@ class AoEConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     def to_model_config(self) -> ModelConfig:
-        """The project's ``ModelConfig`` with these values (validated)."""
+        """The project's ``ModelConfig`` with these values (validated; an option that does nothing
+        with the others reads as its off value, ``aoe.config.applicability.settle_saved``)."""
         values = {}
         for hf, native in HF_TO_NATIVE:
             v = getattr(self, hf)
@@ -178,7 +180,7 @@ class AoEConfig(PretrainedConfig):
             if hasattr(self, name):
                 v = getattr(self, name)
                 values[name] = list(v) if isinstance(v, (list, tuple)) else v
-        return ModelConfig(**values)
+        return ModelConfig(**settle_saved({"model": values})["model"])
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs) -> "AoEConfig":

@@ -87,6 +87,7 @@ import torch
 
 from aoe.config import ConfigError, ModelConfig
 from aoe.hf._io import atomic_directory, check_destination
+from aoe.io.bounds import check_sizes, native_shapes
 from aoe.hf.configuration import AoEConfig
 from aoe.hf.sources import (
     ARCHS, GLOBAL_KEYS, LAYER_KEYS, QK_NORM_KEYS, QKV_BIAS_KEYS, REFUSED, SHARED_EXPERT_KEYS, SHARED_GATE_KEYS,
@@ -191,18 +192,6 @@ def _native_config(src: Path, **fields) -> ModelConfig:
         return ModelConfig(**fields)
     except ConfigError as e:
         raise ConversionError(f"{str(src / 'config.json')!r} describes a model the native one cannot be: {e}") from None
-
-
-def _native_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor of the native model (built on meta), by its HF key."""
-    from aoe.model.transformer import Transformer
-
-    with torch.device("meta"):
-        native = Transformer(model_cfg)
-    expected = {f"model.{k}": tuple(v.shape) for k, v in native.state_dict().items()}
-    if model_cfg.tie_embeddings:
-        expected.pop("model.lm_head.weight", None)
-    return expected
 
 
 def _check_shape(src: Path, name: str, shape: tuple[int, ...], expected: tuple[int, ...], fields: str) -> None:
@@ -356,7 +345,7 @@ class _Converter:
     def __init__(self, src: Path, state, writer, cfg, arch: SourceArch, plan: _Plan, model_cfg: ModelConfig, dtype):
         self.src, self.state, self.writer, self.cfg, self.arch, self.plan = src, state, writer, cfg, arch, plan
         self.dtype = dtype
-        self.expected = _native_shapes(model_cfg)
+        self.expected = native_shapes(model_cfg)
         self.dims = (f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, num_attention_heads="
                      f"{model_cfg.n_heads}, num_key_value_heads={model_cfg.kv_heads}")
         self.used: set[str] = set()
@@ -488,6 +477,8 @@ def convert_to_aoe(
     plan = _plan(arch, cfg, src, num_experts, top_k, d_low, upcycle, renormalize, ffn)
     model_cfg = _model_config(cfg, src, arch, plan)
     state = _LazyState(src)
+    check_sizes(model_cfg, state.shapes(), src / "config.json", ConversionError,
+                names={"d_ffn": arch.width_field, "d_wide": arch.width_field, "n_experts": "num_experts"})
     out_dtype = _weights_dtype(state, src, dtype)
     hf_cfg = _hf_config(model_cfg, cfg, out_dtype)
     with atomic_directory(dst_dir, overwrite=overwrite, sources=(src,)) as tmp:
@@ -561,7 +552,7 @@ def _convert_all(conv: _Converter, model_cfg: ModelConfig, verbose: bool) -> Non
 
 
 def _check_against_native(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Every key and shape of the written state matches the native model's (``_native_shapes``);
+    """Every key and shape of the written state matches the native model's (``native_shapes``);
     the source's shapes were checked as they were read, so a difference here is a bug."""
     got = dict(shapes)
     if expected != got:  # pragma: no cover - a bug in this module

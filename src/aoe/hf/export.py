@@ -125,7 +125,10 @@ def hf_to_native_state(hf) -> dict[str, torch.Tensor]:
 
 
 def load_hf_as_native(hf_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
-    """An HF ``aoe`` directory -> a native ``Transformer`` (eval mode) with the same weights and dtype."""
+    """An HF ``aoe`` directory -> a native ``Transformer`` (eval mode) with the same weights and dtype.
+
+    config.json is checked against the weights' headers before anything is allocated
+    (``aoe.io.bounds``): ConversionError naming the file when they do not belong together."""
     from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)
@@ -133,17 +136,31 @@ def load_hf_as_native(hf_dir: str | os.PathLike, device: str | torch.device = "c
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{str(hf_dir)!r} has no .safetensors weights")
+    model_cfg = config.to_model_config()
+    _check_weights_fit(model_cfg, files, hf_dir / "config.json")
     state = {}
     for f in files:
         state.update(load_file(str(f)))
     native = hf_to_native_state(state)
-    model = Transformer(config.to_model_config())
+    model = Transformer(model_cfg)
     dtype = native["embed_tokens.weight"].dtype
     model.to(dtype)
     missing, unexpected = model.load_state_dict(native, strict=False)
     if missing or unexpected:
         raise ValueError(f"{str(hf_dir)!r} does not fit its config: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval()
+
+
+def _check_weights_fit(model_cfg, files: list[Path], config_file: Path) -> None:
+    """The sizes, then the shapes, of ``config_file`` against the weights' headers (``aoe.io.bounds``)."""
+    from aoe.io.bounds import check_shapes, check_sizes, native_shapes, read_shapes
+    from aoe.hf.sources import ConversionError
+
+    found = read_shapes(files, ConversionError)
+    check_sizes(model_cfg, found, config_file, ConversionError)
+    if model_cfg.tie_embeddings:
+        found.pop("model.lm_head.weight", None)
+    check_shapes(native_shapes(model_cfg), found, config_file, ConversionError)
 
 
 def _check_aoe_source(src: Path) -> None:

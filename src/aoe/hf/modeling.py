@@ -85,9 +85,23 @@ def _check_position_ids(position_ids, mask: torch.Tensor | None, start_pos: int,
     else:
         expected = positions(mask, start_pos).to(position_ids.device).expand(position_ids.shape)
         real = mask[:, start_pos:].to(position_ids.device).expand(position_ids.shape)
-    if not bool((position_ids == expected)[real].all()):
+    wrong_B = ((position_ids != expected) & real).reshape(-1, length).any(dim=1)
+    if bool(wrong_B.any()):
+        _refuse_empty_prompt(wrong_B, mask, start_pos)
         raise ValueError("position_ids must be the positions the attention mask implies (each real token's index "
                          "among the real tokens of its sequence); other position ids are not supported")
+
+
+def _refuse_empty_prompt(wrong_B: torch.Tensor, mask: torch.Tensor | None, start_pos: int) -> None:
+    """Name the cause when the rows whose positions disagree are sequences whose cached part
+    (their prompt) holds no real token: generation then guesses positions for them."""
+    if mask is None or start_pos == 0 or wrong_B.shape[0] != mask.shape[0]:
+        return
+    empty_B = ~mask[:, :start_pos].any(dim=1).to(wrong_B.device)
+    rows = (wrong_B & empty_B).nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(f"attention_mask row {rows[0]} has no real token in its prompt (all 0s): give every "
+                         "sequence at least one real token, e.g. the end-of-text token")
 
 
 def _check_forward_inputs(input_ids, inputs_embeds, output_attentions, output_hidden_states) -> None:

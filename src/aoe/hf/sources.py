@@ -154,6 +154,10 @@ class _LazyState:
     def __iter__(self):
         return iter(self._where)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the headers (no data read)."""
+        return {key: tuple(handle.get_slice(key).get_shape()) for key, handle in self._where.items()}
+
     def __getitem__(self, key: str) -> torch.Tensor:
         handle = self._where[key]
         try:

@@ -15,8 +15,9 @@ cleaned up by the next save, which also puts back a checkpoint whose replacement
 A write the system refuses (disk full, quota...) raises ``CheckpointWriteError`` naming the path,
 the cause and the newest good checkpoint; the temporary directory is removed.
 
-``checkpoint.json`` is checked on load: a truncated or altered file is refused with an error
-naming it, and ``find_latest_checkpoint`` falls back to the newest checkpoint that verifies.
+``checkpoint.json`` is checked on load: a truncated or altered file, or a directory whose name
+is not the step its ``checkpoint.json`` records (renamed), is refused with an error naming it,
+and ``find_latest_checkpoint`` falls back to the newest checkpoint that verifies.
 A checkpoint that does not verify is never deleted or overwritten by a run: the run moves it
 aside to ``step_XXXXXXXX.corrupt`` (``.corrupt-2``, ... when taken) and says so, and it no longer
 counts as a checkpoint. Retention (``keep``) counts only checkpoints that verify.
@@ -38,8 +39,10 @@ from safetensors.torch import load_file, save_file
 
 from aoe.config import RunConfig, save_config
 from aoe.config.files import load_saved_config
+from aoe.errors import shown
 from aoe.utils.files import (
-    WriteError, file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors, signals_deferred,
+    WriteError, file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors, share_as_umask_allows,
+    signals_deferred,
 )
 
 FORMAT_VERSION = 1
@@ -142,6 +145,7 @@ def _write_files(tmp: Path, step: int, model: torch.nn.Module, cfg: RunConfig, t
             raise CheckpointError("tokenizer.save did not write tokenizer.json")
     with open_for_writing(tmp / STATE_FILE) as f:  # a full disk raises ENOSPC, not a bare "unexpected pos"
         torch.save(trainer_state, f)
+    share_as_umask_allows(tmp)  # safetensors writes its files 0600
     files = {}
     for file in sorted(tmp.iterdir()):
         fsync_file(file)
@@ -296,6 +300,7 @@ def _verify(path: Path) -> dict:
         raise CheckpointError(f"{str(meta_file)!r} is unreadable or malformed: {e}") from e
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r} has checkpoint format {version!r}; this version reads {FORMAT_VERSION}")
+    _check_step_name(path, meta.get("step"))
     for required in _required_files(meta):
         if required not in files:
             raise CheckpointError(f"{str(path)!r}: {META_FILE} does not list {required}")
@@ -318,6 +323,18 @@ def _required_files(meta: dict) -> tuple[str, ...]:
 
         return REQUIRED
     return MODEL_FILE, CONFIG_FILE, STATE_FILE
+
+
+def _check_step_name(path: Path, step: Any) -> None:
+    """A ``step_XXXXXXXX`` directory must hold the checkpoint of that step (one renamed, or whose
+    checkpoint.json was edited, would be taken for another step)."""
+    named = checkpoint_step(path)
+    if named is None or step == named:
+        return
+    fix = (f"rename it back to {_PREFIX}{step:08d} or remove it" if isinstance(step, int) and step >= 0
+           else "remove it")
+    raise CheckpointError(f"{str(path)!r} is named for step {named} but its {META_FILE} records step {shown(step)} "
+                          f"(renamed or edited): {fix}")
 
 
 # Checkpoints this process has fully verified (or written and hashed), with the (name, size,
@@ -470,12 +487,30 @@ def load_native_checkpoint(ckpt: str | os.PathLike, device: str | torch.device =
     if verify:
         verify_checkpoint(ckpt)
     cfg = load_run_config(ckpt)
+    _check_weights_fit(cfg, ckpt)
     model = Transformer(cfg.model)
     load_model_state(model, ckpt)
     model.to(device).eval()
     tok_file = ckpt / TOKENIZER_FILE
     tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
     return model, cfg, tokenizer
+
+
+def _check_weights_fit(cfg: RunConfig, ckpt: Path) -> None:
+    """The checkpoint's model config against its weights' header (``aoe.io.bounds``), before the
+    model is built: a config.yaml that claims more than the weights hold is refused."""
+    from aoe.io.sharded import is_sharded
+
+    if is_sharded(ckpt):  # no safetensors header: DCP's metadata is checked against the model on load
+        return
+    from aoe.io.bounds import SIZE_FIELDS, check_shapes, check_sizes, native_shapes, read_shapes
+
+    found = read_shapes([ckpt / MODEL_FILE], CheckpointError)
+    where = ckpt / CONFIG_FILE
+    names = {field: f"model.{field}" for field in ("n_layers", *SIZE_FIELDS)}
+    check_sizes(cfg.model, found, where, CheckpointError, names=names)
+    expected = {key.removeprefix("model."): shape for key, shape in native_shapes(cfg.model).items()}
+    check_shapes(expected, found, where, CheckpointError)
 
 
 def imported_run_config(model_config, tokenizer=None) -> RunConfig:

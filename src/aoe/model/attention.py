@@ -26,31 +26,61 @@ QK_NORMS = ("none", "head", "full")
 
 
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables [max_seq_len, Dh/2] in fp32, kept outside the state dict and outside
-    ``module.to(dtype)`` (a bf16 table would lose the positions' precision); copied to a device
-    the first time it is asked for there."""
+    """cos / sin tables [positions, Dh/2] in fp32, kept outside the state dict and outside
+    ``module.to(dtype)`` (a bf16 table would lose the positions' precision). The tables cover the
+    positions used so far: they grow (in blocks of ``BLOCK`` positions, each computed alone, so a
+    position's value never depends on the table's length) as longer sequences come, up to
+    ``max_seq_len``; a device gets a copy of the CPU table the first time it is asked for there."""
+
+    BLOCK = 1024
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, float(theta)
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        self._tables = {torch.device("cpu"): (angles.cos().float(), angles.sin().float())}
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _block(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (fp32, CPU) of positions first .. first + BLOCK - 1."""
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64, device="cpu")
+                                         / self.head_dim))
+        positions = torch.arange(first, first + self.BLOCK, dtype=torch.float64, device="cpu")
+        angles = torch.outer(positions, inv_freq)
+        return angles.cos().float(), angles.sin().float()
+
+    def _cpu_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU tables, grown to cover at least ``length`` positions (device copies dropped)."""
+        cpu = torch.device("cpu")
+        have = self._tables.get(cpu)
+        done = 0 if have is None else have[0].shape[0]
+        if done >= length:
+            return have
+        want = min(max(length, 2 * done), self.max_seq_len)
+        blocks = [self._block(first) for first in range(done, want, self.BLOCK)]
+        cos = torch.cat(([have[0]] if have else []) + [b[0] for b in blocks])[:want]
+        sin = torch.cat(([have[1]] if have else []) + [b[1] for b in blocks])[:want]
+        self._tables = {cpu: (cos, sin)}
+        return cos, sin
+
+    def _tables_for(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables of at least ``length`` positions on ``device``."""
+        tables = self._tables.get(device)
+        if tables is None or tables[0].shape[0] < length:
+            cos, sin = self._cpu_tables(length)
+            tables = (cos, sin) if device == torch.device("cpu") else (cos.to(device), sin.to(device))
+            self._tables[device] = tables
+        return tables
 
     def forward(self, start_pos: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, Dh/2] (fp32) of positions start_pos .. start_pos + length - 1."""
-        tables = self._tables.get(device)
-        if tables is None:
-            cpu = self._tables[torch.device("cpu")]
-            tables = self._tables[device] = (cpu[0].to(device), cpu[1].to(device))
-        cos, sin = tables
+        cos, sin = self._tables_for(start_pos + length, device)
         return cos[start_pos : start_pos + length], sin[start_pos : start_pos + length]
 
-    def at(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, 1, T, Dh/2] (fp32) of per-sequence positions [B, T] (padded batches)."""
-        cos, sin = self.forward(0, self.max_seq_len, positions_BT.device)
+    def at(self, positions_BT: torch.Tensor, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, T, Dh/2] (fp32) of per-sequence positions [B, T] (padded batches), all
+        below ``end`` (default max_seq_len)."""
+        cos, sin = self._tables_for(self.max_seq_len if end is None else end, positions_BT.device)
         return cos[positions_BT].unsqueeze(1), sin[positions_BT].unsqueeze(1)
 
     def extra_repr(self) -> str:

@@ -48,11 +48,19 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
 
 def ffn_forward_flops(ffn: nn.Module) -> int:
     """Forward matmul FLOPs (2 x multiply-adds) per token of one FFN layer (its ``forward_flops()``:
-    ``DenseFFN``, ``MoE`` and ``AoE`` document their formulas)."""
+    ``DenseFFN``, ``MoE`` and ``AoE`` document their formulas), at most those of every expert
+    (``_ffn_params``)."""
     count = getattr(ffn, "forward_flops", None)
     if count is None:
         raise TypeError(f"no FLOP count for {type(ffn).__name__}")
-    return count()
+    return min(count(), 2 * _ffn_params(ffn))
+
+
+def _ffn_params(ffn: nn.Module) -> int:
+    """Every parameter of an FFN layer: the most one token can use. Each weight takes part in at
+    most one multiply-add per token, so 2x this is the layer's FLOPs with every expert chosen,
+    the cap of a count (expert choice's capacity_factor * top_k) that passes n_experts."""
+    return sum(p.numel() for p in ffn.parameters())
 
 
 class Block(nn.Module):
@@ -168,7 +176,7 @@ class Transformer(nn.Module):
         pad = None
         if attention_mask is not None:
             pad = padding(check_attention_mask(attention_mask.to(idx.device), B, start_pos, T), start_pos, T)
-            cos, sin = self.rotary.at(pad.positions_BT)
+            cos, sin = self.rotary.at(pad.positions_BT, start_pos + T)  # a position is below start_pos + T
         else:
             cos, sin = self.rotary(start_pos, T, idx.device)
         x = self.embed_tokens(idx)
@@ -234,7 +242,7 @@ class Transformer(nn.Module):
             params = [p for p in module.parameters(recurse=id(module) in ffns) if id(p) not in seen]
             seen.update(id(p) for p in params)
             if active and id(module) in ffns:  # the layer knows what one token uses
-                total += module.num_active_params()
+                total += min(module.num_active_params(), _ffn_params(module))  # no more experts than exist
                 continue
             total += sum(p.numel() for p in params if include_embedding or id(p) not in vocab_tables)
         return total

@@ -15,12 +15,10 @@ W_g [D, W] by the product of w_down [D, L] and w_up [L, W]. Two schemes:
 Both consume the random stream in the same order (w_down, then w_up), so for a fixed seed the
 schemes differ only in w_up's scale.
 
-``"balanced"`` is the default of every layer and of ``ModelConfig`` (new models); ``"normal"`` is
-one option away. Measured at the tiny recipe (docs/results/tiny-balanced, 1000 steps): AoE
-4.385 ± 0.003 nats with ``balanced`` against 4.489 ± 0.008 with ``normal`` (2 seeds each); the
-dense rank-32 control and MoE + factorized W_g (one seed each) lose the whole cost of their
-factorization (0.31 and 0.18 nats). A saved run config without the key reads as ``"normal"``,
-what such a run was trained with (``aoe.config.files.SAVED_MODEL_DEFAULTS``).
+``"balanced"`` is the default of every layer and of ``ModelConfig`` (new models; why, with the
+measurements: docs/results/tiny-balanced); ``"normal"`` is one option away. A saved run config
+without the key reads as ``"normal"``, what such a run was trained with
+(``aoe.config.files.SAVED_MODEL_DEFAULTS``).
 
 ``gate_factor_parameters(model)`` lists every layer's w_down and w_up, for optimizer settings of
 their own (``train.factor_weight_decay``, ``train.factor_lr_scale``).
@@ -56,13 +54,11 @@ def init_factorized_gate(w_down: torch.Tensor, w_up: torch.Tensor, std: float, g
 
 def gate_factor_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The w_down and w_up of every factorized gate in ``model`` (AoE layers, MoE with ``gate_rank``,
-    DenseFFN with ``gate_rank``), in module order, each once."""
-    from aoe.nn.aoe import AoE
-    from aoe.nn.dense import DenseFFN
-    from aoe.nn.moe import MoE
-
+    DenseFFN with ``gate_rank``: every module that holds both as its own parameters), in module
+    order, each once. (Read by name, so this module needs none of the layers that use it.)"""
     out: list[nn.Parameter] = []
     for module in model.modules():
-        if isinstance(module, AoE) or (isinstance(module, (MoE, DenseFFN)) and module.gate_rank is not None):
-            out += [p for p in (module.w_down, module.w_up) if all(p is not q for q in out)]
+        own = dict(module.named_parameters(recurse=False))
+        if "w_down" in own and "w_up" in own:
+            out += [p for p in (own["w_down"], own["w_up"]) if all(p is not q for q in out)]
     return out

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from aoe.config import ConfigError, RunConfig, config_to_dict, save_config
+from aoe.config import ConfigError, RunConfig, config_to_dict
 from aoe.config.files import INIT_ONLY_MODEL_KEYS
 from aoe.data import BatchSampler, DataError, TokenData, prepare_tokens, unigram_entropy
 from aoe.io.sharded import is_sharded
@@ -69,10 +69,14 @@ from aoe.train.distributed import (
 from aoe.train.evaluate import evaluate
 from aoe.train.metrics import MetricsLogger, RoutingStats, measure_matmul_flops
 from aoe.train.optim import build_optimizer, lr_at, set_lr
+from aoe.train.rundir import check_new_run, write_run_config
 from aoe.train.signals import StopSignals, TrainingInterrupted
-from aoe.utils.files import WriteError, atomic_write_text, reporting_write_errors, tmp_sibling
+from aoe.utils.files import WriteError, atomic_write_text, reporting_write_errors
 
 MAX_CONSECUTIVE_SKIPS = 10
+#: Settings a resumed run must keep: they decide the tokenizer, the data order and what the
+#: run's config.yaml says it was trained with.
+RESUME_FIXED_KEYS = (("data", "vocab_size"), ("train", "batch_size"), ("train", "seq_len"), ("train", "seed"))
 DEBUG_NONFINITE_ENV = "AOE_DEBUG_NONFINITE"  # debug only: "RANK:STEP,..." -> that rank's loss is NaN at that step
 
 
@@ -88,6 +92,10 @@ def _debug_nonfinite_steps() -> set[tuple[int, int]]:
                               "(e.g. 1:3), or unset it") from None
         pairs.add((rank, step))
     return pairs
+
+
+def _differ(items: list) -> str:
+    return "differs" if len(items) == 1 else "differ"
 
 
 class TrainingError(RuntimeError):
@@ -156,7 +164,9 @@ class Trainer:
     ``Trainer(cfg, out_dir, resume=False).fit() -> dict`` (the run's summary, also written to
     ``out_dir/summary.json``). With ``resume=True`` the newest good checkpoint in ``out_dir`` is
     loaded (an error if there is none); without it, an ``out_dir`` that already holds checkpoints
-    is refused rather than overwritten.
+    is refused rather than overwritten, and so is one with the ``metrics.jsonl`` or ``summary.json``
+    of a start that saved no checkpoint (or files of the user's), unless ``restart`` (then they are
+    replaced). A ``config.yaml`` the trainer did not write is left alone (``aoe.train.rundir``).
 
     ``stop_signals``: the signals on which ``fit`` finishes the current step, saves a checkpoint
     and raises ``TrainingInterrupted`` (default: ``train.stop_signals``, SIGTERM and SIGUSR1 unless
@@ -164,7 +174,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-                 data: TokenData | None = None, stop_signals: tuple[int, ...] | None = None):
+                 data: TokenData | None = None, stop_signals: tuple[int, ...] | None = None,
+                 restart: bool = False):
         cfg.validate()
         if stop_signals is None:
             stop_signals = tuple(signal.Signals[name] for name in cfg.train.stop_signals)
@@ -186,6 +197,8 @@ class Trainer:
                 f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue that run, "
                 "or choose another --out (nothing was overwritten)"
             )
+        elif self.dist.is_main or not restart:  # with restart, rank 0 alone removes the earlier start's logs
+            check_new_run(self.out_dir, restart=restart)
         if self.dist.is_main:
             self._write_config()
 
@@ -297,16 +310,10 @@ class Trainer:
             )
 
     def _write_config(self) -> None:
-        """``out_dir/config.yaml``, replaced atomically (a full disk leaves the previous one)."""
-        config_file = self.out_dir / "config.yaml"
-        with self._writing(config_file):
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = tmp_sibling(config_file)
-            try:
-                save_config(self.cfg, tmp)
-                os.replace(tmp, config_file)
-            finally:
-                tmp.unlink(missing_ok=True)
+        """The resolved config, replaced atomically (a full disk leaves the previous one), in
+        ``out_dir/config.yaml`` unless that is a file of the user's (``aoe.train.rundir``)."""
+        with self._writing(self.out_dir / "config.yaml"):
+            write_run_config(self.cfg, self.out_dir, self.resumed_from)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -445,6 +452,21 @@ class Trainer:
             setattr(self.cfg.model, key, value)
             setattr(self.model.config, key, value)
 
+    def _check_same_run(self, saved: RunConfig, path: Path) -> None:
+        """Refuse to resume with settings that the checkpoint's run did not have: the ones that
+        decide the data order and the record of the run (``RESUME_FIXED_KEYS``), then the model."""
+        now, then = config_to_dict(self.cfg), config_to_dict(saved)
+        changed = [f"{section}.{key}={now[section][key]!r} (the run has {then[section][key]!r})"
+                   for section, key in RESUME_FIXED_KEYS if now[section][key] != then[section][key]]
+        if changed:
+            raise ConfigError(f"--resume: {', '.join(changed)} {_differ(changed)} from {str(path)!r}: resume with "
+                              "the run's values, or start a new run with another --out")
+        model = [f"model.{key}={value!r} (the run has {then['model'].get(key)!r})"
+                 for key, value in now["model"].items() if then["model"].get(key) != value]
+        if model:
+            raise ConfigError(f"--resume: {', '.join(model)} {_differ(model)} from the model in {str(path)!r}; "
+                              "resume with the same model.* settings")
+
     def _resume(self) -> None:
         path = None
         if self.dist.is_main:  # one rank looks (and moves a corrupt checkpoint aside); all load the same one
@@ -454,10 +476,11 @@ class Trainer:
             raise ckpt.CheckpointError(f"--resume: {str(self.out_dir)!r} holds no complete checkpoint to resume from")
         saved = ckpt.load_run_config(path)
         self._keep_saved_init(saved)
-        if config_to_dict(saved)["model"] != config_to_dict(self.cfg)["model"]:
-            raise ConfigError(f"--resume: the model config differs from the one in {str(path)!r}; "
-                              "resume with the same model.* settings")
+        self._check_same_run(saved, path)
         state = ckpt.load_trainer_state(path)
+        if state.get("step") != ckpt.checkpoint_step(path):
+            raise ckpt.CheckpointError(f"{str(path)!r} holds the trainer state of step {state.get('step')}, not of "
+                                       "the step its name says: it was renamed or edited; rename it back or remove it")
         if is_sharded(path):  # aoe.io.sharded: resharded to this layout
             self._load_sharded(path, state)
         else:

@@ -80,6 +80,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def current_umask() -> int:
+    """This process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a directory, everything under it) the permissions a plain new file
+    or directory gets under the umask: writers that make private temporaries (safetensors' 0600
+    files, ``tempfile.mkdtemp``'s 0700 directories) would otherwise keep colleagues out."""
+    mask = current_umask()
+    path = Path(path)
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 class file_lock:
     """Exclusive advisory lock on ``path`` (``fcntl.flock``; a no-op where fcntl is missing).
 
@@ -202,7 +222,7 @@ class _WholeWrites(io.RawIOBase):
 def open_for_writing(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
     """A new binary file at ``path`` whose writes either complete or raise the system's OSError
     (ENOSPC, EDQUOT...); flushed and fsync'ed at the end of the block, closed in any case."""
-    raw = _WholeWrites(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    raw = _WholeWrites(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))  # less the umask
     f = io.BufferedWriter(raw, buffer_size=1 << 20)
     try:
         yield f
