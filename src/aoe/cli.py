@@ -625,8 +625,8 @@ def _reporting_missing_hf(run):
 
 
 def _add_checkpoint_parser(sub) -> None:
-    """``aoe checkpoint consolidate`` (``aoe.io.commands``)."""
-    from aoe.io.commands import add_checkpoint_parser
+    """``aoe checkpoint consolidate`` (``aoe.checkpoint_cli``: outside aoe.io, whose import loads torch)."""
+    from aoe.checkpoint_cli import add_checkpoint_parser
 
     add_checkpoint_parser(sub)
 

@@ -1,4 +1,5 @@
-"""argparse wiring of ``aoe checkpoint consolidate`` (registered by ``aoe.cli``)."""
+"""argparse wiring of ``aoe checkpoint consolidate`` (registered by ``aoe.cli``; a top-level module so that
+``aoe --help`` imports no torch: the package ``aoe.io`` loads it)."""
 
 from __future__ import annotations
 
