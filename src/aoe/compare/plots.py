@@ -7,6 +7,7 @@ functions, so this module imports without it.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 
 from aoe.compare.curves import Band
 from aoe.compare.stats import finite, is_number, mean, minmax
+from aoe.utils.files import atomic_write_bytes
 
 
 class Palette:
@@ -54,8 +56,9 @@ def new_figure(width: float = 7.0, height: float = 4.2):
 
 def save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _draw_lines(ax, series: Sequence[Series], markers: bool) -> None:

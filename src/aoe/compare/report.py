@@ -30,6 +30,7 @@ from aoe.compare.sections import render
 from aoe.compare.stats import mean
 from aoe.compare.study import Study
 from aoe.compare.summary import VariantSummary, summarize
+from aoe.utils.files import atomic_write_text
 
 __all__ = [
     "write_report",
@@ -51,9 +52,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     study = Study.load(results, out_dir)
     figures = draw_figures(study, out_dir)
-    path = out_dir / "report.md"
-    path.write_text(render(study, figures), encoding="utf-8")
-    return path
+    return atomic_write_text(out_dir / "report.md", render(study, figures))
 
 
 def headline_table(results: dict) -> str:

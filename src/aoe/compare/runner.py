@@ -31,6 +31,7 @@ from aoe.compare.variants import Variant, resolve_variants
 from aoe.io.checkpoint import list_checkpoints
 from aoe.train.distributed import DistInfo
 from aoe.train.trainer import Trainer, prepare_data, resolve_device
+from aoe.utils.files import atomic_write_text
 from aoe.utils.memory import training_step_peak_bytes
 
 RESULTS_FILE = "results.json"
@@ -73,9 +74,7 @@ def same_config(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def _run_entry(variant: Variant, seed: int, run_dir: str, summary: dict[str, Any], peak: int | None,

@@ -42,7 +42,7 @@ from aoe.config.files import load_saved_config
 from aoe.errors import shown
 from aoe.utils.files import (
     WriteError, file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors, share_as_umask_allows,
-    signals_deferred,
+    replace_directory,
 )
 
 FORMAT_VERSION = 1
@@ -167,15 +167,8 @@ def _commit(tmp: Path, final: Path) -> None:
             aside = quarantine_checkpoint(final)
             warnings.warn(f"checkpoint {str(final)!r} does not verify ({e}); moved it to {str(aside)!r} "
                           "and saved the new one in its place", stacklevel=3)
-    with signals_deferred():
-        if final.exists():  # a good checkpoint of the same step (e.g. a model saved again): replace it now
-            old = root / f"{_TMP_OLD}{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+    # a good checkpoint of the same step (e.g. a model saved again) is replaced now
+    replace_directory(tmp, final, aside=root / f"{_TMP_OLD}{final.name}-{uuid.uuid4().hex[:8]}")
 
 
 def _clean_stale(root: Path) -> None:
