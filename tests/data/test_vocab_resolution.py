@@ -5,7 +5,7 @@ import torch
 
 from aoe.config import load_config
 from aoe.train import Trainer, prepare_data
-from aoe.io.checkpoint import load_model
+from aoe.io.models import load_model
 
 from .conftest import write_corpus
 

@@ -16,7 +16,7 @@ def run_export(args) -> int:
 
     try:
         if args.to_native:
-            from aoe.hf.export import load_aoe_directory
+            from aoe.hf.native import load_aoe_directory
 
             model = load_aoe_directory(Path(args.src))
             print(f"{args.src}: native {model.extra_repr()}, {model.num_params():,} parameters")
