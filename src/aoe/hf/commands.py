@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from aoe.errors import one_line
-from aoe.hf_cli import add_convert_parser, add_export_parser
 
-__all__ = ["add_export_parser", "add_convert_parser", "run_export", "run_convert"]
+__all__ = ["run_export", "run_convert"]
+
 
 def run_export(args) -> int:
     import torch
