@@ -22,4 +22,10 @@ def test_line_plot_with_log_axis_and_star(tmp_path):
     path = line_plot([Series("MoE", "C1", band, star=(3e-3, 4.5))], tmp_path / "sweep.png", "sweep", "val loss",
                      xlabel="lr", markers=True, logx=True)
     assert path.read_bytes()[:8] == PNG_MAGIC
+    image = pytest.importorskip("matplotlib.image").imread(path)  # [H, W, RGBA] floats in [0, 1]
+    assert image.shape[:2] == (462, 770)  # new_figure's 7.0 x 4.2 inches at 110 dpi
+    rgb = image[..., :3]
+    assert (rgb != rgb[0, 0]).any(axis=-1).mean() > 0.01  # not a blank canvas
+    orange = (1.0, 127 / 255, 14 / 255)  # "C1", the series' color: its line is drawn
+    assert (abs(rgb - orange).max(axis=-1) < 0.02).sum() > 100
     assert safe_name("moe/x y") == "moe_x_y"

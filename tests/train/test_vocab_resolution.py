@@ -7,7 +7,7 @@ from aoe.config import load_config
 from aoe.train import Trainer, prepare_data
 from aoe.io.models import load_model
 
-from .conftest import write_corpus
+from helpers.corpora import write_corpus
 
 TINY_MODEL = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.max_seq_len": 32,
               "model.d_ffn": 64, "model.n_experts": 4, "model.top_k": 2, "model.d_low": 8}
