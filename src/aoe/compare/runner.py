@@ -1,6 +1,6 @@
 """``aoe compare``: train every variant x seed on identical data, collect results.json, write the report.
 
-    OUT/results.json        every run's numbers (schema in ``aoe.compare.report``)
+    OUT/results.json        every run's numbers (schema in ``aoe.compare.report.results``)
     OUT/report.md, plots/   the report
     OUT/<variant>-s<seed>/  one ordinary training run each (checkpoints, metrics.jsonl, summary.json)
     OUT/sweep/<variant>-lr<lr>/  with --lr-sweep: the short runs that choose each variant's lr

@@ -5,15 +5,15 @@
 
 from __future__ import annotations
 
-from aoe.compare.figures import Figures
-from aoe.compare.sections.definitions import definitions, notes
-from aoe.compare.sections.paper import paper_table2
-from aoe.compare.sections.setup import command, configuration, corpus, machine, title
-from aoe.compare.sections.sweep import learning_rate_sweep
-from aoe.compare.sections.tables import headline, per_layer, runs
-from aoe.compare.sections.training import over_training
-from aoe.compare.sections.verdict import verdict
-from aoe.compare.study import Study
+from aoe.compare.report.figures import Figures
+from aoe.compare.report.sections.definitions import definitions, notes
+from aoe.compare.report.sections.paper import paper_table2
+from aoe.compare.report.sections.setup import command, configuration, corpus, machine, title
+from aoe.compare.report.sections.sweep import learning_rate_sweep
+from aoe.compare.report.sections.tables import headline, per_layer, runs
+from aoe.compare.report.sections.training import over_training
+from aoe.compare.report.sections.verdict import verdict
+from aoe.compare.report.study import Study
 
 
 def render(study: Study, figures: Figures) -> str:

@@ -3,10 +3,10 @@ and the routing (confidence, gate weights, dead experts) from the training logs.
 
 from __future__ import annotations
 
-from aoe.compare.figures import Figures, gap_band
-from aoe.compare.markdown import DASH, fmt, fmt_mean_std, fmt_signed, table
-from aoe.compare.stats import is_number
-from aoe.compare.study import Study
+from aoe.compare.report.figures import Figures, gap_band
+from aoe.compare.report.markdown import DASH, fmt, fmt_mean_std, fmt_signed, table
+from aoe.compare.report.stats import is_number
+from aoe.compare.report.study import Study
 
 
 TREND_TOLERANCE = 5e-5  # half the last digit the table prints

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from aoe.compare.stats import finite, is_number, mean, std
+from aoe.compare.report.stats import finite, is_number, mean, std
 
 DASH = "–"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from aoe.compare.results import LayerStats, Results, Run
+from aoe.compare.report.results import LayerStats, Results, Run
 from aoe.compare.variants import Variant
-from aoe.compare.stats import NAN, finite, is_number, mean
+from aoe.compare.report.stats import NAN, finite, is_number, mean
 
 LN2 = math.log(2.0)
 GATE_RANKS = 2  # the report shows the mean top-1 and top-2 gate weights

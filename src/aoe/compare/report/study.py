@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable
 
-from aoe.compare.curves import Curve
-from aoe.compare.logs import RunLogs
-from aoe.compare.results import Results, Run
-from aoe.compare.summary import VariantSummary, by_name, summarize
+from aoe.compare.report.curves import Curve
+from aoe.compare.report.logs import RunLogs
+from aoe.compare.report.results import Results, Run
+from aoe.compare.report.summary import VariantSummary, by_name, summarize
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Training entries carry "loss" (and "layers": routing statistics of the logged window); validation
 entries carry "val_loss". A step logged twice (a resumed run) keeps its last value. Nothing here
-draws: ``aoe.compare.plots`` does.
+draws: ``aoe.compare.report.plots`` does.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from aoe.compare.results import LayerStats
-from aoe.compare.stats import NAN, ema, is_number, mean, minmax
+from aoe.compare.report.results import LayerStats
+from aoe.compare.report.stats import NAN, ema, is_number, mean, minmax
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Drawing the report's figures with matplotlib (Agg canvas: no pyplot, no global backend switch).
 
 Each function draws one kind of figure from plain data and writes a PNG; which figures a report
-has, and from what data, is ``aoe.compare.figures``' job. matplotlib is imported inside the
+has, and from what data, is ``aoe.compare.report.figures``' job. matplotlib is imported inside the
 functions, so this module imports without it.
 """
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from aoe.compare.curves import Band
-from aoe.compare.stats import finite, is_number, mean, minmax
+from aoe.compare.report.curves import Band
+from aoe.compare.report.stats import finite, is_number, mean, minmax
 from aoe.utils.files import atomic_write_bytes
 
 

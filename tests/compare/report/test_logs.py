@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from aoe.compare import logs
+from aoe.compare.report import logs
 from aoe.compare.report import read_metrics
 from aoe.train import metrics as train_metrics
 

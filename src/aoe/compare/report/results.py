@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from aoe.compare.stats import NAN, is_number
+from aoe.compare.report.stats import NAN, is_number
 from aoe.compare.variants import Variant
 
 KINDS = ("dense", "moe", "aoe")

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from aoe.compare import curves as cv
-from aoe.compare.markdown import fmt_lr, image
-from aoe.compare.plots import Palette, Series, layer_bars, line_plot, load_heatmap, panel_plot
-from aoe.compare.stats import is_number
-from aoe.compare.study import Study
-from aoe.compare.summary import VariantSummary
+from aoe.compare.report import curves as cv
+from aoe.compare.report.markdown import fmt_lr, image
+from aoe.compare.report.plots import Palette, Series, layer_bars, line_plot, load_heatmap, panel_plot
+from aoe.compare.report.stats import is_number
+from aoe.compare.report.study import Study
+from aoe.compare.report.summary import VariantSummary
 
 BAND = "line: mean over seeds; band: min–max over seeds"
 

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from aoe.compare.summary import pick, summarize
+from aoe.compare.report.summary import pick, summarize
 
-from .synthetic import CLEAR_WIN, make_results
+from ..synthetic import CLEAR_WIN, make_results
 
 
 def test_summaries_hold_one_value_per_completed_run(tmp_path):

@@ -3,9 +3,9 @@ in Table 2's layout, with the paper's numbers next to what this study measured."
 
 from __future__ import annotations
 
-from aoe.compare.markdown import DASH, fmt, fmt_mean_std, fmt_signed, table
-from aoe.compare.stats import mean
-from aoe.compare.study import Study
+from aoe.compare.report.markdown import DASH, fmt, fmt_mean_std, fmt_signed, table
+from aoe.compare.report.stats import mean
+from aoe.compare.report.study import Study
 from aoe.compare.suites import TABLE2, TABLE2_TASKS
 
 

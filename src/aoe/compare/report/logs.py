@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aoe.compare.results import Results, Run
+from aoe.compare.report.results import Results, Run
 from aoe.train.metrics import read_metrics as read_metrics_file
 
 

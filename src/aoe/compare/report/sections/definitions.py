@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from aoe.compare.figures import Figures
-from aoe.compare.stats import VERDICT_RULE
-from aoe.compare.study import Study
+from aoe.compare.report.figures import Figures
+from aoe.compare.report.stats import VERDICT_RULE
+from aoe.compare.report.study import Study
 
 PEAK_MEMORY = (
     "the peak bytes of one micro-batch forward + backward (loss + aux loss) of the trained model, measured "

@@ -6,11 +6,11 @@ import math
 import pytest
 
 from aoe.compare.report import write_report
-from aoe.compare.sections.training import trend
-from aoe.compare.sections.verdict import judgement
-from aoe.compare.stats import VERDICT_RULE, compare_means
+from aoe.compare.report.sections.training import trend
+from aoe.compare.report.sections.verdict import judgement
+from aoe.compare.report.stats import VERDICT_RULE, compare_means
 
-from .synthetic import CLEAR_WIN, GATE, VAL_AMPLITUDE, make_results
+from ..synthetic import CLEAR_WIN, GATE, VAL_AMPLITUDE, make_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-from aoe.compare.markdown import fmt_mean_std, fmt_signed, table
-from aoe.compare.stats import NAN, VERDICT_RULE, Verdict, compare_entropies, compare_means, mean
-from aoe.compare.study import Comparison, Study
-from aoe.compare.summary import VariantSummary, pick
+from aoe.compare.report.markdown import fmt_mean_std, fmt_signed, table
+from aoe.compare.report.stats import NAN, VERDICT_RULE, Verdict, compare_entropies, compare_means, mean
+from aoe.compare.report.study import Comparison, Study
+from aoe.compare.report.summary import VariantSummary, pick
 
 
 def headline_verdict(aoe: VariantSummary | None, moe: VariantSummary | None) -> list[str]:

@@ -3,9 +3,9 @@ runs' last training window (metrics.jsonl) and their validation statistics (resu
 
 import json
 
-from aoe.compare.results import LayerStats
-from aoe.compare.sections.tables import per_layer, selection_rules
-from aoe.compare.study import Study
+from aoe.compare.report.results import LayerStats
+from aoe.compare.report.sections.tables import per_layer, selection_rules
+from aoe.compare.report.study import Study
 
 
 def _layer(i, hist, causal, rule="expert_choice"):

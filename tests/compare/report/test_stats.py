@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from aoe.compare.stats import compare_entropies, compare_means, ema, mean, std, stderr
+from aoe.compare.report.stats import compare_entropies, compare_means, ema, mean, std, stderr
 
 
 def test_stats_helpers_skip_missing_values():

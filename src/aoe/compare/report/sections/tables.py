@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
-from aoe.compare.figures import Figures
-from aoe.compare.markdown import DASH, escape, fmt, fmt_bytes, fmt_lr, fmt_mean_std, fmt_si, table
-from aoe.compare.sections.setup import unigram_baseline
-from aoe.compare.stats import mean
-from aoe.compare.study import Study
-from aoe.compare.results import LayerStats
-from aoe.compare.summary import LayerSeries, VariantSummary
+from aoe.compare.report.figures import Figures
+from aoe.compare.report.markdown import DASH, escape, fmt, fmt_bytes, fmt_lr, fmt_mean_std, fmt_si, table
+from aoe.compare.report.sections.setup import unigram_baseline
+from aoe.compare.report.stats import mean
+from aoe.compare.report.study import Study
+from aoe.compare.report.results import LayerStats
+from aoe.compare.report.summary import LayerSeries, VariantSummary
 
 HEADLINE = ["variant", "seeds", "params total", "params active", "FLOPs/token", "val loss (nats)", "perplexity",
             "bits/byte", "Ent_load", "Ent_conf", "max/mean load", "tokens/s", "peak memory"]

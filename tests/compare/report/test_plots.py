@@ -2,9 +2,9 @@
 
 import pytest
 
-from aoe.compare.curves import Band
-from aoe.compare.figures import safe_name
-from aoe.compare.plots import Palette, Series, line_plot
+from aoe.compare.report.curves import Band
+from aoe.compare.report.figures import safe_name
+from aoe.compare.report.plots import Palette, Series, line_plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 colormaps = pytest.importorskip("matplotlib").colormaps

@@ -12,10 +12,10 @@ from pathlib import Path
 from aoe.compare import report
 from aoe.compare.report import headline_table, write_report
 
-from .synthetic import CLEAR_WIN, COMMAND, WITHIN_NOISE, make_results
+from ..synthetic import CLEAR_WIN, COMMAND, WITHIN_NOISE, make_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "results" / "tiny-cpu"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "results" / "tiny-cpu"
 
 
 def test_report_module_keeps_its_names():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from aoe.compare.curves import Curve, layer_mean, logged, over_seeds, paired_difference, smoothing_beta
+from aoe.compare.report.curves import Curve, layer_mean, logged, over_seeds, paired_difference, smoothing_beta
 
 
 def test_logged_keeps_the_last_value_of_a_repeated_step():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-from aoe.compare.figures import Figures
-from aoe.compare.markdown import DASH, fmt, fmt_lr, table
-from aoe.compare.results import Sweep
-from aoe.compare.study import Study
+from aoe.compare.report.figures import Figures
+from aoe.compare.report.markdown import DASH, fmt, fmt_lr, table
+from aoe.compare.report.results import Sweep
+from aoe.compare.report.study import Study
 
 
 def _cell(sweep: Sweep, variant: str, lr: float, chosen: float | None) -> str:

@@ -6,11 +6,11 @@ import json
 import math
 from typing import Sequence
 
-from aoe.compare.markdown import DASH, fmt, fmt_lr, table
-from aoe.compare.results import number
-from aoe.compare.stats import finite, is_number
-from aoe.compare.study import Study
-from aoe.compare.summary import LN2, VariantSummary
+from aoe.compare.report.markdown import DASH, fmt, fmt_lr, table
+from aoe.compare.report.results import number
+from aoe.compare.report.stats import finite, is_number
+from aoe.compare.report.study import Study
+from aoe.compare.report.summary import LN2, VariantSummary
 
 
 def title(study: Study) -> list[str]:

@@ -1,6 +1,6 @@
 """Number formatting and tables."""
 
-from aoe.compare.markdown import fmt_lr, fmt_signed, table
+from aoe.compare.report.markdown import fmt_lr, fmt_signed, table
 from aoe.compare.report import fmt, fmt_bytes, fmt_mean_std, fmt_si
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from aoe.compare.results import Results, Sweep
+from aoe.compare.report.results import Results, Sweep
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "results" / "tiny-cpu" / "results.json"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "results" / "tiny-cpu" / "results.json"
 
 
 def _results(variants, runs=(), ffn="aoe", lr=2e-3, **extra):
