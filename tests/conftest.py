@@ -35,9 +35,9 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture
 def make_cfg(cache_dir):
-    """``make_cfg(**overrides)``: the tiny trainable config (``tiny_runs.tiny_overrides``)."""
+    """``make_cfg(**overrides)``: the tiny trainable config (``helpers.tiny_runs.tiny_overrides``)."""
     from aoe.config import load_config
-    from tiny_runs import tiny_overrides
+    from helpers.tiny_runs import tiny_overrides
 
     def make(**extra):
         return load_config("tiny", tiny_overrides(cache_dir, **extra))

@@ -6,7 +6,7 @@ import pytest
 
 from aoe.cli import main
 
-from tiny_runs import tiny_overrides
+from helpers.tiny_runs import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster and steadier
 

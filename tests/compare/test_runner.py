@@ -8,7 +8,7 @@ from aoe.compare.runner import run_comparison
 from aoe.compare.variants import DEFAULT_VARIANTS, resolve_variants
 from aoe.config import ConfigError, ModelConfig
 
-from tiny_runs import tiny_overrides
+from helpers.tiny_runs import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster and steadier
 

@@ -87,7 +87,7 @@ def test_compare_scores_each_finished_run_once_on_multiple_choice_files(tmp_path
 
     from aoe.compare.downstream import plan_downstream
     from aoe.compare.runner import run_comparison
-    from tiny_runs import tiny_overrides
+    from helpers.tiny_runs import tiny_overrides
 
     examples = [{"context": "def f(x):\n    return", "choices": ["x", "(((("], "label": 0},
                 {"context": "import", "choices": ["os", ")))"], "label": 0},

@@ -225,14 +225,6 @@ def test_dict_round_trip_is_exact(tmp_path):
         assert back == cfg and config_to_dict(back) == d
 
 
-def test_cache_dir_resolution(monkeypatch, tmp_path):
-    monkeypatch.setenv("AOE_CACHE", str(tmp_path / "env"))
-    assert DataConfig().resolved_cache_dir() == tmp_path / "env"
-    assert DataConfig(cache_dir=str(tmp_path / "x")).resolved_cache_dir() == tmp_path / "x"
-    monkeypatch.delenv("AOE_CACHE")
-    assert DataConfig().resolved_cache_dir().parts[-2:] == (".cache", "aoe")
-
-
 def test_resolved_d_wide_matches_the_layer_rule():
     from aoe.nn import match_d_wide
 

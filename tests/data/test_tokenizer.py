@@ -4,6 +4,7 @@ import time
 import pytest
 
 from aoe.data import EOS_TOKEN, DataError, Source, Tokenizer, load_or_train_tokenizer, train_tokenizer
+from aoe.data.tokenizer import default_cache_dir
 
 from .conftest import make_text
 
@@ -87,3 +88,14 @@ def test_cache_reuses_trained_tokenizer(corpus, cache_dir):
     assert b.hash == a.hash and files[0].stat().st_mtime_ns == mtime
     load_or_train_tokenizer(src, cache_dir, vocab_size=320)  # another key
     assert len(list((cache_dir / "tokenizers").glob("*/tokenizer.json"))) == 2
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    """Where data.cache_dir=None caches: $AOE_CACHE, else $AOE_CACHE_DIR, else ~/.cache/aoe."""
+    monkeypatch.setenv("AOE_CACHE", str(tmp_path / "env"))
+    monkeypatch.setenv("AOE_CACHE_DIR", str(tmp_path / "old"))
+    assert default_cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("AOE_CACHE")
+    assert default_cache_dir() == tmp_path / "old"
+    monkeypatch.delenv("AOE_CACHE_DIR")
+    assert default_cache_dir().parts[-2:] == (".cache", "aoe")

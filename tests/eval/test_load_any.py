@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from aoe.cli import main
-from aoe.io.checkpoint import CheckpointError, imported_run_config, load_model, save_model_checkpoint
-from aoe.io.models import load_any, model_dir_kind
+from aoe.io.checkpoint import CheckpointError, imported_run_config, save_model_checkpoint
+from aoe.io.models import load_any, load_model, model_dir_kind
 
 from .conftest import make_lines
 

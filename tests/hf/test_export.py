@@ -96,7 +96,8 @@ def test_export_checkpoint_and_load_native_as_hf(tmp_path, tiny_tokenizer):
 
 def test_cli_export_round_trip_through_native_checkpoints(tmp_path, tiny_tokenizer):
     from aoe.cli import main
-    from aoe.io.checkpoint import load_model, save_model_checkpoint
+    from aoe.io.checkpoint import save_model_checkpoint
+    from aoe.io.models import load_model
 
     model = native_model(vocab_size=tiny_tokenizer.vocab_size)
     save_model_checkpoint(tmp_path / "run", model, tiny_tokenizer)

@@ -10,9 +10,10 @@ import torch
 from aoe.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from aoe.model import Transformer
 from aoe.io.checkpoint import (
-    CheckpointError, CheckpointWriteError, find_latest_checkpoint, list_checkpoints, load_model, load_trainer_state,
+    CheckpointError, CheckpointWriteError, find_latest_checkpoint, list_checkpoints, load_trainer_state,
     save_checkpoint, verify_checkpoint,
 )
+from aoe.io.models import load_model
 
 
 def _model_and_cfg(tie=True):
@@ -244,7 +245,8 @@ def test_save_model_checkpoint_leaves_the_callers_model_as_it_is(tmp_path):
     """A bf16 model is saved as fp32 weights (the native format) without being converted in place."""
     from aoe.config import ModelConfig
     from aoe.model import Transformer
-    from aoe.io.checkpoint import load_model, save_model_checkpoint
+    from aoe.io.checkpoint import save_model_checkpoint
+    from aoe.io.models import load_model
 
     model = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ffn=24, n_experts=2,
                                     top_k=1, d_low=4, max_seq_len=16)).to(torch.bfloat16)

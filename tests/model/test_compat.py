@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aoe.io.checkpoint import load_model
+from aoe.io.models import load_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints-0.1.0"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())

@@ -44,15 +44,27 @@ def test_active_params_by_hand():
     assert MoEFFNConfig(D, F, E, k, gate_rank=L).num_active_params() == D * E + k * (D * L + L * F + 2 * D * F)
 
 
-@pytest.mark.parametrize("cls,layer", [(DenseFFNConfig, DenseFFN), (MoEFFNConfig, MoE), (AoEFFNConfig, AoE)])
-def test_defaults_are_the_layers_own(cls, layer):
-    params = inspect.signature(layer.__init__).parameters
+@pytest.mark.parametrize("cfg", [DenseFFNConfig(32, 48), MoEFFNConfig(32, 48, 4, 2), AoEFFNConfig(32, 8, 4, 2, 56)],
+                         ids=lambda c: type(c).__name__)
+def test_defaults_are_the_layers_own(cfg):
+    """A config given only its required fields builds the layer its constructor builds from those
+    alone: the same weights from the same seed, the same output; every optional field is one of the
+    layer's keyword arguments."""
     import dataclasses
 
-    optional = [f for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING]
-    assert optional
-    for f in optional:
-        assert f.default == params[f.name].default, f.name
+    params = inspect.signature(cfg.LAYER.__init__).parameters
+    fields = dataclasses.fields(cfg)
+    optional = [f.name for f in fields if f.default is not dataclasses.MISSING]
+    assert optional and all(params[name].default is not inspect.Parameter.empty for name in optional)
+    required = {f.name: getattr(cfg, f.name) for f in fields if f.default is dataclasses.MISSING}
+    torch.manual_seed(0)
+    built = cfg.build()
+    torch.manual_seed(0)
+    plain = cfg.LAYER(**required)
+    assert built.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in built.state_dict().items())
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(built(x), plain(x))
 
 
 def test_model_config_maps_its_fields_onto_the_layer_configs():

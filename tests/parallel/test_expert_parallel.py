@@ -240,7 +240,7 @@ def _copy_until(run: Path, dest: Path, step: int) -> Path:
 def single_run(tmp_path_factory, cache_dir):
     from aoe.config import load_config
     from aoe.train.trainer import Trainer
-    from tiny_runs import tiny_overrides
+    from helpers.tiny_runs import tiny_overrides
 
     torch.set_num_threads(1)
     overrides = tiny_overrides(cache_dir, **STEPS)

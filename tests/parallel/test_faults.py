@@ -22,7 +22,7 @@ import pytest
 
 from aoe.train import list_checkpoints, read_metrics, verify_checkpoint
 from aoe.train.watchdog import PEER_LOST_EXIT, Watchdog
-from tiny_runs import PYTHON, cli_env, tiny_overrides
+from helpers.tiny_runs import PYTHON, cli_env, tiny_overrides
 
 CLI_TRAIN = [PYTHON, "-m", "aoe.cli", "train", "--quiet"]
 TIMEOUT_S = 5  # train.dist_timeout_s of these runs

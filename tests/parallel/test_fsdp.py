@@ -38,7 +38,8 @@ def _resume_worker(rank: int, world: int, port: int, overrides: list[str], run: 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint of either format (one-process or sharded), read here."""
-    from aoe.io.checkpoint import load_model, model_state_for_saving
+    from aoe.io.checkpoint import model_state_for_saving
+    from aoe.io.models import load_model
 
     model, _, _ = load_model(checkpoint)
     return model_state_for_saving(model)
@@ -111,7 +112,7 @@ def test_fsdp_training_matches_one_process_and_checkpoints_move_both_ways(single
 def test_an_expert_parallel_checkpoint_resumes_under_fsdp_and_exports(single_run, tmp_path):
     """N -> M with both > 1 and different layouts: EP=2 (experts sharded) -> FSDP=2 (everything)."""
     from aoe.hf.export import export_checkpoint, load_hf_as_native
-    from aoe.io.checkpoint import load_model
+    from aoe.io.models import load_model
 
     overrides, single = single_run
     ep = tmp_path / "ep2"

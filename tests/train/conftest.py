@@ -1,11 +1,11 @@
-"""The tests that train share the tiny run helpers of ``tiny_runs`` and the fixtures of the root
+"""The tests that train share the tiny run helpers of ``helpers.tiny_runs`` and the fixtures of the root
 conftest (``cache_dir``, ``make_cfg``); here only the one-thread default."""
 
 from __future__ import annotations
 
 import pytest
 
-from tiny_runs import PYTHON, cli_env, tiny_overrides  # noqa: F401  (for `from .conftest import ...`)
+from helpers.tiny_runs import PYTHON, cli_env, tiny_overrides  # noqa: F401  (for `from .conftest import ...`)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from aoe.config import ConfigError, load_config
 from aoe.io.checkpoint import CheckpointError
 from aoe.train import Trainer, train
 from aoe.train.rundir import CONFIG_MARKER
-from tiny_runs import tiny_overrides
+from helpers.tiny_runs import tiny_overrides
 
 QUICK = {"train.max_steps": 2, "train.eval_every": 0, "train.checkpoint_every": 0}
 

@@ -17,7 +17,8 @@ import torch
 
 from aoe.config import ConfigError
 from aoe.train import CheckpointError, Trainer, TrainingError, list_checkpoints, read_metrics, train, verify_checkpoint
-from aoe.io.checkpoint import load_model, load_trainer_state
+from aoe.io.checkpoint import load_trainer_state
+from aoe.io.models import load_model
 from aoe.train.trainer import TrainingInterrupted, TrainingWriteError
 
 from .conftest import PYTHON, cli_env, tiny_overrides

@@ -21,7 +21,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, seed: int = 0) -> 
     from aoe.compare.report import headline_table
     from aoe.compare.runner import run_comparison
     from aoe.model import generate
-    from aoe.io.checkpoint import load_model
+    from aoe.io.models import load_model
 
     start = time.perf_counter()
     out = Path(out_dir)

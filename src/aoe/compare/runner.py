@@ -1,6 +1,6 @@
 """``aoe compare``: train every variant x seed on identical data, collect results.json, write the report.
 
-    OUT/results.json        every run's numbers (schema in ``aoe.compare.report``)
+    OUT/results.json        every run's numbers (schema in ``aoe.compare.report.results``)
     OUT/report.md, plots/   the report
     OUT/<variant>-s<seed>/  one ordinary training run each (checkpoints, metrics.jsonl, summary.json)
     OUT/sweep/<variant>-lr<lr>/  with --lr-sweep: the short runs that choose each variant's lr
@@ -31,6 +31,7 @@ from aoe.compare.variants import Variant, resolve_variants
 from aoe.io.checkpoint import list_checkpoints
 from aoe.train.distributed import DistInfo
 from aoe.train.trainer import Trainer, prepare_data, resolve_device
+from aoe.utils.files import atomic_write_text
 from aoe.utils.memory import training_step_peak_bytes
 
 RESULTS_FILE = "results.json"
@@ -73,9 +74,7 @@ def same_config(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def _run_entry(variant: Variant, seed: int, run_dir: str, summary: dict[str, Any], peak: int | None,

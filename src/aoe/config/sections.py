@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from aoe.config.applicability import refuse_idle_options
 from aoe.config.schema import ConfigError, _Section
@@ -314,11 +312,6 @@ class DataConfig(_Section):
     cache_dir: str | None = None
     #: Bytes that are not valid UTF-8: "replace" them with U+FFFD, or "skip" the document.
     on_decode_error: str = "replace"
-
-    def resolved_cache_dir(self) -> Path:
-        """cache_dir, else $AOE_CACHE, else ~/.cache/aoe (user-expanded)."""
-        path = self.cache_dir or os.environ.get("AOE_CACHE") or "~/.cache/aoe"
-        return Path(path).expanduser()
 
     def _check(self) -> None:
         for name in ("source", "text_field"):

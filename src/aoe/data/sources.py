@@ -274,13 +274,6 @@ class Source:
         for doc in self.stream(max_bytes, stats):
             yield doc.text()
 
-    def documents_with_size(
-        self, max_bytes: int | None = None, stats: DocStats | None = None
-    ) -> Iterator[tuple[str, int]]:
-        """Like :meth:`documents` but yields ``(text, utf8_byte_count)`` pairs."""
-        for doc in self.stream(max_bytes, stats):
-            yield doc.text(), doc.nbytes
-
     def stream(self, max_bytes: int | None = None, stats: DocStats | None = None, *,
                read_bytes: int = READ_BYTES) -> Iterator["Document"]:
         """The documents of :meth:`documents` as :class:`Document` objects, whose text is read in

@@ -55,7 +55,7 @@ class TaskDataUnavailableError(RuntimeError):
 
 def _load_checkpoint(path: str | os.PathLike, device: str):
     """(model, tokenizer) of a native checkpoint; the tokenizer must have been saved with it."""
-    from aoe.io.checkpoint import load_model  # lazy: written separately, heavy imports
+    from aoe.io.models import load_model  # lazy: written separately, heavy imports
 
     model, _run_config, tokenizer = load_model(path, device=device)
     if tokenizer is None:
@@ -96,7 +96,7 @@ class AoEHarnessLM(LM):
         max_length: longest input in tokens (default and maximum: ``model.config.max_seq_len``).
         max_gen_toks: default generation budget when a request does not give one.
         checkpoint: instead of model and tokenizer: the path of a native checkpoint
-            (``aoe.io.checkpoint.load_model``); this is what ``model_args="checkpoint=PATH"``
+            (``aoe.io.models.load_model``); this is what ``model_args="checkpoint=PATH"``
             of ``lm_eval.simple_evaluate(model="aoe", ...)`` sets.
         **unused: other keyword arguments the harness passes to every model (``max_batch_size``,
             ...) are accepted and ignored.

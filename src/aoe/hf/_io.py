@@ -13,10 +13,11 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from aoe.utils.files import reporting_write_errors, share_as_umask_allows, signals_deferred
+from aoe.utils.files import replace_directory, reporting_write_errors, share_as_umask_allows
 
 # What a run directory (``aoe train --out``) or a native checkpoint directory holds.
 _RUN_MARKERS = ("checkpoints", "metrics.jsonl", "checkpoint.json", "trainer_state.pt")
@@ -67,22 +68,10 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False,
             tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
             yield tmp
             share_as_umask_allows(tmp)
-            _replace(tmp, dst)
+            replace_directory(tmp, dst, aside=dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace(tmp: Path, dst: Path) -> None:
-    """Rename ``tmp`` onto ``dst`` (an existing ``dst`` renamed away first, then removed),
-    uninterrupted by SIGINT/SIGTERM."""
-    with signals_deferred():
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            old.rmdir()
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)

@@ -7,16 +7,16 @@ import sys
 from pathlib import Path
 
 from aoe.errors import one_line
-from aoe.hf_cli import add_convert_parser, add_export_parser
 
-__all__ = ["add_export_parser", "add_convert_parser", "run_export", "run_convert"]
+__all__ = ["run_export", "run_convert"]
+
 
 def run_export(args) -> int:
     import torch
 
     try:
         if args.to_native:
-            from aoe.hf.export import load_aoe_directory
+            from aoe.hf.native import load_aoe_directory
 
             model = load_aoe_directory(Path(args.src))
             print(f"{args.src}: native {model.extra_repr()}, {model.num_params():,} parameters")

@@ -42,7 +42,7 @@ from aoe.config.files import load_saved_config
 from aoe.errors import shown
 from aoe.utils.files import (
     WriteError, file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors, share_as_umask_allows,
-    signals_deferred,
+    replace_directory,
 )
 
 FORMAT_VERSION = 1
@@ -167,15 +167,8 @@ def _commit(tmp: Path, final: Path) -> None:
             aside = quarantine_checkpoint(final)
             warnings.warn(f"checkpoint {str(final)!r} does not verify ({e}); moved it to {str(aside)!r} "
                           "and saved the new one in its place", stacklevel=3)
-    with signals_deferred():
-        if final.exists():  # a good checkpoint of the same step (e.g. a model saved again): replace it now
-            old = root / f"{_TMP_OLD}{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+    # a good checkpoint of the same step (e.g. a model saved again) is replaced now
+    replace_directory(tmp, final, aside=root / f"{_TMP_OLD}{final.name}-{uuid.uuid4().hex[:8]}")
 
 
 def _clean_stale(root: Path) -> None:
@@ -462,24 +455,8 @@ def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {str(file)!r}: {e}") from e
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
-    """Load a trained model for inference.
-
-    path: a checkpoint directory, a run directory (its newest good checkpoint), or a Hugging Face
-    directory written by ``aoe export`` / ``aoe convert`` (see ``aoe.io.models.load_any``, which
-    also says which kind it was and where the tokenizer came from).
-    Returns ``(model, cfg, tokenizer)``: a ``Transformer`` in eval mode on ``device``, the
-    ``RunConfig`` it was trained with (for a Hugging Face directory: ``imported_run_config``), and
-    its ``aoe.data.Tokenizer`` (None if not saved).
-    """
-    from aoe.io.models import load_any
-
-    loaded = load_any(path, device=device, verify=verify)
-    return loaded.model, loaded.config, loaded.tokenizer
-
-
 def load_native_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
-    """``(model, cfg, tokenizer)`` of one native checkpoint directory (see ``load_model``)."""
+    """``(model, cfg, tokenizer)`` of one native checkpoint directory (see ``aoe.io.models.load_model``)."""
     from aoe.data import Tokenizer
     from aoe.model import Transformer
 
@@ -526,7 +503,7 @@ def imported_run_config(model_config, tokenizer=None) -> RunConfig:
 
 def save_model_checkpoint(run_dir: str | os.PathLike, model: torch.nn.Module, tokenizer=None, step: int = 0) -> Path:
     """Write a model that was not trained here (imported, converted) as a native checkpoint of
-    ``run_dir``, so ``aoe eval``, ``aoe generate`` and ``load_model`` take it. The run config is the
+    ``run_dir``, so ``aoe eval``, ``aoe generate`` and ``aoe.io.models.load_model`` take it. The run config is the
     model's config with data/train defaults fitted to it; the trainer state holds only the step."""
     cfg = imported_run_config(model.config, tokenizer)
     return save_checkpoint(run_dir, step, model, cfg, {"step": step}, tokenizer=tokenizer)

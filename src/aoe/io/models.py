@@ -7,8 +7,9 @@ Three kinds of directory are accepted (``model_dir_kind`` tells them apart witho
     hf          a Hugging Face directory written by ``aoe export`` or ``aoe convert``: config.json
                 with model_type "aoe", *.safetensors, the tokenizer files
 
-A native checkpoint is read as ``load_model`` always read it. A Hugging Face directory is read
-as ``aoe export --to-native`` reads it (``aoe.hf.export.load_hf_as_native``: same weights, same
+``load_model(path)`` is ``load_any`` as ``(model, cfg, tokenizer)``. A native checkpoint is read
+by ``aoe.io.checkpoint.load_native_checkpoint``. A Hugging Face directory is read
+as ``aoe export --to-native`` reads it (``aoe.hf.native.load_hf_as_native``: same weights, same
 dtype) and gets the run config ``aoe export --to-native`` would write for it
 (``imported_run_config``), so evaluating the directory or its native copy gives the same numbers.
 Its tokenizer is its ``tokenizer.json`` (the ``tokenizers`` library, as for a native checkpoint),
@@ -32,7 +33,7 @@ from aoe.io.checkpoint import (
     load_native_checkpoint, resolve_checkpoint,
 )
 
-__all__ = ["LoadedModel", "load_any", "model_dir_kind", "ACCEPTED"]
+__all__ = ["LoadedModel", "load_any", "load_model", "model_dir_kind", "ACCEPTED"]
 
 HF_CONFIG_FILE = "config.json"
 ACCEPTED = ("a checkpoint directory, a run directory with checkpoints/, or a Hugging Face directory written "
@@ -112,12 +113,26 @@ def load_any(path: str | os.PathLike, device: str | torch.device = "cpu", verify
     return LoadedModel(model, imported_run_config(model.config, tokenizer), tokenizer, "hf", path, missing)
 
 
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
+    """Load a trained model for inference.
+
+    path: a checkpoint directory, a run directory (its newest good checkpoint), or a Hugging Face
+    directory written by ``aoe export`` / ``aoe convert`` (see ``load_any``, which also says which
+    kind it was and where the tokenizer came from).
+    Returns ``(model, cfg, tokenizer)``: a ``Transformer`` in eval mode on ``device``, the
+    ``RunConfig`` it was trained with (for a Hugging Face directory: ``imported_run_config``), and
+    its ``aoe.data.Tokenizer`` (None if not saved).
+    """
+    loaded = load_any(path, device=device, verify=verify)
+    return loaded.model, loaded.config, loaded.tokenizer
+
+
 def _load_hf_model(path: Path) -> torch.nn.Module:
     """The native model of an HF aoe directory, as ``aoe export --to-native`` reads it."""
     from safetensors import SafetensorError
 
     from aoe.errors import InputError
-    from aoe.hf.export import load_aoe_directory
+    from aoe.hf.native import load_aoe_directory
 
     try:
         return load_aoe_directory(path)

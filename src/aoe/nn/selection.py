@@ -60,13 +60,6 @@ class Selection:
     gate_weights_TK: torch.Tensor
     valid_TK: torch.Tensor | None = None
 
-    def experts_per_token(self) -> torch.Tensor:
-        """[T] int64: the number of experts each token uses."""
-        if self.valid_TK is None:
-            return torch.full(self.expert_indices_TK.shape[:1], self.expert_indices_TK.shape[1],
-                              dtype=torch.long, device=self.expert_indices_TK.device)
-        return self.valid_TK.sum(dim=1)
-
 
 def _ranking(scores_TE: torch.Tensor, selection_bias_E: torch.Tensor | None) -> torch.Tensor:
     """What top-k and top-p order experts by: the detached scores (the softmax's order, without its

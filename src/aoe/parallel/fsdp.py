@@ -15,7 +15,7 @@ gather). With ``train.checkpoint_format=full`` they are the single-process forma
 ``full_state_for_saving`` gathers every parameter and moment, one tensor at
 a time, onto rank 0, which writes them from a plain CPU copy of the model (rank 0 holds one full
 copy of the weights and both moments, 3x the fp32 model, in CPU memory while it saves);
-``load_full_state`` hands every rank its shard of a checkpoint's tensors (each rank reads the
+``load_full_model`` and ``load_full_optimizer`` hand every rank its shard of a checkpoint's tensors (each rank reads the
 file); that is also how a one-process checkpoint resumes under FSDP.
 """
 

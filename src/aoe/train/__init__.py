@@ -4,10 +4,10 @@ from aoe.io.checkpoint import (
     CheckpointError,
     find_latest_checkpoint,
     list_checkpoints,
-    load_model,
     save_checkpoint,
     verify_checkpoint,
 )
+from aoe.io.models import load_model
 from aoe.train.evaluate import evaluate
 from aoe.train.metrics import MetricsLogger, RoutingStats, read_metrics
 from aoe.train.optim import build_optimizer, lr_at

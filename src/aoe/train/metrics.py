@@ -25,6 +25,7 @@ import torch
 from aoe.nn.balance import confidence_entropy, imbalance, load_entropy
 from aoe.nn.sparse import SparseFFN, sparse_layers
 from aoe.train.distributed import DistInfo, all_reduce_sum
+from aoe.utils.files import atomic_write_text
 
 
 #: A layer's ``last_loss_terms`` -> the per-layer metric that logs its mean over the collected forwards.
@@ -192,9 +193,7 @@ class MetricsLogger:
                 continue  # a line cut by a crash
             if entry.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, entry: dict[str, Any]) -> None:
         if not self.enabled:

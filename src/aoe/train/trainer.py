@@ -61,7 +61,7 @@ from aoe.io.sharded import is_sharded
 from aoe.model import Transformer
 from aoe.nn.grouped_mm import probe_before_compile
 from aoe.nn.sparse import update_selection_biases
-from aoe.train import checkpoint as ckpt
+from aoe.io import checkpoint as ckpt
 from aoe.train.distributed import (
     DistInfo, all_reduce_max, all_reduce_sum, broadcast_object, current_watchdog, init_distributed,
     shutdown_distributed,

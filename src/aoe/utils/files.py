@@ -1,5 +1,6 @@
-"""File helpers: atomic writes (a temporary sibling, fsync, then ``os.replace``), fsync, SHA-256, locks,
-and clear errors when the system refuses a write.
+"""File helpers: atomic writes (a temporary sibling, fsync, then ``os.replace``; a complete
+directory swapped into place), fsync, SHA-256, locks, and clear errors when the system refuses a
+write. Every writer of the package that must not leave a half-written file goes through these.
 
 A crash at any point leaves either the old file or the new one, never a half-written file
 under the final name. A write the system refuses (disk full, quota, read-only file system,
@@ -15,6 +16,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -78,6 +80,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically; returns ``path``."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_directory(tmp: str | os.PathLike, dst: str | os.PathLike, aside: str | os.PathLike) -> None:
+    """Rename the complete directory ``tmp`` to ``dst``, uninterrupted by SIGINT/SIGTERM. An
+    existing ``dst`` is renamed to ``aside`` (a name in the same directory) first and removed once
+    ``tmp`` is in place, so a crash leaves the old directory or the new one under ``dst`` (and at
+    most ``aside`` beside it). The parent's entries are fsync'ed."""
+    tmp, dst = Path(tmp), Path(dst)
+    with signals_deferred():
+        if dst.exists():
+            os.replace(dst, aside)
+            os.replace(tmp, dst)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+        fsync_dir(dst.parent)
 
 
 def current_umask() -> int:
