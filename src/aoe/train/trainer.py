@@ -61,7 +61,7 @@ from aoe.io.sharded import is_sharded
 from aoe.model import Transformer
 from aoe.nn.grouped_mm import probe_before_compile
 from aoe.nn.sparse import update_selection_biases
-from aoe.train import checkpoint as ckpt
+from aoe.io import checkpoint as ckpt
 from aoe.train.distributed import (
     DistInfo, all_reduce_max, all_reduce_sum, broadcast_object, current_watchdog, init_distributed,
     shutdown_distributed,
@@ -69,6 +69,7 @@ from aoe.train.distributed import (
 from aoe.train.evaluate import evaluate
 from aoe.train.metrics import MetricsLogger, RoutingStats, measure_matmul_flops
 from aoe.train.optim import build_optimizer, lr_at, set_lr
+from aoe.train.plans import make_plan
 from aoe.train.rundir import check_new_run, write_run_config
 from aoe.train.signals import StopSignals, TrainingInterrupted
 from aoe.utils.files import WriteError, atomic_write_text, reporting_write_errors
@@ -229,9 +230,7 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         self.model = Transformer(self.cfg.model)
         self.params_total = (self.model.num_params(), self.model.num_params(active=True))
-        self.expert_parallel = self._shard_experts(self.cfg)
-        self.model = self.model.to(self.device)
-        self.fsdp = self._shard_fully(self.cfg)
+        self.plan = make_plan(self.model, self.cfg.train, self.dist, self.device)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
 
     def _start_loop_state(self) -> None:
@@ -247,37 +246,13 @@ class Trainer:
         self._consecutive_skips = 0
 
     def _wrap_for_steps(self) -> torch.nn.Module:
-        """The module the steps call: the model, in DDP when plain data parallel, compiled if asked."""
-        step_model: torch.nn.Module = self.model
-        if self.dist.enabled and self.expert_parallel is None and self.fsdp is None:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            step_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        """The module the steps call: the model as the parallel plan wraps it (DDP), compiled if asked."""
+        step_model = self.plan.wrap(self.model)
         if self.cfg.train.compile:
             self.model.check_inputs = False
             probe_before_compile(self.device)
             step_model = torch.compile(step_model)
         return step_model
-
-    def _shard_experts(self, cfg: RunConfig):
-        """``train.expert_parallel > 1``: shard the (still full, on the CPU) model's experts."""
-        ep_size = cfg.train.expert_parallel
-        if ep_size == 1:
-            return None
-        from aoe.parallel import ExpertParallel, check_expert_parallel
-
-        check_expert_parallel(ep_size, self.dist.world_size, cfg.model.n_experts)
-        return ExpertParallel(self.model, ep_size)
-
-    def _shard_fully(self, cfg: RunConfig):
-        """``train.fsdp``: shard the model's parameters over the world (FSDP2), before the optimizer."""
-        if not cfg.train.fsdp:
-            return None
-        from aoe.parallel.fsdp import FullyShardedData, check_fsdp
-
-        check_fsdp(self.dist.world_size, cfg.train.expert_parallel, cfg.train.fsdp_shard_size)
-        experts = {p for _, _, p in self.expert_parallel.sharded()} if self.expert_parallel else None
-        return FullyShardedData(self.model, self.device, cfg.train.fsdp_shard_size, ignored=experts)
 
     @staticmethod
     def _resolve_vocab(cfg: RunConfig, data: TokenData) -> RunConfig:
@@ -359,22 +334,21 @@ class Trainer:
 
     # -- sharded checkpoints (aoe.io.sharded, torch.distributed.checkpoint) -------------------------
     def _sharded_checkpoints(self) -> bool:
-        """``train.checkpoint_format``: "auto" is sharded under FSDP or expert parallelism."""
+        """``train.checkpoint_format``: "auto": as the parallel plan says (sharded under FSDP or expert parallelism)."""
         fmt = self.cfg.train.checkpoint_format
-        return fmt == "sharded" or (fmt == "auto" and (self.fsdp is not None or self.expert_parallel is not None))
+        return fmt == "sharded" or (fmt == "auto" and self.plan.sharded_checkpoints)
 
     def _save_sharded(self) -> Path | None:
         """``save`` in the sharded layout: no gather, every rank writes its shards and its data
         position and RNG; the ranks agree on failure as ``save`` does."""
         from aoe.io.sharded import save_sharded_checkpoint
-        from aoe.parallel.state import training_state
 
         common = self._trainer_state(optimizer_state={})
         del common["optimizer"]  # in the shards
         path, error = None, None
         try:
             path = save_sharded_checkpoint(
-                self.out_dir, self.state.step, training_state(self.model, self.optimizer, self.expert_parallel),
+                self.out_dir, self.state.step, self.plan.sharded_state(self.optimizer),
                 self.cfg, common, {"sampler": common["sampler"], "rng": common["rng"]},
                 tokenizer=self.data.tokenizer, keep=self.cfg.train.keep_checkpoints,
                 retry_hint="free some space, then continue with --resume")
@@ -393,31 +367,14 @@ class Trainer:
         data position and RNG when the world size is the one that saved (else rank 0's, in ``state``)."""
         from aoe.io import sharded
 
-        sharded.load_training(path, self.model, self.optimizer, self.expert_parallel)
+        self.plan.load_sharded(path, self.optimizer)
         state.update(sharded.load_rank_state(path, self.dist.rank, self.dist.world_size) or {})
     # -- end of sharded checkpoints ------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _full_state(self):
+    def _full_state(self) -> contextlib.AbstractContextManager:
         """Collective: (the model to save, its optimizer state dict or None for the optimizer's own)
-        in the single-process format on rank 0: the full experts under expert parallelism, a plain
-        copy of the gathered weights under FSDP."""
-        experts = (self.expert_parallel.full_experts_for_saving(self.optimizer) if self.expert_parallel
-                   else contextlib.nullcontext())
-        with experts as optimizer_state:  # expert parallel: rank 0 holds the full experts inside
-            if self.fsdp is None:
-                yield self.model, optimizer_state
-                return
-            if self.expert_parallel is not None and not self.dist.is_main:
-                optimizer_state = None  # gather the FSDP moments from this rank's own state dict
-            with self.fsdp.full_state_for_saving(self.optimizer, self._plain_model, optimizer_state) as full:
-                yield full if full is not None else (None, None)
-
-    def _plain_model(self) -> Transformer:
-        """An unsharded copy of this run's model for a full state dict (``aoe.parallel.fsdp.empty_model``)."""
-        from aoe.parallel.fsdp import empty_model
-
-        return empty_model(lambda: Transformer(self.cfg.model))
+        in the single-process format on rank 0 (``ParallelPlan.full_state``)."""
+        return self.plan.full_state(self.optimizer)
 
     def _any_rank(self, flag: bool | int) -> int:
         """The largest of every rank's ``flag`` (0 when none is set): the same answer on all ranks."""
@@ -502,19 +459,7 @@ class Trainer:
 
     def _load_full(self, path: Path, state: dict[str, Any]) -> None:
         """``_resume`` of a one-process checkpoint: every rank reads the full tensors, keeps its own."""
-        with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
-            if self.fsdp is not None:  # every rank reads the full tensors and keeps its shards
-                plain = self._plain_model()
-                ckpt.load_model_state(plain, path)
-                self.fsdp.load_full_model(plain.state_dict())
-            else:
-                ckpt.load_model_state(self.model, path)
-        if self.expert_parallel is not None:
-            state["optimizer"] = self.expert_parallel.slice_optimizer_state(state["optimizer"], self.optimizer)
-        if self.fsdp is not None:
-            self.fsdp.load_full_optimizer(self.optimizer, state["optimizer"])
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.plan.load_full(path, self.optimizer, state["optimizer"])
 
     # -- one optimizer step ------------------------------------------------------------------------
     def _train_step(self, collect_routing: bool) -> dict[str, float]:
@@ -551,12 +496,7 @@ class Trainer:
         for i in range(self.accum_steps):
             xb = x[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
             yb = y[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
-            last = i == self.accum_steps - 1
-            ddp = self.dist.enabled and self.expert_parallel is None and self.fsdp is None
-            sync = contextlib.nullcontext() if last or not ddp else self.step_model.no_sync()
-            if self.fsdp is not None:
-                self.fsdp.sync_gradients(last)
-            with sync:
+            with self.plan.micro_batch(self.step_model, last=i == self.accum_steps - 1):
                 with self._autocast():
                     out = self.step_model(xb, yb)
                 loss = (out.loss + out.aux_loss) / self.accum_steps
@@ -574,17 +514,10 @@ class Trainer:
         return sums
 
     def _clip_gradients(self) -> float:
-        """Average the gradients where no DDP did (expert parallel), clip them to ``train.grad_clip``
-        (none when 0) and return their norm before clipping (the whole model's, over every shard)."""
-        if self.expert_parallel is not None:  # no DDP: average the gradients here
-            self.expert_parallel.reduce_gradients(self.model)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        """Reduce the gradients where the wrapping did not, clip them to ``train.grad_clip`` (none
+        when 0) and return their norm before clipping (the whole model's, over every shard)."""
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        if self.expert_parallel is not None:
-            return self.expert_parallel.clip_grad_norm_(params, clip)
-        if self.fsdp is not None:
-            return self.fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(params, clip))
-        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+        return self.plan.clip_gradients(clip)
 
     def _non_finite(self, loss: float, grad_norm: float, ranks: list[int]) -> None:
         """Every rank calls this after the same step (the flags came with the loss all-reduce)."""
@@ -607,28 +540,16 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
+        """Validation loss and routing on ``train.eval_batches`` batches, spread over the ranks as
+        the parallel plan says; every rank returns the same numbers."""
         t = self.cfg.train
-        if self.expert_parallel is not None and self.fsdp is None:
-            return self._validate_expert_parallel()
-        # FSDP: every forward is collective, so every rank evaluates every batch (same numbers, no reduction)
-        return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
-                        max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
-                        autocast=self._autocast(), dist_info=DistInfo() if self.fsdp is not None else self.dist)
 
-    def _validate_expert_parallel(self) -> dict[str, Any]:
-        """The ranks of an expert group must run their forwards in lockstep, so they evaluate the
-        same batches (the batches are shared out over the replicas); every sum is then counted N
-        times by the world's reduction: the means are unchanged, the counts divided back by N."""
-        t, g = self.cfg.train, self.expert_parallel.groups
-        replicas = DistInfo(rank=g.dp_rank, world_size=g.dp_size)
-        result = evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
-                          max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
-                          autocast=self._autocast(), dist_info=replicas)
-        if g.dp_size > 1:  # evaluate's reduction ran over the whole world: each count N times
-            result["val_tokens"] //= g.ep_size
-            for layer in result["layers"]:
-                layer["tokens_per_expert"] = [c // g.ep_size for c in layer["tokens_per_expert"]]
-        return result
+        def run(ranks: DistInfo) -> dict[str, Any]:
+            return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
+                            max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
+                            autocast=self._autocast(), dist_info=ranks)
+
+        return self.plan.evaluate(run)
 
     def fit(self) -> dict[str, Any]:
         """Train up to ``train.max_steps`` and return the summary.
