@@ -210,16 +210,13 @@ class Trainer:
 
     def _where_to_resume(self) -> str:
         latest = ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None
-        if latest is None:
-            return "no checkpoint holds this run yet; free some space, then run again"
-        return f"the newest good checkpoint is {str(latest)!r}; free some space, then continue with --resume"
+        return ckpt.resume_hint(latest, then="free some space, then continue with --resume",
+                                none="no checkpoint holds this run yet; free some space, then run again")
 
     def _resume_hint(self) -> str:
         """For the watchdog's last line: the checkpoint ``--resume`` would continue from."""
-        latest = ckpt.find_latest_checkpoint(self.out_dir)
-        if latest is None:
-            return f"{str(self.out_dir)!r} holds no good checkpoint (as this rank sees it); run again"
-        return f"the newest good checkpoint is {str(latest)!r}; continue with --resume"
+        return ckpt.resume_hint(ckpt.find_latest_checkpoint(self.out_dir), then="continue with --resume",
+                                none=f"{str(self.out_dir)!r} holds no good checkpoint (as this rank sees it); run again")
 
     # -- one optimizer step ------------------------------------------------------------------------
     def _train_step(self, collect_routing: bool) -> dict[str, float]:
@@ -282,8 +279,7 @@ class Trainer:
     def _non_finite(self, loss: float, grad_norm: float, ranks: list[int]) -> None:
         """Every rank calls this after the same step (the flags came with the loss all-reduce)."""
         step = self.state.step + 1
-        latest = ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None
-        where = f"the last good checkpoint is {str(latest)!r}" if latest else "no checkpoint was saved yet"
+        where = ckpt.resume_hint(ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None)
         seen = ""
         if self.dist.enabled:
             seen = (f"; the loss was non-finite on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
