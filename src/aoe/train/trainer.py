@@ -130,7 +130,10 @@ class Trainer:
         self.model, self.plan, self.params_total = build_model(self.cfg, self.process)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         self._start_loop_state()
-        self._resume() if resume else self._start_new(restart)
+        if resume:
+            self._resume()
+        else:
+            self._start_new(restart)
         if self.dist.is_main:
             self._write_config()
         self.step_model: torch.nn.Module = self._wrap_for_steps()
