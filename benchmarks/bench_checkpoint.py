@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
             _, save_s, save_mb = _measured(trainer.save)
             fresh = Trainer(load_config(args.config, [*overrides, f"train.checkpoint_format={fmt}"]),
                             Path(out) / f"{fmt}-fresh", progress=False)
-            fresh.out_dir = run
+            fresh.out_dir = fresh.checkpoints.out_dir = run
             _, load_s, load_mb = _measured(fresh._resume)
             rows.append({"format": fmt, "rank": rank, "save_s": save_s, "save_peak_mb": save_mb, "load_s": load_s,
                          "load_peak_mb": load_mb, "rss_mb": _status_kb("VmRSS") / _KB,

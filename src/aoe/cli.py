@@ -58,17 +58,9 @@ def _check(ok: bool, flag: str, value, rule: str) -> None:
 
 def _device(name: str | None) -> str:
     """The --device to use: the given torch device, checked, or cuda when available, else cpu."""
-    import torch
+    from aoe.utils.device import resolve_device
 
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {name!r} is not a torch device: use e.g. cpu, cuda or cuda:1") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return name
+    return str(resolve_device(name, error=CLIError))
 
 
 def _check_tokenizer(loaded) -> None:
@@ -107,9 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _is_main_process() -> bool:
-    import os
+    from aoe.train.distributed import launch_ranks
 
-    return os.environ.get("RANK", "0") == "0"
+    return launch_ranks().is_main
 
 
 # ---------------------------------------------------------------------------------------------

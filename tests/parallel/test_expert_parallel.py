@@ -80,7 +80,8 @@ def _check_layer(kind: str, dtype: torch.dtype, rank: int, world: int, groups) -
     tol, name = TOL[dtype], f"{kind} {dtype} rank {rank}/{world}"
     _close(y_mine, whole(x.detach())[mine], tol, f"{name} output")
     _close(x_mine.grad, x.grad[mine], tol, f"{name} input grad")
-    lo, hi = part.expert_shard.first, part.expert_shard.first + part.expert_shard.n_local
+    shard = part.expert_dispatcher.shard
+    lo, hi = shard.first, shard.first + shard.n_local
     sharded = set(sharded_names(part))
     for pname, p in part.named_parameters():
         full_grad = dict(whole.named_parameters())[pname].grad
@@ -118,7 +119,7 @@ def _check_model_gradients(kind: str, ep_size: int, rank: int, world: int) -> No
     for (pname, p), w in zip(part.named_parameters(), whole.parameters()):
         want = w.grad
         if id(p) in sharded:
-            first = ep.layers[0].expert_shard.first
+            first = ep.layers[0].expert_dispatcher.shard.first
             want = want[first:first + p.shape[0]]
         _close(p.grad, want, 1e-12, f"{name} {pname}.grad")
     norm = ep.clip_grad_norm_(list(part.parameters()), 1e-3)

@@ -256,7 +256,7 @@ def test_a_store_host_that_is_gone_is_said():
 
 def test_the_debug_variable_is_checked(monkeypatch):
     from aoe.config import ConfigError
-    from aoe.train.trainer import _debug_nonfinite_steps
+    from aoe.train.build import debug_nonfinite_steps as _debug_nonfinite_steps
 
     monkeypatch.setenv("AOE_DEBUG_NONFINITE", "1:3, 0:5")
     assert _debug_nonfinite_steps() == {(1, 3), (0, 5)}

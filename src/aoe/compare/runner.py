@@ -29,10 +29,10 @@ from aoe.compare.suites import Suite, resolve_suite
 from aoe.compare.sweep import SweepPlan, finished_summary, run_sweep
 from aoe.compare.variants import Variant, resolve_variants
 from aoe.io.checkpoint import list_checkpoints
-from aoe.train.distributed import DistInfo
-from aoe.train.trainer import Trainer, prepare_data, resolve_device
+from aoe.train.probe import finished_model, step_peak_bytes
+from aoe.train.trainer import Trainer, prepare_data
+from aoe.utils.device import resolve_device
 from aoe.utils.files import atomic_write_text
-from aoe.utils.memory import training_step_peak_bytes
 
 RESULTS_FILE = "results.json"
 
@@ -99,31 +99,21 @@ def _fit(cfg: RunConfig, run_dir: Path, data: TokenData, progress: bool) -> tupl
 
 def _train_one(cfg: RunConfig, run_dir: Path, data: TokenData, progress: bool) -> tuple[dict[str, Any], int]:
     summary, trainer = _fit(cfg, run_dir, data, progress)
-    return summary, _step_peak_bytes(trainer, cfg)
-
-
-def _step_peak_bytes(trainer: Trainer, cfg: RunConfig) -> int:
-    """Peak memory of one micro-batch forward + backward of the trained model."""
-    x, y = trainer.sampler.batch(0)
-    micro = cfg.train.micro_batch
-    device = trainer.device
-    return training_step_peak_bytes(trainer.model, x[:micro].to(device), y[:micro].to(device), trainer._autocast())
+    return summary, step_peak_bytes(trainer.model, cfg, data)
 
 
 def _finished_elsewhere(cfg: RunConfig, run_dir: Path, data: TokenData) -> tuple[dict[str, Any], int] | None:
     """(summary, peak memory) of a run that finished at this config's max_steps, lr and seed but has
     no entry in results.json (trained by another invocation, e.g. one per seed), else None. Its
-    final checkpoint is loaded (the trainer refuses one of another model config) and the peak
-    memory measured again. Nothing is trained; the trainer rewrites the run's config.yaml with the
-    same values (keys added to the config since then appear at their defaults)."""
+    final checkpoint is loaded (``aoe.train.probe.finished_model``: one of another model config is
+    refused) and the peak memory measured again. Nothing is trained or written."""
     summary = finished_summary(run_dir, cfg.train.max_steps)
     if summary is None or not (run_dir / "config.yaml").is_file() or not list_checkpoints(run_dir):
         return None
     saved = load_saved_config(run_dir / "config.yaml")
     if (saved.train.lr, saved.train.seed) != (cfg.train.lr, cfg.train.seed):
         return None
-    trainer = Trainer(cfg, run_dir, resume=True, progress=False, data=data)
-    return summary, _step_peak_bytes(trainer, cfg)
+    return summary, step_peak_bytes(finished_model(cfg, run_dir, data), cfg, data)
 
 
 def _previous_results(path: Path, base: RunConfig, plan: SweepPlan | None) -> dict[str, Any]:
@@ -215,7 +205,7 @@ def _scored(entry: dict[str, Any], out: Path, plan: DownstreamPlan | None, devic
         return entry
     if progress:
         print(f"  scoring {entry['run_dir']} on {', '.join(plan.names)}", file=sys.stderr)
-    where = str(resolve_device(device, DistInfo(), set_current=False))
+    where = str(resolve_device(device, 0, setting="train.device", error=ConfigError))
     return {**entry, "downstream": {**(entry.get("downstream") or {}), **score_run(out / entry["run_dir"], plan, where)}}
 
 

@@ -185,10 +185,16 @@ def _clean_stale(root: Path) -> None:
 
 def _nothing_lost(run_dir: str | os.PathLike, retry_hint: str) -> str:
     """The second half of a failed save's message: what is still on disk, and what to do."""
-    latest = _newest_good(run_dir)
-    where = (f"the newest good checkpoint is {str(latest)!r}" if latest is not None
-             else "no earlier checkpoint exists")
+    where = resume_hint(_newest_good(run_dir), none="no earlier checkpoint exists")
     return f"nothing on disk was lost ({where}); {retry_hint}"
+
+
+def resume_hint(latest: Path | None, then: str | None = None, none: str = "no checkpoint was saved yet") -> str:
+    """The one wording of where a run can continue from, for every message that says it:
+    "the newest good checkpoint is '<latest>'[; <then>]", or ``none`` when there is none."""
+    if latest is None:
+        return none
+    return f"the newest good checkpoint is {str(latest)!r}" + (f"; {then}" if then else "")
 
 
 # ---------------------------------------------------------------------------------------------

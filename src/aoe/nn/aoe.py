@@ -22,11 +22,10 @@ import warnings
 import torch
 from torch import nn
 
-from aoe.nn.experts import swiglu_experts
 from aoe.nn.factorized import check_gate_init, init_factorized_gate
 from aoe.nn.fused_scores import check_scores_backend, chosen_activations, expert_norms, use_fused
 from aoe.nn.selection import activation_norms, check_norm
-from aoe.nn.sparse import Routing, SparseFFN, check_positive
+from aoe.nn.sparse import SparseFFN, check_positive
 
 
 def aoe_expert_params(d_model: int, d_low: int, d_wide: int) -> int:
@@ -191,15 +190,13 @@ class AoE(SparseFFN):
         recompute_from = (x_TD, w_down_DX) if self.recompute_scores else None
         return activation_norms(act_TEL, self.norm, recompute_from=recompute_from), act_TEL
 
-    def expert_outputs(self, x_TD, act_TEL, routing: Routing, dtype):
-        dispatch, gate_weight_S = routing.dispatch, routing.gate_weight_S
-        x_SD = dispatch.gather_tokens(x_TD)
-        act_SL = self.chosen_activations(x_TD, act_TEL, dispatch, dtype)
-        return swiglu_experts(
-            x_SD, act_SL, self.w_up.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
-            dispatch.offsets_E, tokens=(x_TD, dispatch.token_S), recompute_gate=self.recompute_gate,
-            backward_chunks=self.backward_chunks, backend=self.grouped_mm,
-        )
+    def chosen_inputs(self, x_TD, act_TEL, dispatch, dtype):
+        """[S, L]: the chosen experts' low-rank activations (``chosen_activations``)."""
+        return self.chosen_activations(x_TD, act_TEL, dispatch, dtype)
+
+    def gate_input(self, x_SD, act_SL, offsets_E, dtype):
+        """The gate reads the cached activation c_e through ``w_up``."""
+        return act_SL, self.w_up.to(dtype)
 
     def chosen_activations(self, x_TD, act_TEL, dispatch, dtype):
         """[S, L]: each sorted row's ``x @ w_down[e]``, read from the cache, or computed (fused path)."""

@@ -21,11 +21,10 @@ from torch import nn
 
 from aoe.nn.balance import router_z_loss
 from aoe.nn.erc import ERCTerms, erc_flops, erc_terms, erc_terms_factorized
-from aoe.nn.experts import swiglu_experts
 from aoe.nn.grouped_mm import grouped_linear
 from aoe.nn.factorized import check_gate_init, w_up_std
 from aoe.nn.selection import at_least_fp32
-from aoe.nn.sparse import Routing, SparseFFN, check_non_negative, check_positive
+from aoe.nn.sparse import SparseFFN, check_non_negative, check_positive
 
 
 class MoE(SparseFFN):
@@ -172,21 +171,11 @@ class MoE(SparseFFN):
             return 0
         return 3 * erc_flops(self.n_experts, self.d_model, self.d_ffn, self.gate_rank)
 
-    def expert_outputs(self, x_TD, state, routing: Routing, dtype):
-        dispatch, gate_weight_S = routing.dispatch, routing.gate_weight_S
-        x_SD = dispatch.gather_tokens(x_TD)
+    def gate_input(self, x_SD, chosen_SC, offsets_E, dtype):
+        """The gate reads x: through ``w_gate``, or the factorized gate's per-expert low-rank step."""
         if self.gate_rank is not None:  # factorized gate: the chosen experts' low-rank activations
-            act_SR = grouped_linear(x_SD, self.w_down.to(dtype), dispatch.offsets_E, self.grouped_mm)
-            return swiglu_experts(
-                x_SD, act_SR, self.w_up.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
-                dispatch.offsets_E, tokens=(x_TD, dispatch.token_S), recompute_gate=self.recompute_gate,
-                backward_chunks=self.backward_chunks, backend=self.grouped_mm,
-            )
-        return swiglu_experts(
-            x_SD, x_SD, self.w_gate.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S,
-            dispatch.offsets_E, tokens=(x_TD, dispatch.token_S), recompute_gate=self.recompute_gate,
-            backward_chunks=self.backward_chunks, backend=self.grouped_mm,
-        )
+            return grouped_linear(x_SD, self.w_down.to(dtype), offsets_E, self.grouped_mm), self.w_up.to(dtype)
+        return x_SD, self.w_gate.to(dtype)
 
     def forward_flops(self) -> int:
         """Matmul FLOPs (2 x multiply-adds) per token of the forward pass: router 2*D*E (two-layer

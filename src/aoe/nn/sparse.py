@@ -5,7 +5,7 @@
       -> SwiGLU experts on sorted rows (grouped matmuls) -> combine -> [..., D]
 
 A subclass says how experts are scored (``expert_scores``) and what feeds each expert's gate
-(``expert_outputs``); between them, ``route`` turns the scores into a ``Routing`` record (the
+(``chosen_inputs``, ``gate_input``); the experts' math itself (``run_experts``) is shared. Between them, ``route`` turns the scores into a ``Routing`` record (the
 selection, the dispatch, the sorted gate weights): the one seam where how experts are chosen
 lives (the rule: ``selection``, see ``aoe.nn.selection``). ``forward_with_aux(x)`` returns the
 output and the auxiliary loss (a scalar tensor in the graph, already multiplied by its
@@ -14,6 +14,10 @@ keeps the loss in ``layer.aux_loss``, for a layer dropped into another model
 (``total_aux_loss(model)`` sums them). Either way the decisions are ``layer.last_routing`` (a
 detached ``RoutingInfo``); ``update_selection_biases(model)`` steps the aux-loss-free balancing of
 every layer.
+
+Where the chosen experts run: here, unless the layer is given an ``expert_dispatcher`` (expert
+parallelism, ``aoe.parallel.expert``: the rows travel to the ranks that hold their experts, which
+call ``run_experts`` on them, and back).
 
 Shared experts (``n_shared_experts > 0``, ``aoe.nn.shared``): always-active SwiGLU experts that
 every token uses, their output added to the routed experts' (``layer.shared``; off by default).
@@ -32,6 +36,7 @@ from torch import nn
 
 from aoe.nn.balance import RoutingInfo, confidence_entropy_loss, load_balancing_loss, update_selection_bias
 from aoe.nn.dispatch import Dispatch
+from aoe.nn.experts import swiglu_experts
 from aoe.nn.grouped_mm import check_backend
 from aoe.nn.selection import SELECTIONS, Selection, select_expert_choice, select_top_k, select_top_p
 from aoe.nn.shared import SharedExperts
@@ -200,9 +205,43 @@ class SparseFFN(nn.Module):
         """Return the fp32 scores [T, E] and any state the experts reuse."""
         raise NotImplementedError
 
-    def expert_outputs(self, x_TD: torch.Tensor, state: object, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
-        """Return the weighted outputs [S, D] of the sorted rows."""
+    def chosen_inputs(self, x_TD: torch.Tensor, state: object, dispatch: Dispatch,
+                      dtype: torch.dtype) -> torch.Tensor | None:
+        """[S, C]: what each sorted row's expert needs beside the row's token vector (AoE: the
+        cached low-rank activation c_e); None when the token vector is all (MoE)."""
+        return None
+
+    def gate_input(self, x_SD: torch.Tensor, chosen_SC: torch.Tensor | None, offsets_E: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate input [S, G], gate weight [E, G, F]) of rows grouped by this layer's experts."""
         raise NotImplementedError
+
+    # -- the experts -------------------------------------------------------------------------
+    #: Who runs the chosen experts: None, this layer here; expert parallelism gives the layer a
+    #: dispatcher (``aoe.parallel.expert.ExpertDispatcher``) whose ``expert_outputs(layer, x_TD,
+    #: state, routing, dtype)`` sends the rows to the experts' ranks, which ``run_experts``.
+    expert_dispatcher = None
+
+    def expert_outputs(self, x_TD: torch.Tensor, state: object, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+        """The weighted outputs [S, D] of the sorted rows."""
+        if self.expert_dispatcher is not None:
+            return self.expert_dispatcher.expert_outputs(self, x_TD, state, routing, dtype)
+        dispatch = routing.dispatch
+        x_SD = dispatch.gather_tokens(x_TD)
+        return self.run_experts(x_SD, self.chosen_inputs(x_TD, state, dispatch, dtype), routing.gate_weight_S,
+                                dispatch.offsets_E, dtype, tokens=(x_TD, dispatch.token_S))
+
+    def run_experts(self, x_SD: torch.Tensor, chosen_SC: torch.Tensor | None, gate_weight_S: torch.Tensor,
+                    offsets_E: torch.Tensor, dtype: torch.dtype,
+                    tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The experts' math (``aoe.nn.experts.swiglu_experts``) on rows grouped by the experts this
+        layer holds (``offsets_E``); ``tokens``: the token matrix the rows were gathered from."""
+        gate_in_SG, w_gate = self.gate_input(x_SD, chosen_SC, offsets_E, dtype)
+        return swiglu_experts(
+            x_SD, gate_in_SG, w_gate, self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S, offsets_E,
+            tokens=tokens, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
+            backend=self.grouped_mm,
+        )
 
     def extra_loss(self, scores_TE: torch.Tensor) -> torch.Tensor | None:
         return None

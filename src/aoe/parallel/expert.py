@@ -4,9 +4,13 @@
     scores over ALL E experts, route, sort by expert
     sorted rows [S, D (+L) + 1] -- counts, then rows -->  rows of its experts, source by source
       (x; AoE: the cached c_e; the gate weight)           regrouped by local expert (stable)
-                                                          swiglu_experts on the local weight slice
+                                                          layer.run_experts on the local weight slice
     sorted outputs [S, D]  <---------- rows ------------  outputs put back in received order
     dispatch.combine (unchanged)
+
+The layer is given an ``ExpertDispatcher`` (``layer.expert_dispatcher``, ``aoe.nn.sparse``): its
+``expert_outputs`` moves the rows, and the experts' math is the layer's own ``run_experts``, the
+one the layer runs on one process (what a row carries beside x is the layer's ``chosen_inputs``).
 
 The sorted rows are already grouped by destination (experts are contiguous per rank), so the send
 splits are sums of ``tokens_per_expert_E``. Received rows are ordered by source rank, then by
@@ -30,7 +34,6 @@ M = E / N experts per rank, N ranks of the expert group, C row width (D [+ L] + 
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +41,6 @@ from torch import nn
 
 from aoe.config import ConfigError
 from aoe.nn.aoe import AoE
-from aoe.nn.experts import swiglu_experts
-from aoe.nn.grouped_mm import grouped_linear
 from aoe.nn.moe import MoE
 from aoe.nn.sparse import Routing, SparseFFN, sparse_layers
 from aoe.parallel.all_to_all import all_to_all, exchange_counts
@@ -88,47 +89,44 @@ def _local_order(recv_counts_NM: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return order_R, inverse_R, recv_counts_NM.sum(0).cumsum(0).to(torch.int32)
 
 
+class ExpertDispatcher:
+    """``ExpertDispatcher(shard)``: runs a sharded layer's chosen experts on the ranks of ``shard``'s
+    expert group that hold them (given to the layer by ``shard_layer``)."""
+
+    def __init__(self, shard: ExpertShard):
+        self.shard = shard
+
+    def expert_outputs(self, layer: SparseFFN, x_TD: torch.Tensor, state, routing: Routing, dtype) -> torch.Tensor:
+        """The weighted outputs [S, D] of the sorted rows, the experts' work done on the ranks that
+        hold them (see the module docstring)."""
+        plan = _plan(routing.dispatch.tokens_per_expert_E, self.shard)
+        rows_RC = all_to_all(_rows_to_send(layer, x_TD, state, routing, dtype), plan.recv_splits, plan.send_splits,
+                             self.shard.group)
+        y_RD = _run_local_experts(layer, rows_RC, plan, dtype)
+        return all_to_all(y_RD, plan.send_splits, plan.recv_splits, self.shard.group)
+
+
 def _rows_to_send(layer: SparseFFN, x_TD: torch.Tensor, state, routing: Routing, dtype) -> torch.Tensor:
-    """[S, C]: each sorted row's token vector, AoE's cached activation c_e, and its gate weight
-    (in the compute dtype, as ``swiglu_experts`` casts it)."""
+    """[S, C]: each sorted row's token vector, what its expert needs beside it (the layer's
+    ``chosen_inputs``: AoE's cached activation c_e), and its gate weight (in the compute dtype, as
+    ``swiglu_experts`` casts it)."""
     dispatch = routing.dispatch
-    cols = [dispatch.gather_tokens(x_TD)]
-    if isinstance(layer, AoE):
-        E, L = layer.n_experts, layer.d_low
-        cols.append(state.reshape(-1, L).index_select(0, dispatch.token_S * E + dispatch.expert_S))
+    chosen = layer.chosen_inputs(x_TD, state, dispatch, dtype)
+    cols = [dispatch.gather_tokens(x_TD), *([] if chosen is None else [chosen])]
     cols.append(routing.gate_weight_S.to(dtype).unsqueeze(1))
     return torch.cat([c.to(dtype) for c in cols], dim=1)
 
 
 def _run_local_experts(layer: SparseFFN, rows_RC: torch.Tensor, plan: _Plan, dtype) -> torch.Tensor:
-    """The received rows through this rank's experts; outputs [R, D] in received order."""
+    """The received rows through this rank's experts (``layer.run_experts``); outputs [R, D] in
+    received order."""
     order_R, inverse_R, offsets_M = _local_order(plan.recv_counts_NM)
     rows_RC = rows_RC.index_select(0, order_R)
     D = layer.d_model
     x_RD, gate_weight_R = rows_RC[:, :D].contiguous(), rows_RC[:, -1].contiguous()
-    w_in, w_out = layer.w_in.to(dtype), layer.w_out.to(dtype)
-    if isinstance(layer, AoE):
-        gate_in, w_gate = rows_RC[:, D:D + layer.d_low].contiguous(), layer.w_up.to(dtype)
-    elif layer.gate_rank is not None:  # MoE + factorized gate: the low-rank step is per chosen expert
-        gate_in = grouped_linear(x_RD, layer.w_down.to(dtype), offsets_M, layer.grouped_mm)
-        w_gate = layer.w_up.to(dtype)
-    else:
-        gate_in, w_gate = x_RD, layer.w_gate.to(dtype)
-    y_RD = swiglu_experts(x_RD, gate_in, w_gate, w_in, w_out, gate_weight_R, offsets_M,
-                          recompute_gate=layer.recompute_gate, backward_chunks=layer.backward_chunks,
-                          backend=layer.grouped_mm)
+    chosen_RC = rows_RC[:, D:-1].contiguous() if rows_RC.shape[1] > D + 1 else None
+    y_RD = layer.run_experts(x_RD, chosen_RC, gate_weight_R, offsets_M, dtype)
     return y_RD.index_select(0, inverse_R)
-
-
-def parallel_expert_outputs(layer: SparseFFN, x_TD: torch.Tensor, state, routing: Routing, dtype) -> torch.Tensor:
-    """``expert_outputs`` of a sharded layer: the weighted outputs [S, D] of the sorted rows, the
-    experts' work done on the ranks that hold them (see the module docstring)."""
-    shard: ExpertShard = layer.expert_shard
-    plan = _plan(routing.dispatch.tokens_per_expert_E, shard)
-    rows_RC = all_to_all(_rows_to_send(layer, x_TD, state, routing, dtype), plan.recv_splits, plan.send_splits,
-                         shard.group)
-    y_RD = _run_local_experts(layer, rows_RC, plan, dtype)
-    return all_to_all(y_RD, plan.send_splits, plan.recv_splits, shard.group)
 
 
 def sharded_names(layer: SparseFFN) -> tuple[str, ...]:
@@ -144,8 +142,7 @@ def shard_layer(layer: SparseFFN, shard: ExpertShard) -> None:
     for name in sharded_names(layer):
         full = getattr(layer, name)
         setattr(layer, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
-    layer.expert_shard = shard
-    layer.expert_outputs = types.MethodType(parallel_expert_outputs, layer)
+    layer.expert_dispatcher = ExpertDispatcher(shard)
 
 
 def shard_experts(model: nn.Module, groups: ExpertGroups) -> list[SparseFFN]:

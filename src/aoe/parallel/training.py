@@ -121,7 +121,7 @@ class ExpertParallel:
         optimizer's full state dict on rank 0 (None on other ranks)."""
         state = optimizer.state_dict()
         full_state = {**state, "state": {i: dict(s) for i, s in state["state"].items()}}
-        n_local = self.layers[0].expert_shard.n_local
+        n_local = self.layers[0].expert_dispatcher.shard.n_local
         for i, key, value in list(self._expert_moments(state["state"], self._optimizer_indices(optimizer), n_local)):
             full_state["state"][i][key] = self._gather_full(value)
         swapped = [(p, p.data, self._gather_full(p.data)) for _, _, p in self.sharded()]
@@ -146,14 +146,14 @@ class ExpertParallel:
             yield
         finally:
             for layer, _, p in self.sharded():
-                lo = layer.expert_shard.first
-                p.data = p.data[lo:lo + layer.expert_shard.n_local].clone()
+                lo = layer.expert_dispatcher.shard.first
+                p.data = p.data[lo:lo + layer.expert_dispatcher.shard.n_local].clone()
 
     def slice_optimizer_state(self, state: dict, optimizer: torch.optim.Optimizer) -> dict:
         """A full optimizer state dict (a checkpoint's) cut to this rank's experts."""
         indices = self._optimizer_indices(optimizer)
         sliced = {**state, "state": {i: dict(s) for i, s in state["state"].items()}}
-        shard = self.layers[0].expert_shard
+        shard = self.layers[0].expert_dispatcher.shard
         n_experts = self.layers[0].n_experts
         for i, key, value in list(self._expert_moments(state["state"], indices, n_experts)):
             sliced["state"][i][key] = value[shard.first:shard.first + shard.n_local].clone()

@@ -1,4 +1,7 @@
-"""Training: the loop (``Trainer``/``train``), optimizer and schedule, atomic checkpoints, metrics."""
+"""Training, in three parts: the build step (``build``: processes, data, config, model, parallel
+plan, each stage one call), the loop (``trainer``: ``Trainer``/``train``; saving and resuming in
+``run_state``) and one parallel plan per mode (``plans``); beside them the optimizer and schedule,
+metrics, evaluation, distributed helpers, stop signals and the watchdog."""
 
 from aoe.io.checkpoint import (
     CheckpointError,

@@ -34,6 +34,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launch_ranks() -> DistInfo:
+    """This process's place as torchrun's environment gives it (RANK, WORLD_SIZE, LOCAL_RANK),
+    before any process group exists; ``DistInfo()`` when not launched by torchrun."""
+    if not launched_by_torchrun():
+        return DistInfo()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return DistInfo(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)))
+
+
 _WATCHDOG = None  # this process's Watchdog while it is in a group (aoe.train.watchdog)
 
 
@@ -47,10 +56,8 @@ def init_distributed(device: torch.device, timeout_s: float | None = None,
     ``Watchdog`` that ends this process when a peer has been silent that long (None: none).
     """
     global _WATCHDOG
-    if not launched_by_torchrun():
-        return DistInfo()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    info = launch_ranks()
+    rank, world = info.rank, info.world_size
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = {} if collective_timeout_s is None else {"timeout": timedelta(seconds=collective_timeout_s)}
@@ -61,7 +68,7 @@ def init_distributed(device: torch.device, timeout_s: float | None = None,
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
             _WATCHDOG = Watchdog(rank, world, timeout_s, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                  hosts_store=not agent_store).start()
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+    return info
 
 
 def current_watchdog():
@@ -106,3 +113,11 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def any_rank(flag: bool | int, info: DistInfo, device: torch.device) -> int:
+    """The largest of every rank's ``flag`` (0 when none is set): the same answer on all ranks
+    (the reduction runs on ``device`` when it is a GPU, else on the CPU)."""
+    on = device if device.type == "cuda" else torch.device("cpu")
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=on)
+    return int(all_reduce_max(value, info)[0])

@@ -1,12 +1,18 @@
-"""The training loop: one process on a CPU, or many under torchrun (DDP, or expert parallelism).
+"""The training loop: one process on a CPU, or many under torchrun (DDP, FSDP2/HSDP, expert parallelism).
 
     cfg -> data (memory-mapped tokens) -> model -> AdamW + warm-up/cosine -> steps
         -> metrics.jsonl / TensorBoard, periodic validation, atomic checkpoints -> summary.json
 
+Three parts: the build step (``aoe.train.build``: each stage one call, run once by ``Trainer``),
+this loop, and the parallel plan of the run's mode (``aoe.train.plans``), which owns what differs
+between the modes, so that nothing here asks which one runs. Checkpoints are saved and resumed by
+``aoe.train.run_state``.
+
 A step: the global batch (``train.batch_size`` windows of ``train.seq_len`` tokens, shared out
 over ranks) is split into micro-batches; their losses (next-token cross entropy + the sparse
-layers' auxiliary losses) are averaged by gradient accumulation; gradients are clipped to
-``train.grad_clip``; AdamW steps; the aux-loss-free selection biases (if on) are updated.
+layers' auxiliary losses) are averaged by gradient accumulation; gradients are reduced and clipped
+to ``train.grad_clip`` by the plan; AdamW steps; the aux-loss-free selection biases (if on) are
+updated.
 
 Expert parallelism (``train.expert_parallel=N > 1``, ``aoe.parallel``): each sparse layer's experts
 are sharded over N ranks, tokens travel to their experts by all-to-all; no DDP (the gradients are
@@ -39,8 +45,6 @@ that rank's loss NaN at that step (for testing the above; never set it in a real
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import math
 import os
@@ -48,54 +52,32 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aoe.config import ConfigError, RunConfig, config_to_dict
-from aoe.config.files import INIT_ONLY_MODEL_KEYS
-from aoe.data import BatchSampler, DataError, TokenData, prepare_tokens, unigram_entropy
-from aoe.io.sharded import is_sharded
-from aoe.model import Transformer
+from aoe.config import ConfigError, RunConfig
+from aoe.data import BatchSampler, TokenData, unigram_entropy
+from aoe.io import checkpoint as ckpt
 from aoe.nn.grouped_mm import probe_before_compile
 from aoe.nn.sparse import update_selection_biases
-from aoe.io import checkpoint as ckpt
-from aoe.train.distributed import (
-    DistInfo, all_reduce_max, all_reduce_sum, broadcast_object, current_watchdog, init_distributed,
-    shutdown_distributed,
+from aoe.train.build import (
+    build_model, debug_nonfinite_steps, flops_per_token, join_processes, prepare_data, resolve_config, resolve_dtype,
 )
+from aoe.train.distributed import DistInfo, all_reduce_sum, any_rank, shutdown_distributed
 from aoe.train.evaluate import evaluate
 from aoe.train.metrics import MetricsLogger, RoutingStats, measure_matmul_flops
 from aoe.train.optim import build_optimizer, lr_at, set_lr
 from aoe.train.rundir import check_new_run, write_run_config
+from aoe.train.run_state import RunCheckpoints, TrainState
 from aoe.train.signals import StopSignals, TrainingInterrupted
 from aoe.utils.files import WriteError, atomic_write_text, reporting_write_errors
 
+__all__ = ["Trainer", "TrainingError", "TrainingWriteError", "TrainState", "peak_memory_bytes", "prepare_data",
+           "resolve_dtype", "train"]
+
 MAX_CONSECUTIVE_SKIPS = 10
-#: Settings a resumed run must keep: they decide the tokenizer, the data order and what the
-#: run's config.yaml says it was trained with.
-RESUME_FIXED_KEYS = (("data", "vocab_size"), ("train", "batch_size"), ("train", "seq_len"), ("train", "seed"))
-DEBUG_NONFINITE_ENV = "AOE_DEBUG_NONFINITE"  # debug only: "RANK:STEP,..." -> that rank's loss is NaN at that step
-
-
-def _debug_nonfinite_steps() -> set[tuple[int, int]]:
-    """The (rank, step) pairs of ``AOE_DEBUG_NONFINITE`` (empty when unset)."""
-    text = os.environ.get(DEBUG_NONFINITE_ENV, "").strip()
-    pairs = set()
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        try:
-            rank, step = (int(v) for v in item.split(":"))
-        except ValueError:
-            raise ConfigError(f"{DEBUG_NONFINITE_ENV}={text!r}: expected RANK:STEP pairs separated by commas "
-                              "(e.g. 1:3), or unset it") from None
-        pairs.add((rank, step))
-    return pairs
-
-
-def _differ(items: list) -> str:
-    return "differs" if len(items) == 1 else "differ"
 
 
 class TrainingError(RuntimeError):
@@ -110,52 +92,12 @@ class TrainingWriteError(WriteError):
     """
 
 
-def resolve_device(name: str, dist_info: DistInfo, set_current: bool = True) -> torch.device:
-    """train.device -> a torch.device ("auto": CUDA when available; under torchrun, cuda:LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name!r} but no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", dist_info.local_rank)
-        if set_current:
-            torch.cuda.set_device(device)
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def prepare_data(cfg: RunConfig) -> TokenData:
-    """Tokenize (or reuse) the corpus the config names."""
-    d = cfg.data
-    return prepare_tokens(
-        d.source, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer, val_fraction=d.val_fraction,
-        max_bytes=d.max_bytes, text_field=d.text_field, on_decode_error=d.on_decode_error, cache_dir=d.cache_dir,
-    )
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process so far: CUDA max allocated on a GPU, else the peak resident set size."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-@dataclass
-class TrainState:
-    """What, beyond weights and optimizer, a checkpoint must restore to continue exactly."""
-
-    step: int = 0  # optimizer steps completed
-    tokens: int = 0  # training tokens consumed (all ranks)
-    train_time_s: float = 0.0  # time spent in training steps (evaluation and saving excluded)
-    skipped_steps: int = 0
 
 
 class Trainer:
@@ -176,66 +118,41 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
                  data: TokenData | None = None, stop_signals: tuple[int, ...] | None = None,
                  restart: bool = False):
-        cfg.validate()
+        cfg.validate()  # the one validation: every stage below reads the config as it is
         if stop_signals is None:
             stop_signals = tuple(signal.Signals[name] for name in cfg.train.stop_signals)
         self.stop_signals = StopSignals(stop_signals)
         self.out_dir = Path(out_dir)
         self._join_processes(cfg)
         self.progress = progress and self.dist.is_main
-
         self.data = data if data is not None else prepare_data(cfg)
-        self.cfg = self._resolve_vocab(cfg, self.data)
-        self._check_data()
-
-        self._build_model()
+        self.cfg = resolve_config(cfg, self.data)
+        self.model, self.plan, self.params_total = build_model(self.cfg, self.process)
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
         self._start_loop_state()
         if resume:
             self._resume()
-        elif ckpt.list_checkpoints(self.out_dir):
-            raise ConfigError(
-                f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue that run, "
-                "or choose another --out (nothing was overwritten)"
-            )
-        elif self.dist.is_main or not restart:  # with restart, rank 0 alone removes the earlier start's logs
-            check_new_run(self.out_dir, restart=restart)
+        else:
+            self._start_new(restart)
         if self.dist.is_main:
             self._write_config()
-
         self.step_model: torch.nn.Module = self._wrap_for_steps()
-        t, step_flops = self.cfg.train, self.model.step_flops()
-        self.flops_per_token = self.model.flops_per_token(t.seq_len)
-        if step_flops:  # token-independent FLOPs of a step (the ERC loss), spread over its tokens
-            self.flops_per_token += step_flops / (t.batch_size * t.seq_len)
+        self.flops_per_token = flops_per_token(self.model, self.cfg.train)
         self.peak_flops = measure_matmul_flops(self.device, self.dtype) * self.dist.world_size
 
     # -- set-up helpers ----------------------------------------------------------------------------
     def _join_processes(self, cfg: RunConfig) -> None:
         """The process group (under torchrun) and its watchdog, this rank's device, dtype and threads."""
-        self.dist = init_distributed(resolve_device(cfg.train.device, DistInfo(), set_current=False),
-                                     timeout_s=cfg.train.dist_timeout_s,
-                                     collective_timeout_s=cfg.train.collective_timeout_s)
-        self.watchdog = current_watchdog()
+        self.process = join_processes(cfg.train)
+        self.dist, self.device, self.dtype = self.process.dist, self.process.device, self.process.dtype
+        self.watchdog = self.process.watchdog
         if self.watchdog is not None:
             self.watchdog.resume_hint = self._resume_hint
-        self._debug_nonfinite = _debug_nonfinite_steps()
-        self.device = resolve_device(cfg.train.device, self.dist)
-        self.dtype = resolve_dtype(cfg.train.dtype, self.device)
-        if cfg.train.num_threads is not None and self.device.type == "cpu":
-            torch.set_num_threads(cfg.train.num_threads)
-
-    def _build_model(self) -> None:
-        """The model from ``train.seed``, sharded as configured, on the device, and its optimizer."""
-        torch.manual_seed(self.cfg.train.seed)
-        self.model = Transformer(self.cfg.model)
-        self.params_total = (self.model.num_params(), self.model.num_params(active=True))
-        self.expert_parallel = self._shard_experts(self.cfg)
-        self.model = self.model.to(self.device)
-        self.fsdp = self._shard_fully(self.cfg)
-        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        self._debug_nonfinite = debug_nonfinite_steps()
 
     def _start_loop_state(self) -> None:
-        """Step 0: the batch sampler, the counters, the metrics log and the routing statistics."""
+        """Step 0: the batch sampler, the counters, the metrics log, the routing statistics and
+        the run's checkpoints."""
         t = self.cfg.train
         self.accum_steps = t.grad_accum_steps(self.dist.world_size)
         self.sampler = BatchSampler(self.data.train, t.batch_size, t.seq_len, seed=t.seed,
@@ -243,71 +160,36 @@ class Trainer:
         self.state = TrainState()
         self.logger = MetricsLogger(self.out_dir, enabled=self.dist.is_main)
         self.routing = RoutingStats(self.model)
+        self.checkpoints = RunCheckpoints(self.out_dir, self.cfg, self.plan, self.optimizer, self.sampler,
+                                          self.dist, self.device, self.data.tokenizer)
         self.resumed_from: Path | None = None
         self._consecutive_skips = 0
 
-    def _wrap_for_steps(self) -> torch.nn.Module:
-        """The module the steps call: the model, in DDP when plain data parallel, compiled if asked."""
-        step_model: torch.nn.Module = self.model
-        if self.dist.enabled and self.expert_parallel is None and self.fsdp is None:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    def _start_new(self, restart: bool) -> None:
+        """A new run: refused in an ``out_dir`` that holds checkpoints, or the logs of an earlier
+        start (unless ``restart``: rank 0 alone removes them)."""
+        if ckpt.list_checkpoints(self.out_dir):
+            raise ConfigError(
+                f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue that run, "
+                "or choose another --out (nothing was overwritten)"
+            )
+        if self.dist.is_main or not restart:
+            check_new_run(self.out_dir, restart=restart)
 
-            step_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+    def _resume(self) -> None:
+        """The newest good checkpoint loaded (``RunCheckpoints.resume``), the metrics log cut after its step."""
+        self.state, self.resumed_from = self.checkpoints.resume()
+        with self._writing(self.logger.path):
+            self.logger.truncate_after(self.state.step)
+
+    def _wrap_for_steps(self) -> torch.nn.Module:
+        """The module the steps call: the model as the parallel plan wraps it (DDP), compiled if asked."""
+        step_model = self.plan.wrap(self.model)
         if self.cfg.train.compile:
             self.model.check_inputs = False
             probe_before_compile(self.device)
             step_model = torch.compile(step_model)
         return step_model
-
-    def _shard_experts(self, cfg: RunConfig):
-        """``train.expert_parallel > 1``: shard the (still full, on the CPU) model's experts."""
-        ep_size = cfg.train.expert_parallel
-        if ep_size == 1:
-            return None
-        from aoe.parallel import ExpertParallel, check_expert_parallel
-
-        check_expert_parallel(ep_size, self.dist.world_size, cfg.model.n_experts)
-        return ExpertParallel(self.model, ep_size)
-
-    def _shard_fully(self, cfg: RunConfig):
-        """``train.fsdp``: shard the model's parameters over the world (FSDP2), before the optimizer."""
-        if not cfg.train.fsdp:
-            return None
-        from aoe.parallel.fsdp import FullyShardedData, check_fsdp
-
-        check_fsdp(self.dist.world_size, cfg.train.expert_parallel, cfg.train.fsdp_shard_size)
-        experts = {p for _, _, p in self.expert_parallel.sharded()} if self.expert_parallel else None
-        return FullyShardedData(self.model, self.device, cfg.train.fsdp_shard_size, ignored=experts)
-
-    @staticmethod
-    def _resolve_vocab(cfg: RunConfig, data: TokenData) -> RunConfig:
-        cfg = copy.deepcopy(cfg)
-        vocab = data.vocab_size
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = vocab
-            if cfg.data.tokenizer is None and vocab < cfg.data.vocab_size:
-                # A small corpus runs out of byte pairs to merge before data.vocab_size. Record the
-                # size the tokenizer really has, so the resolved config (saved with the run) is
-                # consistent: trained again with it, the same corpus gives the same tokenizer.
-                import logging
-
-                logging.getLogger(__name__).warning(
-                    "the tokenizer trained on data.source=%r has %d tokens, fewer than data.vocab_size=%d "
-                    "(the corpus has no more byte pairs seen twice); the model uses %d and the saved config "
-                    "records data.vocab_size=%d", cfg.data.source, vocab, cfg.data.vocab_size, vocab, vocab)
-                cfg.data.vocab_size = vocab
-        elif cfg.model.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
-        cfg.validate()
-        return cfg
-
-    def _check_data(self) -> None:
-        t = self.cfg.train
-        if len(self.data.train) < t.seq_len + 2:
-            raise DataError(
-                f"the training split has {len(self.data.train)} tokens, too few for one window of "
-                f"train.seq_len={t.seq_len}: use a larger corpus or a smaller seq_len"
-            )
 
     def _write_config(self) -> None:
         """The resolved config, replaced atomically (a full disk leaves the previous one), in
@@ -315,206 +197,29 @@ class Trainer:
         with self._writing(self.out_dir / "config.yaml"):
             write_run_config(self.cfg, self.out_dir, self.resumed_from)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    # -- checkpoints -------------------------------------------------------------------------------
-    def _trainer_state(self, optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
-        s = self.state
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "step": s.step, "tokens": s.tokens, "train_time_s": s.train_time_s, "skipped_steps": s.skipped_steps,
-            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
-            "sampler": self.sampler.state_dict(),
-            "rng": rng,
-            "world_size": self.dist.world_size,
-        }
-
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0) and return its path (None on other ranks).
         Every rank returns only once it is written, and every rank raises if it could not be."""
-        if self._sharded_checkpoints():  # each rank writes its own shards (aoe.io.sharded)
-            return self._save_sharded()
-        path, error = None, None
-        with self._full_state() as (model, optimizer_state):
-            if self.dist.is_main:
-                try:
-                    path = ckpt.save_checkpoint(self.out_dir, self.state.step, model, self.cfg,
-                                                self._trainer_state(optimizer_state), tokenizer=self.data.tokenizer,
-                                                keep=self.cfg.train.keep_checkpoints,
-                                                retry_hint="free some space, then continue with --resume")
-                except Exception as e:
-                    error = e
-        failed = self._any_rank(error is not None)
-        if error is not None:
-            raise error
-        if failed:
-            raise ckpt.CheckpointError(f"rank 0 could not save the checkpoint of step {self.state.step} "
-                                       "(its message says why); stopping")
-        return path
-
-    # -- sharded checkpoints (aoe.io.sharded, torch.distributed.checkpoint) -------------------------
-    def _sharded_checkpoints(self) -> bool:
-        """``train.checkpoint_format``: "auto" is sharded under FSDP or expert parallelism."""
-        fmt = self.cfg.train.checkpoint_format
-        return fmt == "sharded" or (fmt == "auto" and (self.fsdp is not None or self.expert_parallel is not None))
-
-    def _save_sharded(self) -> Path | None:
-        """``save`` in the sharded layout: no gather, every rank writes its shards and its data
-        position and RNG; the ranks agree on failure as ``save`` does."""
-        from aoe.io.sharded import save_sharded_checkpoint
-        from aoe.parallel.state import training_state
-
-        common = self._trainer_state(optimizer_state={})
-        del common["optimizer"]  # in the shards
-        path, error = None, None
-        try:
-            path = save_sharded_checkpoint(
-                self.out_dir, self.state.step, training_state(self.model, self.optimizer, self.expert_parallel),
-                self.cfg, common, {"sampler": common["sampler"], "rng": common["rng"]},
-                tokenizer=self.data.tokenizer, keep=self.cfg.train.keep_checkpoints,
-                retry_hint="free some space, then continue with --resume")
-        except Exception as e:
-            error = e
-        failed = self._any_rank(error is not None)
-        if error is not None:
-            raise error
-        if failed:
-            raise ckpt.CheckpointError(f"rank 0 could not save the checkpoint of step {self.state.step} "
-                                       "(its message says why); stopping")
-        return path
-
-    def _load_sharded(self, path: Path, state: dict[str, Any]) -> None:
-        """``_resume`` of a sharded checkpoint: this rank's shards in this run's layout, and its own
-        data position and RNG when the world size is the one that saved (else rank 0's, in ``state``)."""
-        from aoe.io import sharded
-
-        sharded.load_training(path, self.model, self.optimizer, self.expert_parallel)
-        state.update(sharded.load_rank_state(path, self.dist.rank, self.dist.world_size) or {})
-    # -- end of sharded checkpoints ------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _full_state(self):
-        """Collective: (the model to save, its optimizer state dict or None for the optimizer's own)
-        in the single-process format on rank 0: the full experts under expert parallelism, a plain
-        copy of the gathered weights under FSDP."""
-        experts = (self.expert_parallel.full_experts_for_saving(self.optimizer) if self.expert_parallel
-                   else contextlib.nullcontext())
-        with experts as optimizer_state:  # expert parallel: rank 0 holds the full experts inside
-            if self.fsdp is None:
-                yield self.model, optimizer_state
-                return
-            if self.expert_parallel is not None and not self.dist.is_main:
-                optimizer_state = None  # gather the FSDP moments from this rank's own state dict
-            with self.fsdp.full_state_for_saving(self.optimizer, self._plain_model, optimizer_state) as full:
-                yield full if full is not None else (None, None)
-
-    def _plain_model(self) -> Transformer:
-        """An unsharded copy of this run's model for a full state dict (``aoe.parallel.fsdp.empty_model``)."""
-        from aoe.parallel.fsdp import empty_model
-
-        return empty_model(lambda: Transformer(self.cfg.model))
+        return self.checkpoints.save(self.state)
 
     def _any_rank(self, flag: bool | int) -> int:
         """The largest of every rank's ``flag`` (0 when none is set): the same answer on all ranks."""
-        device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        value = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-        return int(all_reduce_max(value, self.dist)[0])
+        return any_rank(flag, self.dist, self.device)
 
-    def _writing(self, path: Path) -> contextlib.AbstractContextManager:
+    def _writing(self, path: Path):
         """Report a write the system refuses (disk full...) as a TrainingWriteError naming ``path``,
         the checkpoint that is safe, and what to do."""
         return reporting_write_errors(path, self._where_to_resume, TrainingWriteError)
 
     def _where_to_resume(self) -> str:
         latest = ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None
-        if latest is None:
-            return "no checkpoint holds this run yet; free some space, then run again"
-        return f"the newest good checkpoint is {str(latest)!r}; free some space, then continue with --resume"
+        return ckpt.resume_hint(latest, then="free some space, then continue with --resume",
+                                none="no checkpoint holds this run yet; free some space, then run again")
 
     def _resume_hint(self) -> str:
         """For the watchdog's last line: the checkpoint ``--resume`` would continue from."""
-        latest = ckpt.find_latest_checkpoint(self.out_dir)
-        if latest is None:
-            return f"{str(self.out_dir)!r} holds no good checkpoint (as this rank sees it); run again"
-        return f"the newest good checkpoint is {str(latest)!r}; continue with --resume"
-
-    def _keep_saved_init(self, saved: RunConfig) -> None:
-        """Init-only settings (``INIT_ONLY_MODEL_KEYS``) do not change a resumed model, whose weights
-        come from the checkpoint: the run keeps the ones it was started with, whatever today's
-        defaults or the config given now say (a run started before a default changed resumes)."""
-        for key in INIT_ONLY_MODEL_KEYS:
-            value = getattr(saved.model, key)
-            setattr(self.cfg.model, key, value)
-            setattr(self.model.config, key, value)
-
-    def _check_same_run(self, saved: RunConfig, path: Path) -> None:
-        """Refuse to resume with settings that the checkpoint's run did not have: the ones that
-        decide the data order and the record of the run (``RESUME_FIXED_KEYS``), then the model."""
-        now, then = config_to_dict(self.cfg), config_to_dict(saved)
-        changed = [f"{section}.{key}={now[section][key]!r} (the run has {then[section][key]!r})"
-                   for section, key in RESUME_FIXED_KEYS if now[section][key] != then[section][key]]
-        if changed:
-            raise ConfigError(f"--resume: {', '.join(changed)} {_differ(changed)} from {str(path)!r}: resume with "
-                              "the run's values, or start a new run with another --out")
-        model = [f"model.{key}={value!r} (the run has {then['model'].get(key)!r})"
-                 for key, value in now["model"].items() if then["model"].get(key) != value]
-        if model:
-            raise ConfigError(f"--resume: {', '.join(model)} {_differ(model)} from the model in {str(path)!r}; "
-                              "resume with the same model.* settings")
-
-    def _resume(self) -> None:
-        path = None
-        if self.dist.is_main:  # one rank looks (and moves a corrupt checkpoint aside); all load the same one
-            path = ckpt.find_latest_checkpoint(self.out_dir, move_aside=True)
-        path = broadcast_object(path, self.dist)
-        if path is None:
-            raise ckpt.CheckpointError(f"--resume: {str(self.out_dir)!r} holds no complete checkpoint to resume from")
-        saved = ckpt.load_run_config(path)
-        self._keep_saved_init(saved)
-        self._check_same_run(saved, path)
-        state = ckpt.load_trainer_state(path)
-        if state.get("step") != ckpt.checkpoint_step(path):
-            raise ckpt.CheckpointError(f"{str(path)!r} holds the trainer state of step {state.get('step')}, not of "
-                                       "the step its name says: it was renamed or edited; rename it back or remove it")
-        if is_sharded(path):  # aoe.io.sharded: resharded to this layout
-            self._load_sharded(path, state)
-        else:
-            self._load_full(path, state)
-        for group in self.optimizer.param_groups:  # optimizer state follows the model's device
-            for p in group["params"]:
-                for k, v in self.optimizer.state.get(p, {}).items():
-                    if isinstance(v, torch.Tensor) and k != "step":
-                        self.optimizer.state[p][k] = v.to(p.device)
-        self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.state = TrainState(step=state["step"], tokens=state["tokens"], train_time_s=state["train_time_s"],
-                                skipped_steps=state["skipped_steps"])
-        with self._writing(self.logger.path):
-            self.logger.truncate_after(self.state.step)
-        self.resumed_from = path
-
-    def _load_full(self, path: Path, state: dict[str, Any]) -> None:
-        """``_resume`` of a one-process checkpoint: every rank reads the full tensors, keeps its own."""
-        with self.expert_parallel.full_experts_for_loading() if self.expert_parallel else contextlib.nullcontext():
-            if self.fsdp is not None:  # every rank reads the full tensors and keeps its shards
-                plain = self._plain_model()
-                ckpt.load_model_state(plain, path)
-                self.fsdp.load_full_model(plain.state_dict())
-            else:
-                ckpt.load_model_state(self.model, path)
-        if self.expert_parallel is not None:
-            state["optimizer"] = self.expert_parallel.slice_optimizer_state(state["optimizer"], self.optimizer)
-        if self.fsdp is not None:
-            self.fsdp.load_full_optimizer(self.optimizer, state["optimizer"])
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        return ckpt.resume_hint(ckpt.find_latest_checkpoint(self.out_dir), then="continue with --resume",
+                                none=f"{str(self.out_dir)!r} holds no good checkpoint (as this rank sees it); run again")
 
     # -- one optimizer step ------------------------------------------------------------------------
     def _train_step(self, collect_routing: bool) -> dict[str, float]:
@@ -551,13 +256,8 @@ class Trainer:
         for i in range(self.accum_steps):
             xb = x[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
             yb = y[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
-            last = i == self.accum_steps - 1
-            ddp = self.dist.enabled and self.expert_parallel is None and self.fsdp is None
-            sync = contextlib.nullcontext() if last or not ddp else self.step_model.no_sync()
-            if self.fsdp is not None:
-                self.fsdp.sync_gradients(last)
-            with sync:
-                with self._autocast():
+            with self.plan.micro_batch(self.step_model, last=i == self.accum_steps - 1):
+                with self.process.autocast():
                     out = self.step_model(xb, yb)
                 loss = (out.loss + out.aux_loss) / self.accum_steps
                 if poison:
@@ -574,23 +274,15 @@ class Trainer:
         return sums
 
     def _clip_gradients(self) -> float:
-        """Average the gradients where no DDP did (expert parallel), clip them to ``train.grad_clip``
-        (none when 0) and return their norm before clipping (the whole model's, over every shard)."""
-        if self.expert_parallel is not None:  # no DDP: average the gradients here
-            self.expert_parallel.reduce_gradients(self.model)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        """Reduce the gradients where the wrapping did not, clip them to ``train.grad_clip`` (none
+        when 0) and return their norm before clipping (the whole model's, over every shard)."""
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        if self.expert_parallel is not None:
-            return self.expert_parallel.clip_grad_norm_(params, clip)
-        if self.fsdp is not None:
-            return self.fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(params, clip))
-        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+        return self.plan.clip_gradients(clip)
 
     def _non_finite(self, loss: float, grad_norm: float, ranks: list[int]) -> None:
         """Every rank calls this after the same step (the flags came with the loss all-reduce)."""
         step = self.state.step + 1
-        latest = ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None
-        where = f"the last good checkpoint is {str(latest)!r}" if latest else "no checkpoint was saved yet"
+        where = ckpt.resume_hint(ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None)
         seen = ""
         if self.dist.enabled:
             seen = (f"; the loss was non-finite on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
@@ -607,28 +299,16 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
+        """Validation loss and routing on ``train.eval_batches`` batches, spread over the ranks as
+        the parallel plan says; every rank returns the same numbers."""
         t = self.cfg.train
-        if self.expert_parallel is not None and self.fsdp is None:
-            return self._validate_expert_parallel()
-        # FSDP: every forward is collective, so every rank evaluates every batch (same numbers, no reduction)
-        return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
-                        max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
-                        autocast=self._autocast(), dist_info=DistInfo() if self.fsdp is not None else self.dist)
 
-    def _validate_expert_parallel(self) -> dict[str, Any]:
-        """The ranks of an expert group must run their forwards in lockstep, so they evaluate the
-        same batches (the batches are shared out over the replicas); every sum is then counted N
-        times by the world's reduction: the means are unchanged, the counts divided back by N."""
-        t, g = self.cfg.train, self.expert_parallel.groups
-        replicas = DistInfo(rank=g.dp_rank, world_size=g.dp_size)
-        result = evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
-                          max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
-                          autocast=self._autocast(), dist_info=replicas)
-        if g.dp_size > 1:  # evaluate's reduction ran over the whole world: each count N times
-            result["val_tokens"] //= g.ep_size
-            for layer in result["layers"]:
-                layer["tokens_per_expert"] = [c // g.ep_size for c in layer["tokens_per_expert"]]
-        return result
+        def run(ranks: DistInfo) -> dict[str, Any]:
+            return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
+                            max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
+                            autocast=self.process.autocast(), dist_info=ranks)
+
+        return self.plan.evaluate(run)
 
     def fit(self) -> dict[str, Any]:
         """Train up to ``train.max_steps`` and return the summary.

@@ -1,0 +1,192 @@
+"""A run's checkpoints from the trainer's side: what is saved beyond the weights, and resuming.
+
+``RunCheckpoints(out_dir, cfg, plan, optimizer, sampler, dist, device, tokenizer)``:
+
+- ``save(state)``: collective; the checkpoint of ``state.step`` in the single-process format
+  (``aoe.io.checkpoint``, written by rank 0 from the plan's ``full_state``) or in this run's
+  shards (``aoe.io.sharded``, every rank writing its own), as ``train.checkpoint_format`` and the
+  plan say; the ranks agree on failure, so every rank raises if it was not written.
+- ``resume()``: collective; the newest good checkpoint of ``out_dir`` (rank 0 looks, moving a
+  corrupt one aside) loaded into the model, optimizer, sampler and RNG in this run's layout,
+  after ``check_same_run`` refused settings the checkpoint's run did not have. Returns its
+  ``TrainState`` and path.
+
+The checkpoint holds, beside the weights and optimizer moments, ``TrainState``, the sampler's
+position, the RNG states and the world size; a sharded one also each rank's own sampler and RNG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aoe.config import ConfigError, RunConfig, config_to_dict
+from aoe.config.files import INIT_ONLY_MODEL_KEYS
+from aoe.data import BatchSampler
+from aoe.io import checkpoint as ckpt
+from aoe.io.sharded import is_sharded
+from aoe.train.distributed import DistInfo, any_rank, broadcast_object
+from aoe.train.plans import ParallelPlan
+
+#: Settings a resumed run must keep: they decide the tokenizer, the data order and what the
+#: run's config.yaml says it was trained with.
+RESUME_FIXED_KEYS = (("data", "vocab_size"), ("train", "batch_size"), ("train", "seq_len"), ("train", "seed"))
+RETRY_HINT = "free some space, then continue with --resume"
+
+
+@dataclass
+class TrainState:
+    """What, beyond weights and optimizer, a checkpoint must restore to continue exactly."""
+
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # training tokens consumed (all ranks)
+    train_time_s: float = 0.0  # time spent in training steps (evaluation and saving excluded)
+    skipped_steps: int = 0
+
+
+def keep_saved_init(cfg: RunConfig, saved: RunConfig) -> None:
+    """Init-only settings (``INIT_ONLY_MODEL_KEYS``) do not change a resumed model, whose weights
+    come from the checkpoint: the run keeps the ones it was started with, whatever today's
+    defaults or the config given now say (a run started before a default changed resumes)."""
+    for key in INIT_ONLY_MODEL_KEYS:
+        setattr(cfg.model, key, getattr(saved.model, key))
+
+
+def check_same_run(cfg: RunConfig, saved: RunConfig, path: Path) -> None:
+    """Refuse to resume with settings that the checkpoint's run did not have: the ones that
+    decide the data order and the record of the run (``RESUME_FIXED_KEYS``), then the model."""
+    now, then = config_to_dict(cfg), config_to_dict(saved)
+    changed = [f"{section}.{key}={now[section][key]!r} (the run has {then[section][key]!r})"
+               for section, key in RESUME_FIXED_KEYS if now[section][key] != then[section][key]]
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)} {_differ(changed)} from {str(path)!r}: resume with "
+                          "the run's values, or start a new run with another --out")
+    model = [f"model.{key}={value!r} (the run has {then['model'].get(key)!r})"
+             for key, value in now["model"].items() if then["model"].get(key) != value]
+    if model:
+        raise ConfigError(f"--resume: {', '.join(model)} {_differ(model)} from the model in {str(path)!r}; "
+                          "resume with the same model.* settings")
+
+
+def _differ(items: list) -> str:
+    return "differs" if len(items) == 1 else "differ"
+
+
+class RunCheckpoints:
+    """Saving and resuming the checkpoints of one run (see the module docstring)."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig, plan: ParallelPlan, optimizer: torch.optim.Optimizer,
+                 sampler: BatchSampler, dist: DistInfo, device: torch.device, tokenizer=None):
+        self.out_dir, self.cfg, self.plan, self.optimizer = out_dir, cfg, plan, optimizer
+        self.sampler, self.dist, self.device, self.tokenizer = sampler, dist, device, tokenizer
+
+    # -- saving --------------------------------------------------------------------------------------
+    def save(self, state: TrainState) -> Path | None:
+        """Write the checkpoint of ``state.step`` and return its path (None on other ranks than 0).
+        Every rank returns only once it is written, and every rank raises if it could not be."""
+        path, error = self._save_sharded(state) if self.sharded() else self._save_full(state)
+        failed = any_rank(error is not None, self.dist, self.device)
+        if error is not None:
+            raise error
+        if failed:
+            raise ckpt.CheckpointError(f"rank 0 could not save the checkpoint of step {state.step} "
+                                       "(its message says why); stopping")
+        return path
+
+    def sharded(self) -> bool:
+        """``train.checkpoint_format``: "auto" as the parallel plan says (sharded under FSDP or
+        expert parallelism)."""
+        fmt = self.cfg.train.checkpoint_format
+        return fmt == "sharded" or (fmt == "auto" and self.plan.sharded_checkpoints)
+
+    def _save_full(self, state: TrainState) -> tuple[Path | None, Exception | None]:
+        """Collective gather (``ParallelPlan.full_state``), then rank 0 writes the single-process
+        format: (its path, the error that stopped the write)."""
+        path, error = None, None
+        with self.plan.full_state(self.optimizer) as (model, optimizer_state):
+            if self.dist.is_main:
+                try:
+                    path = ckpt.save_checkpoint(self.out_dir, state.step, model, self.cfg,
+                                                self._trainer_state(state, optimizer_state), tokenizer=self.tokenizer,
+                                                keep=self.cfg.train.keep_checkpoints, retry_hint=RETRY_HINT)
+                except Exception as e:
+                    error = e
+        return path, error
+
+    def _save_sharded(self, state: TrainState) -> tuple[Path | None, Exception | None]:
+        """No gather: every rank writes its shards and its own data position and RNG."""
+        from aoe.io.sharded import save_sharded_checkpoint
+
+        common = self._trainer_state(state, optimizer_state={})
+        del common["optimizer"]  # in the shards
+        try:
+            return save_sharded_checkpoint(
+                self.out_dir, state.step, self.plan.sharded_state(self.optimizer), self.cfg, common,
+                {"sampler": common["sampler"], "rng": common["rng"]}, tokenizer=self.tokenizer,
+                keep=self.cfg.train.keep_checkpoints, retry_hint=RETRY_HINT), None
+        except Exception as e:
+            return None, e
+
+    def _trainer_state(self, s: TrainState, optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": s.step, "tokens": s.tokens, "train_time_s": s.train_time_s, "skipped_steps": s.skipped_steps,
+            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "sampler": self.sampler.state_dict(),
+            "rng": rng,
+            "world_size": self.dist.world_size,
+        }
+
+    # -- resuming ------------------------------------------------------------------------------------
+    def resume(self) -> tuple[TrainState, Path]:
+        """Load the newest good checkpoint (see the module docstring); its state and path."""
+        path = None
+        if self.dist.is_main:  # one rank looks (and moves a corrupt checkpoint aside); all load the same one
+            path = ckpt.find_latest_checkpoint(self.out_dir, move_aside=True)
+        path = broadcast_object(path, self.dist)
+        if path is None:
+            raise ckpt.CheckpointError(f"--resume: {str(self.out_dir)!r} holds no complete checkpoint to resume from")
+        saved = ckpt.load_run_config(path)
+        keep_saved_init(self.cfg, saved)
+        check_same_run(self.cfg, saved, path)
+        state = ckpt.load_trainer_state(path)
+        if state.get("step") != ckpt.checkpoint_step(path):
+            raise ckpt.CheckpointError(f"{str(path)!r} holds the trainer state of step {state.get('step')}, not of "
+                                       "the step its name says: it was renamed or edited; rename it back or remove it")
+        if is_sharded(path):  # aoe.io.sharded: resharded to this layout
+            self.plan.load_sharded(path, self.optimizer)
+            state.update(sharded_rank_state(path, self.dist))
+        else:  # every rank reads the full tensors, keeps its own
+            self.plan.load_full(path, self.optimizer, state["optimizer"])
+        self._optimizer_to_device()
+        self._restore_position(state)
+        return TrainState(step=state["step"], tokens=state["tokens"], train_time_s=state["train_time_s"],
+                          skipped_steps=state["skipped_steps"]), path
+
+    def _optimizer_to_device(self) -> None:
+        """Optimizer state follows the model's device."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and k != "step":
+                        self.optimizer.state[p][k] = v.to(p.device)
+
+    def _restore_position(self, state: dict[str, Any]) -> None:
+        """The sampler's position and the RNG states."""
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+
+def sharded_rank_state(path: Path, dist: DistInfo) -> dict[str, Any]:
+    """This rank's own data position and RNG when the world size is the one that saved (else {}:
+    rank 0's, in the common trainer state, serve)."""
+    from aoe.io import sharded
+
+    return sharded.load_rank_state(path, dist.rank, dist.world_size) or {}
