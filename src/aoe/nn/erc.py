@@ -37,14 +37,10 @@ class ERCTerms(NamedTuple):
     m_EE: torch.Tensor  # M[i, j] = ||R~_i W_g^j|| (in the graph)
 
 
-def at_least_fp32_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def noise_bounds(router_DE: torch.Tensor) -> torch.Tensor:
     """eps [E]: half the distance from each router row to its nearest other row, relative to its
     norm (no gradient; 0 for a single expert, which has no other row)."""
-    R_ED = router_DE.detach().t().to(at_least_fp32_dtype(router_DE))
+    R_ED = at_least_fp32(router_DE.detach()).t()
     E = R_ED.shape[0]
     if E < 2:
         return R_ED.new_zeros(E)

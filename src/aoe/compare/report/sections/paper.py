@@ -3,8 +3,8 @@ in Table 2's layout, with the paper's numbers next to what this study measured."
 
 from __future__ import annotations
 
-from aoe.compare.report.markdown import DASH, fmt, fmt_mean_std, fmt_signed, table
-from aoe.compare.report.stats import mean
+from aoe.compare.report.markdown import fmt, fmt_mean_std, fmt_signed, table
+from aoe.compare.report.stats import is_number, mean
 from aoe.compare.report.study import Study
 from aoe.compare.suites import TABLE2, TABLE2_TASKS
 
@@ -32,7 +32,7 @@ def _accuracy_rows(study: Study, numbers: dict[str, int]) -> list[list[object]]:
     for name, number in sorted(numbers.items(), key=lambda item: item[1]):
         s = study.summary(name)
         scores = [mean(s.accuracy.get(task, [])) * 100 if s is not None else float("nan") for _, task in TABLE2_TASKS]
-        if any(x == x for x in scores):
+        if any(is_number(x) for x in scores):
             rows.append([number, s.label, *(fmt(x, 2) for x in scores)])
     return rows
 
