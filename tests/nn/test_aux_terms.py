@@ -103,3 +103,15 @@ def test_step_flops_count_the_erc_loss_per_layer_per_step():
     assert model.step_flops() == 2 * 3 * erc_flops(m.n_experts, m.d_model, m.d_ffn)
     assert _model("model.ffn=moe").step_flops() == 0 and _model("model.ffn=aoe").step_flops() == 0
     assert isinstance(RunConfig().model.erc_alpha, float)
+
+
+def test_erc_flops_are_counted_once_per_micro_batch_on_every_rank():
+    from aoe.train.build import flops_per_token
+
+    model = _model("model.ffn=moe", "model.erc_loss_coef=1.0")
+    base, erc = model.flops_per_token(128), model.step_flops()
+    one = load_config("tiny", ["train.batch_size=16", "train.seq_len=128"]).train
+    four = load_config("tiny", ["train.batch_size=16", "train.seq_len=128", "train.micro_batch_size=4"]).train
+    assert flops_per_token(model, one) == pytest.approx(base + erc / (16 * 128))
+    assert flops_per_token(model, four) == pytest.approx(base + 4 * erc / (16 * 128))  # 4 micro-batches
+    assert flops_per_token(model, four, world_size=2) == pytest.approx(base + 4 * erc / (16 * 128))  # 2 x 2

@@ -166,7 +166,8 @@ class MoE(SparseFFN):
         return erc_terms_factorized(self.router, self.w_down, self.w_up, alpha=self.erc_alpha, delta_DE=delta_DE)
 
     def step_flops(self) -> int:
-        """The ERC loss's training FLOPs per step (forward + backward = 3 x ``erc_flops``), 0 when off."""
+        """The ERC loss's training FLOPs per forward and backward (3 x ``erc_flops``), whatever the
+        tokens; 0 when off. Every forward in training computes it once (a micro-batch)."""
         if self.erc_loss_coef == 0:
             return 0
         return 3 * erc_flops(self.n_experts, self.d_model, self.d_ffn, self.gate_rank)

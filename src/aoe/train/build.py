@@ -115,13 +115,15 @@ def build_model(cfg: RunConfig, process: Process) -> tuple[Transformer, Parallel
     return model, make_plan(model, cfg.train, process.dist, process.device), params
 
 
-def flops_per_token(model: Transformer, t: TrainConfig) -> float:
+def flops_per_token(model: Transformer, t: TrainConfig, world_size: int = 1) -> float:
     """Training FLOPs per token: the model's at ``train.seq_len``, plus its token-independent
-    FLOPs of a step (the ERC loss) spread over the step's tokens."""
+    FLOPs (the ERC loss: once per forward, so once per micro-batch on every rank) spread over the
+    step's tokens."""
     flops = model.flops_per_token(t.seq_len)
     step_flops = model.step_flops()
     if step_flops:
-        flops += step_flops / (t.batch_size * t.seq_len)
+        forwards = world_size * t.grad_accum_steps(world_size)
+        flops += step_flops * forwards / (t.batch_size * t.seq_len)
     return flops
 
 

@@ -137,7 +137,7 @@ class Trainer:
         if self.dist.is_main:
             self._write_config()
         self.step_model: torch.nn.Module = self._wrap_for_steps()
-        self.flops_per_token = flops_per_token(self.model, self.cfg.train)
+        self.flops_per_token = flops_per_token(self.model, self.cfg.train, self.dist.world_size)
         self.peak_flops = measure_matmul_flops(self.device, self.dtype) * self.dist.world_size
 
     # -- set-up helpers ----------------------------------------------------------------------------
