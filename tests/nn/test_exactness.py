@@ -115,7 +115,9 @@ def test_fp32_fast_path_close_to_fp64_reference(kind):
 
 @pytest.mark.parametrize("kind", ["moe", "aoe"])
 def test_idle_experts_get_exactly_zero_gradient(kind):
-    layer = build(kind, 16, 16, 1, 24, 4, grouped_mm="loop")
+    # renormalize=False: top-1's renormalized weight is p / p = 1, whose gradient to the scores is
+    # zero up to rounding; unrenormalized, every expert's norm reaches the output through the softmax
+    layer = build(kind, 16, 16, 1, 24, 4, grouped_mm="loop", renormalize=False)
     x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
     layer(x).square().sum().backward()
     counts = layer.last_routing.tokens_per_expert

@@ -92,12 +92,30 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 _TOO_DEEP = "lists or mappings nested too deeply"
+#: The deepest nesting of lists and mappings a config may have (a run config needs 3), refused
+#: before the recursive constructor runs, so that the outcome does not depend on the interpreter's
+#: recursion limit (which other libraries raise).
+MAX_DEPTH = 64
+
+
+def _check_depth(text: str) -> None:
+    """Refuse ``text`` when its collections nest deeper than ``MAX_DEPTH`` (PyYAML's event parser
+    is iterative: it reads any depth without recursing)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise RecursionError
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def _parse_yaml(text: str) -> Any:
     """``yaml.safe_load(text)``; any failure of the parser on this text becomes a one-line
     ``ValueError`` that says where."""
     try:
+        _check_depth(text)
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark, problem = e.problem_mark, e.problem or e.context

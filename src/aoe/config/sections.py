@@ -14,8 +14,9 @@ from aoe.nn.factorized import GATE_INITS  # the layers' own options: their lists
 from aoe.nn.fused_scores import FUSED_NORMS, SCORES_BACKENDS
 from aoe.nn.grouped_mm import BACKENDS as GROUPED_MM_BACKENDS
 from aoe.nn.selection import NORMS as SCORE_NORMS
+from aoe.nn.options import CONFIG_KEYS, EC_INFERENCE, OptionError, SparseOptions
+from aoe.nn.options import NAMES as SPARSE_OPTIONS
 from aoe.nn.selection import SELECTIONS
-from aoe.nn.sparse import EC_INFERENCE
 
 FFN_KINDS = ("dense", "moe", "aoe")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -179,31 +180,33 @@ class ModelConfig(_Section):
         """The FFN kind of block ``layer``: "dense" for the indices in dense_layers, else ffn."""
         return "dense" if layer in self.dense_layers else self.ffn
 
+    def sparse_options(self, kind: str | None = None) -> dict:
+        """The values of the sparse layers' shared options (``aoe.nn.options.SparseOptions``) for an
+        FFN of ``kind`` (default ``ffn``), keyed by option name: each read from the ``model.*`` key
+        of its name (``CONFIG_KEYS``: the one spelled otherwise), renormalize resolved."""
+        kind = kind or self.ffn
+        values = {name: getattr(self, CONFIG_KEYS.get(name, name)) for name in SPARSE_OPTIONS}
+        if self.renormalize is None:
+            values["renormalize"] = LEGACY_RENORMALIZE.get(kind, True)
+        return values
+
     def ffn_config(self, layer: int) -> DenseFFNConfig | MoEFFNConfig | AoEFFNConfig:
         """The layer config (``aoe.nn.configs``: ``DenseFFNConfig`` | ``MoEFFNConfig`` |
         ``AoEFFNConfig``) of block ``layer``'s FFN. The flat fields above map onto the layer's
-        arguments here and only here; a None that means "the layer's default" is left out, so the
-        default comes from the layer."""
+        arguments here and only here (the shared ones by name, ``sparse_options``); a None that
+        means "the layer's default" is left out, so the default comes from the layer."""
         kind = self.ffn_kind(layer)
-        renormalize = LEGACY_RENORMALIZE.get(kind) if self.renormalize is None else self.renormalize
-        optional = {"renormalize": renormalize, "recompute_gate": self.recompute_gate}
-        optional = {k: v for k, v in optional.items() if v is not None}
-        sparse = dict(n_experts=self.n_experts, top_k=self.top_k, aux_loss_coef=self.aux_loss_coef,
-                      bias_update_rate=self.bias_update_rate, grouped_mm=self.grouped_mm,
-                      backward_chunks=self.backward_chunks, gate_init=self.gate_init,
-                      selection=self.selection, top_p=self.top_p, min_k=self.min_k, max_k=self.max_k,
-                      capacity_factor=self.capacity_factor, ec_inference=self.ec_inference,
-                      n_shared_experts=self.n_shared_experts, d_shared=self.d_shared,
-                      shared_gate=self.shared_expert_gate, entropy_loss_coef=self.entropy_loss_coef, **optional)
         if kind == "dense":
             return DenseFFNConfig(self.d_model, self.ffn_width_dense, gate_rank=self.dense_gate_rank,
                                   gate_init=self.gate_init)
+        own = {} if self.recompute_gate is None else {"recompute_gate": self.recompute_gate}
+        options = self.sparse_options(kind)
         if kind == "moe":
-            return MoEFFNConfig(self.d_model, self.d_ffn, z_loss_coef=self.z_loss_coef, gate_rank=self.moe_gate_rank,
-                                router_hidden=self.moe_router_hidden, erc_loss_coef=self.erc_loss_coef,
-                                erc_alpha=self.erc_alpha, **sparse)
-        return AoEFFNConfig(self.d_model, self.d_low, d_wide=self.resolved_d_wide, norm=self.norm,
-                            recompute_scores=self.recompute_scores, scores_backend=self.scores_backend, **sparse)
+            return MoEFFNConfig(self.d_model, self.d_ffn, self.n_experts, self.top_k, z_loss_coef=self.z_loss_coef,
+                                gate_rank=self.moe_gate_rank, router_hidden=self.moe_router_hidden,
+                                erc_loss_coef=self.erc_loss_coef, erc_alpha=self.erc_alpha, **own, **options)
+        return AoEFFNConfig(self.d_model, self.d_low, self.n_experts, self.top_k, self.resolved_d_wide, norm=self.norm,
+                            recompute_scores=self.recompute_scores, scores_backend=self.scores_backend, **own, **options)
 
     def _check(self) -> None:
         self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
@@ -237,7 +240,7 @@ class ModelConfig(_Section):
         if self.dense_gate_rank is not None and self.ffn != "dense" and not self.dense_layers:
             self._fail("dense_gate_rank", f'applies to dense FFNs only (ffn={self.ffn!r}, no dense_layers); set it to null')
         self._check_shared()
-        self._check_selection()
+        self._check_sparse_options()
         self._check_erc()
         if self.ffn == "aoe" and self.z_loss_coef > 0:
             self._fail("z_loss_coef", 'applies to ffn="moe" only (AoE has no router logits); set it to 0')
@@ -256,20 +259,20 @@ class ModelConfig(_Section):
         refuse_idle_options(self)
 
 
-    def _check_selection(self) -> None:
+    def _check_sparse_options(self) -> None:
+        """The shared options' own rules, as the layers check them (``SparseOptions.check``),
+        reported under their ``model.*`` keys."""
         self._choice("selection", SELECTIONS)
         self._choice("ec_inference", EC_INFERENCE)
         self._positive("min_k", "max_k", "capacity_factor")
         self._finite("capacity_factor")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            self._fail("top_p", "must be in (0, 1] (null = top_k / n_experts)")
-        if self.min_k > self.n_experts:
-            self._fail("min_k", f"exceeds model.n_experts={self.n_experts}")
-        if self.max_k is not None and not self.min_k <= self.max_k <= self.n_experts:
-            self._fail("max_k", f"must be in [model.min_k={self.min_k}, model.n_experts={self.n_experts}] (null = n_experts)")
-        if self.selection == "expert_choice" and self.bias_update_rate > 0:
-            self._fail("bias_update_rate", "has no effect with selection=expert_choice (each expert takes its "
-                       "capacity whatever a per-expert bias); set it to 0")
+        try:
+            SparseOptions(**self.sparse_options()).check(self.n_experts, key=self._option_key)
+        except OptionError as e:
+            self._fail(CONFIG_KEYS.get(e.name, e.name), e.why)
+
+    def _option_key(self, name: str) -> str:
+        return self._key(CONFIG_KEYS.get(name, name))
 
     def _check_erc(self) -> None:
         self._non_negative("entropy_loss_coef", "erc_loss_coef")

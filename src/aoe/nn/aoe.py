@@ -22,10 +22,12 @@ import warnings
 import torch
 from torch import nn
 
-from aoe.nn.factorized import check_gate_init, init_factorized_gate
+from aoe.nn.factorized import init_factorized_gate
 from aoe.nn.fused_scores import check_scores_backend, chosen_activations, expert_norms, use_fused
 from aoe.nn.selection import activation_norms, check_norm
-from aoe.nn.sparse import SparseFFN, check_positive
+from aoe.nn.checks import check_positive
+from aoe.nn.options import with_sparse_options
+from aoe.nn.sparse import SparseFFN
 
 
 def aoe_expert_params(d_model: int, d_low: int, d_wide: int) -> int:
@@ -89,11 +91,7 @@ class AoE(SparseFFN):
         n_experts: E; top_k: experts per token.
         d_wide: expert width W; or give ``d_ffn`` (exactly one of the two) to get the
             parameter-matched ``W = match_d_wide(d_model, d_ffn, d_low)``.
-        renormalize: divide the chosen softmax values by their sum (default True: the paper's
-            Algorithm 2; False: the authors' megablocks code, whose weights sum to less than 1).
         norm: "l2" (default), "l1" or "linf": the norm that scores each expert's activation.
-        aux_loss_coef: weight of the load-balancing loss ``E * sum_i f_i P_i`` (0 = off).
-        bias_update_rate: aux-loss-free balancing step size (0 = off).
         recompute_scores: do not keep the [T, E, L] activation cache for backward; recompute
             ``x @ w_down`` there instead (training memory for one extra small matmul).
         scores_backend: "auto" | "triton" | "torch": how the scores are computed. "triton": one
@@ -103,23 +101,19 @@ class AoE(SparseFFN):
             l2 or l1, else torch.
         recompute_gate: recompute the chosen experts' ``c @ w_up`` in backward instead of keeping
             it (default True: an [S, L] x [L, W] matmul, cheap because L is small).
-        grouped_mm: "auto" | "torch" | "loop" (see ``aoe.nn.grouped_mm``).
-        backward_chunks: blocks of sorted rows the expert backward runs over (bounds its
-            temporaries); None = ``clamp(S // (256 * E), 1, 4)`` (see ``aoe.nn.experts``).
-        init_std: std of the normal init of every weight (w_up: see ``gate_init``).
-        gate_init: "balanced" (the default: w_up ~ N(0, 1/d_low), so the gate w_down @ w_up
-            starts with an unfactorized gate's scale) or "normal" (the authors': every factor
-            ~ N(0, init_std)); see ``aoe.nn.factorized`` for why and what it measured.
-        n_shared_experts: always-active SwiGLU experts every token uses besides its k chosen ones
-            (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
-        d_shared: width of one shared expert (None = the expert width d_wide).
-        shared_gate: scale the shared experts' output by ``sigmoid(x @ shared.gate)`` (Qwen2-MoE).
-        selection, top_p, min_k, max_k, capacity_factor, ec_inference, entropy_loss_coef: the
-            selection rule, its options (default top-k) and the Ent_conf loss; see ``SparseFFN``.
+        **options: the options both sparse layers take (``aoe.nn.options.SparseOptions``: renormalize,
+            default True as the paper's Algorithm 2, False the authors' megablocks code, whose
+            weights sum to less than 1; aux_loss_coef; bias_update_rate; entropy_loss_coef;
+            grouped_mm; backward_chunks; init_std, w_up's std set by gate_init: "balanced", the
+            default, w_up ~ N(0, 1/d_low) so that w_down @ w_up starts with an unfactorized gate's
+            scale, or "normal", the authors', every factor ~ N(0, init_std), see
+            ``aoe.nn.factorized``; the selection rule and its knobs; the shared experts, of width
+            d_wide unless d_shared is given).
     """
 
     CHOSEN_EXPERT_PARAMS = ("w_up", "w_in", "w_out")  # w_down: every expert scores every token
 
+    @with_sparse_options
     def __init__(
         self,
         d_model: int,
@@ -129,34 +123,13 @@ class AoE(SparseFFN):
         *,
         d_wide: int | None = None,
         d_ffn: int | None = None,
-        renormalize: bool = True,
         norm: str = "l2",
-        aux_loss_coef: float = 0.0,
-        bias_update_rate: float = 0.0,
         recompute_scores: bool = False,
         scores_backend: str = "auto",
         recompute_gate: bool = True,
-        grouped_mm: str = "auto",
-        backward_chunks: int | None = None,
-        init_std: float = 0.02,
-        gate_init: str = "balanced",
-        n_shared_experts: int = 0,
-        d_shared: int | None = None,
-        shared_gate: bool = False,
-        selection: str = "top_k",
-        top_p: float | None = None,
-        min_k: int = 1,
-        max_k: int | None = None,
-        capacity_factor: float = 1.0,
-        ec_inference: str = "top_k",
-        entropy_loss_coef: float = 0.0,
+        **options,
     ):
-        super().__init__(
-            d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
-            bias_update_rate=bias_update_rate, grouped_mm=grouped_mm, backward_chunks=backward_chunks,
-            selection=selection, top_p=top_p, min_k=min_k, max_k=max_k, capacity_factor=capacity_factor,
-            ec_inference=ec_inference, entropy_loss_coef=entropy_loss_coef,
-        )
+        super().__init__(d_model, n_experts, top_k, **options)
         self.d_low = check_positive("d_low", d_low)
         if (d_wide is None) == (d_ffn is None):
             raise ValueError(f"give exactly one of d_wide={d_wide!r} and d_ffn={d_ffn!r}")
@@ -165,13 +138,12 @@ class AoE(SparseFFN):
         self.recompute_scores = bool(recompute_scores)
         self.scores_backend = check_scores_backend(scores_backend, self.norm)
         self.recompute_gate = bool(recompute_gate)
-        self.gate_init = check_gate_init(gate_init)
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_low))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_low, self.d_wide))
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, self.d_wide))
         self.w_out = nn.Parameter(torch.empty(n_experts, self.d_wide, d_model))
-        self.init_shared(n_shared_experts, d_shared, shared_gate, self.d_wide, init_std)
-        self.reset_parameters(init_std)
+        self.init_shared(self.d_wide)
+        self.reset_parameters(self.init_std)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         init_factorized_gate(self.w_down, self.w_up, std, self.gate_init)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aoe.nn.factorized import check_gate_init, init_factorized_gate
-from aoe.nn.sparse import check_positive
+from aoe.nn.checks import check_positive
 
 
 class DenseFFN(nn.Module):

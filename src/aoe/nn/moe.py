@@ -22,9 +22,11 @@ from torch import nn
 from aoe.nn.balance import router_z_loss
 from aoe.nn.erc import ERCTerms, erc_flops, erc_terms, erc_terms_factorized
 from aoe.nn.grouped_mm import grouped_linear
-from aoe.nn.factorized import check_gate_init, w_up_std
+from aoe.nn.factorized import w_up_std
+from aoe.nn.options import with_sparse_options
 from aoe.nn.selection import at_least_fp32
-from aoe.nn.sparse import SparseFFN, check_non_negative, check_positive
+from aoe.nn.checks import check_non_negative, check_positive
+from aoe.nn.sparse import SparseFFN
 
 
 class MoE(SparseFFN):
@@ -34,33 +36,23 @@ class MoE(SparseFFN):
         d_model: model width D.
         d_ffn: expert width F.
         n_experts: E; top_k: experts per token.
-        renormalize: divide the chosen softmax values by their sum (default True, Mixtral).
-        aux_loss_coef: weight of the load-balancing loss ``E * sum_i f_i P_i`` (0 = off).
         z_loss_coef: weight of the router z-loss (0 = off).
-        bias_update_rate: aux-loss-free balancing step size (0 = off); see ``update_selection_bias``.
         recompute_gate: recompute ``x @ w_gate`` in backward instead of keeping it (saves an
             [S, F] activation at the cost of one expert matmul; off by default).
-        grouped_mm: "auto" | "torch" | "loop" (see ``aoe.nn.grouped_mm``).
-        backward_chunks: blocks of sorted rows the expert backward runs over (bounds its
-            temporaries); None = ``clamp(S // (256 * E), 1, 4)`` (see ``aoe.nn.experts``).
-        init_std: std of the normal init of every weight.
         gate_rank: factorize each expert's gate projection at this rank (None = a full w_gate).
         router_hidden: hidden width of a two-layer router (None = the linear router [D, E]).
-        gate_init: with ``gate_rank``, how the factors start: "balanced" (the default: w_up
-            ~ N(0, 1/gate_rank)) or "normal" (every factor ~ N(0, init_std)); see ``aoe.nn.factorized``.
-        n_shared_experts: always-active SwiGLU experts every token uses besides its k chosen ones
-            (``layer.shared``, ``aoe.nn.shared``; 0 = none, the default).
-        d_shared: width of one shared expert (None = the expert width d_ffn).
-        shared_gate: scale the shared experts' output by ``sigmoid(x @ shared.gate)`` (Qwen2-MoE).
-        selection, top_p, min_k, max_k, capacity_factor, ec_inference, entropy_loss_coef: the
-            selection rule, its options (default top-k) and the Ent_conf loss; see ``SparseFFN``.
         erc_loss_coef: weight of the ERC loss coupling router and experts (``aoe.nn.erc``; 0 = off,
             the paper: 1, with L_aux 0.01), computed in training only; needs the linear router.
         erc_alpha: the ERC loss's margin alpha (1 = the paper's default; 0.5 its best at 256 experts).
+        **options: the options both sparse layers take (``aoe.nn.options.SparseOptions``: renormalize,
+            default True as Mixtral; aux_loss_coef; bias_update_rate; entropy_loss_coef; grouped_mm;
+            backward_chunks; init_std; gate_init, read with ``gate_rank``; the selection rule and
+            its knobs; the shared experts, of width d_ffn unless d_shared is given).
     """
 
     CHOSEN_EXPERT_PARAMS = ("w_gate", "w_down", "w_up", "w_in", "w_out")
 
+    @with_sparse_options
     def __init__(
         self,
         d_model: int,
@@ -68,47 +60,25 @@ class MoE(SparseFFN):
         n_experts: int,
         top_k: int,
         *,
-        renormalize: bool = True,
-        aux_loss_coef: float = 0.0,
         z_loss_coef: float = 0.0,
-        bias_update_rate: float = 0.0,
         recompute_gate: bool = False,
-        grouped_mm: str = "auto",
-        backward_chunks: int | None = None,
-        init_std: float = 0.02,
         gate_rank: int | None = None,
         router_hidden: int | None = None,
-        gate_init: str = "balanced",
-        n_shared_experts: int = 0,
-        d_shared: int | None = None,
-        shared_gate: bool = False,
-        selection: str = "top_k",
-        top_p: float | None = None,
-        min_k: int = 1,
-        max_k: int | None = None,
-        capacity_factor: float = 1.0,
-        ec_inference: str = "top_k",
-        entropy_loss_coef: float = 0.0,
         erc_loss_coef: float = 0.0,
         erc_alpha: float = 1.0,
+        **options,
     ):
-        super().__init__(
-            d_model, n_experts, top_k, renormalize=renormalize, aux_loss_coef=aux_loss_coef,
-            bias_update_rate=bias_update_rate, grouped_mm=grouped_mm, backward_chunks=backward_chunks,
-            selection=selection, top_p=top_p, min_k=min_k, max_k=max_k, capacity_factor=capacity_factor,
-            ec_inference=ec_inference, entropy_loss_coef=entropy_loss_coef,
-        )
+        super().__init__(d_model, n_experts, top_k, **options)
         self.d_ffn = check_positive("d_ffn", d_ffn)
         self.z_loss_coef = check_non_negative("z_loss_coef", z_loss_coef)
         self.recompute_gate = bool(recompute_gate)
         self.gate_rank = None if gate_rank is None else check_positive("gate_rank", gate_rank)
         self.router_hidden = None if router_hidden is None else check_positive("router_hidden", router_hidden)
-        self.gate_init = check_gate_init(gate_init)
         self._init_erc(erc_loss_coef, erc_alpha)
         self._init_router(d_model, n_experts)
         self._init_experts(d_model, d_ffn, n_experts)
-        self.init_shared(n_shared_experts, d_shared, shared_gate, d_ffn, init_std)
-        self.reset_parameters(init_std)
+        self.init_shared(d_ffn)
+        self.reset_parameters(self.init_std)
 
     def _init_erc(self, coef: float, alpha: float) -> None:
         self.erc_loss_coef = check_non_negative("erc_loss_coef", coef)

@@ -25,12 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _positive(name: str, value: int) -> int:
-    """(``aoe.nn.sparse.check_positive``'s rule; that module imports this one.)"""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-    return value
+from aoe.nn.checks import check_positive
 
 
 class SharedExperts(nn.Module):
@@ -46,9 +41,9 @@ class SharedExperts(nn.Module):
 
     def __init__(self, d_model: int, d_shared: int, n_shared: int = 1, *, gate: bool = False, init_std: float = 0.02):
         super().__init__()
-        self.d_model = _positive("d_model", d_model)
-        self.d_shared = _positive("d_shared", d_shared)
-        self.n_shared = _positive("n_shared", n_shared)
+        self.d_model = check_positive("d_model", d_model)
+        self.d_shared = check_positive("d_shared", d_shared)
+        self.n_shared = check_positive("n_shared", n_shared)
         self.gated = bool(gate)
         X = self.n_shared * self.d_shared
         self.w_gate = nn.Parameter(torch.empty(d_model, X))

@@ -37,12 +37,10 @@ from torch import nn
 from aoe.nn.balance import RoutingInfo, confidence_entropy_loss, load_balancing_loss, update_selection_bias
 from aoe.nn.dispatch import Dispatch
 from aoe.nn.experts import swiglu_experts
-from aoe.nn.grouped_mm import check_backend
-from aoe.nn.selection import SELECTIONS, Selection, select_expert_choice, select_top_k, select_top_p
+from aoe.nn.checks import check_positive
+from aoe.nn.options import SparseOptions
+from aoe.nn.selection import Selection, select_expert_choice, select_top_k, select_top_p
 from aoe.nn.shared import SharedExperts
-
-EC_INFERENCE = ("top_k", "expert_choice")
-
 
 @dataclass
 class Routing:
@@ -54,18 +52,6 @@ class Routing:
     dispatch: Dispatch
     gate_weight_S: torch.Tensor
     rule: str = "top_k"
-
-
-def check_positive(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-    return value
-
-
-def check_non_negative(name: str, value: float) -> float:
-    if not value >= 0:
-        raise ValueError(f"{name}={value!r} must be >= 0")
-    return float(value)
 
 
 def real_token_indices(token_mask: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
@@ -87,56 +73,31 @@ class SparseFFN(nn.Module):
     """Base class of ``MoE`` and ``AoE``: expert selection (top-k, top-p or expert choice) over a
     dropless expert engine.
 
-    Args (the selection rule, shared by both layers):
-        selection: how experts are chosen (``aoe.nn.selection``): "top_k" (default), "top_p"
-            (dynamic k) or "expert_choice" (each expert takes its best tokens of a sequence).
-        top_p: top-p's threshold of cumulative probability, in (0, 1] (None = top_k / n_experts,
-            which never takes more than top_k experts).
-        min_k, max_k: top-p's least and most experts per token (max_k None = n_experts).
-        capacity_factor: expert choice: each expert takes C = ceil(capacity_factor * n * top_k / E)
-            tokens of a sequence of n (1 = top-k's compute).
-        ec_inference: expert choice outside training: "top_k" (default: routes each token by itself,
-            as generation needs) or "expert_choice" (leaks later tokens into a causal LM's routing).
-        entropy_loss_coef: weight of Ent_conf, the mean entropy of the selection softmax, as a loss
-            (0 = off; the paper trains Top-P with 1e-4); any rule.
+    Args: ``d_model``, ``n_experts``, ``top_k`` and the options both layers share, declared once
+    in ``aoe.nn.options.SparseOptions`` (the balancing losses, the selection rule and its knobs,
+    the engine's backend, the shared experts), each kept as the attribute of its name (``top_p``
+    and ``max_k`` resolved: top_k / n_experts and n_experts when None). An unknown keyword is a
+    ``TypeError`` naming it, a bad value a ``ValueError`` (``aoe.nn.options.OptionError``).
 
     ``last_loss_terms``: the unweighted auxiliary terms of the last forward that are on, detached
     (e.g. ``{"entropy": ..., "erc": ...}``), for the per-layer training metrics.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_experts: int,
-        top_k: int,
-        *,
-        renormalize: bool,
-        aux_loss_coef: float,
-        bias_update_rate: float,
-        grouped_mm: str,
-        backward_chunks: int | None = None,
-        selection: str = "top_k",
-        top_p: float | None = None,
-        min_k: int = 1,
-        max_k: int | None = None,
-        capacity_factor: float = 1.0,
-        ec_inference: str = "top_k",
-        entropy_loss_coef: float = 0.0,
-    ):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, **options):
         super().__init__()
         self.d_model = check_positive("d_model", d_model)
         self.n_experts = check_positive("n_experts", n_experts)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k={top_k!r} must be an integer in [1, n_experts={n_experts}]")
         self.top_k = top_k
-        self.renormalize = bool(renormalize)
-        self.aux_loss_coef = check_non_negative("aux_loss_coef", aux_loss_coef)
-        self.bias_update_rate = check_non_negative("bias_update_rate", bias_update_rate)
-        self.entropy_loss_coef = check_non_negative("entropy_loss_coef", entropy_loss_coef)
+        self.options = self._checked_options(options)
+        for name, value in vars(self.options).items():
+            setattr(self, name, value)
+        self.top_p = float(self.top_p) if self.top_p is not None else top_k / n_experts
+        self.max_k = n_experts if self.max_k is None else self.max_k
+        for name in ("aux_loss_coef", "bias_update_rate", "entropy_loss_coef", "capacity_factor", "init_std"):
+            setattr(self, name, float(getattr(self, name)))
         self.last_loss_terms: dict[str, torch.Tensor] = {}
-        self.grouped_mm = check_backend(grouped_mm)
-        self.backward_chunks = None if backward_chunks is None else check_positive("backward_chunks", backward_chunks)
-        self._init_selection(selection, top_p, min_k, max_k, capacity_factor, ec_inference)
         # Aux-loss-free balancing: added to the scores for selection only (all zeros when off).
         self.register_buffer("selection_bias", torch.zeros(n_experts))
         self.register_buffer("load_since_update", torch.zeros(n_experts), persistent=False)
@@ -144,43 +105,21 @@ class SparseFFN(nn.Module):
         self.last_routing: RoutingInfo | None = None
         self.shared: SharedExperts | None = None
 
-    def init_shared(self, n_shared_experts: int, d_shared: int | None, shared_gate: bool, expert_width: int,
-                    init_std: float) -> None:
-        """Give the layer ``n_shared_experts`` always-active experts of width ``d_shared`` (None =
+    def _checked_options(self, options: dict) -> SparseOptions:
+        """``options`` as checked ``SparseOptions`` (a TypeError names an unknown keyword)."""
+        unknown = sorted(set(options) - {f for f in SparseOptions.__dataclass_fields__})
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}")
+        return SparseOptions(**options).check(self.n_experts)
+
+    def init_shared(self, expert_width: int) -> None:
+        """Give the layer its ``n_shared_experts`` always-active experts of width ``d_shared`` (None =
         ``expert_width``), with the sigmoid gate when ``shared_gate`` (``self.shared``); none when 0.
         A subclass calls this once it knows its expert width."""
-        if not isinstance(n_shared_experts, int) or isinstance(n_shared_experts, bool) or n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts={n_shared_experts!r} must be an integer >= 0")
-        if n_shared_experts == 0:
-            if d_shared is not None or shared_gate:
-                raise ValueError(f"d_shared={d_shared!r} / shared_gate={shared_gate!r} need n_shared_experts >= 1")
-            return
-        width = expert_width if d_shared is None else check_positive("d_shared", d_shared)
-        self.shared = SharedExperts(self.d_model, width, n_shared_experts, gate=shared_gate, init_std=init_std)
-
-    def _init_selection(self, selection, top_p, min_k, max_k, capacity_factor, ec_inference) -> None:
-        """Check and keep the selection rule's options (see ``aoe.nn.selection``)."""
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection={selection!r} is not a rule; choose one of {SELECTIONS}")
-        E = self.n_experts
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p={top_p!r} must be a number in (0, 1] (None = top_k / n_experts)")
-        if not isinstance(min_k, int) or isinstance(min_k, bool) or not 1 <= min_k <= E:
-            raise ValueError(f"min_k={min_k!r} must be an integer in [1, n_experts={E}]")
-        if max_k is not None and (not isinstance(max_k, int) or isinstance(max_k, bool) or not min_k <= max_k <= E):
-            raise ValueError(f"max_k={max_k!r} must be an integer in [min_k={min_k}, n_experts={E}] (None = n_experts)")
-        if not (isinstance(capacity_factor, (int, float)) and 0 < capacity_factor < float("inf")):
-            raise ValueError(f"capacity_factor={capacity_factor!r} must be a positive number")
-        if ec_inference not in EC_INFERENCE:
-            raise ValueError(f"ec_inference={ec_inference!r} is not a rule; choose one of {EC_INFERENCE}")
-        if selection == "expert_choice" and self.bias_update_rate > 0:
-            raise ValueError(f"bias_update_rate={self.bias_update_rate} has no effect with selection='expert_choice' "
-                             "(each expert takes its C tokens whatever a per-expert bias); set it to 0")
-        self.selection = selection
-        self.top_p = float(top_p) if top_p is not None else self.top_k / E
-        self.min_k, self.max_k = min_k, E if max_k is None else max_k
-        self.capacity_factor = float(capacity_factor)
-        self.ec_inference = ec_inference
+        if self.n_shared_experts > 0:
+            width = expert_width if self.d_shared is None else self.d_shared
+            self.shared = SharedExperts(self.d_model, width, self.n_shared_experts, gate=self.shared_gate,
+                                        init_std=self.init_std)
 
     def selection_rule(self) -> str:
         """The rule this forward uses: ``selection``, except expert choice outside training with
