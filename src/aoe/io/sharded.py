@@ -21,8 +21,8 @@ Loading reshards: DCP knows each tensor's full shape, so the shards land whereve
 layout wants them (FSDP over any number of ranks, expert parallelism, one process). The data
 position and RNG of each rank are restored when the world size is the same, else every rank
 takes rank 0's (as the one-process format does). One process reads a sharded checkpoint without a
-process group (``load_model_state``: ``aoe eval``, ``generate``, ``export``); ``consolidate``
-writes the one-process format.
+process group (``load_model_state``, through ``aoe.io.models``: ``aoe eval``, ``generate``,
+``export``); ``aoe.train.consolidate`` writes it in the one-process format.
 """
 
 from __future__ import annotations
@@ -40,23 +40,9 @@ import torch
 
 from aoe.config import RunConfig, save_config
 from aoe.io import checkpoint as ckpt
+from aoe.io.layout import DCP_METADATA, SHARDED, is_sharded, rank_file  # noqa: F401  (is_sharded: for callers)
+from aoe.parallel.state import load_training_state, training_state
 from aoe.utils.files import file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors
-
-LAYOUT = "sharded"
-DCP_METADATA = ".metadata"
-REQUIRED = (ckpt.CONFIG_FILE, ckpt.STATE_FILE, DCP_METADATA)
-
-
-def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
-
-
-def is_sharded(path: str | os.PathLike) -> bool:
-    """Whether the checkpoint directory ``path`` is in the sharded layout (reads checkpoint.json only)."""
-    try:
-        return json.loads((Path(path) / ckpt.META_FILE).read_text()).get("layout") == LAYOUT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _rank_world() -> tuple[int, int]:
@@ -226,7 +212,7 @@ def _write_common(tmp: Path, step: int, world: int, cfg: RunConfig, trainer_stat
             files[name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
     for report in reports:
         files.update(report)
-    meta = {"format_version": ckpt.FORMAT_VERSION, "layout": LAYOUT, "step": step, "world_size": world,
+    meta = {"format_version": ckpt.FORMAT_VERSION, "layout": SHARDED, "step": step, "world_size": world,
             "files": dict(sorted(files.items()))}
     with open_for_writing(tmp / ckpt.META_FILE) as f:
         f.write(json.dumps(meta, indent=2).encode("utf-8"))
@@ -264,8 +250,6 @@ def load_rank_state(path: str | os.PathLike, rank: int, world: int) -> dict | No
 def load_training(path: str | os.PathLike, model, optimizer, expert_parallel=None) -> None:
     """Collective: the model's and optimizer's shards of the sharded checkpoint ``path``, in this
     run's layout (``aoe.parallel.state``)."""
-    from aoe.parallel.state import load_training_state, training_state
-
     tensors = training_state(model, optimizer, expert_parallel)
     load_tensors(path, tensors)
     load_training_state(model, optimizer, tensors, expert_parallel)
@@ -274,28 +258,3 @@ def load_training(path: str | os.PathLike, model, optimizer, expert_parallel=Non
 def load_model_state(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """One process: the full weights of the sharded checkpoint ``path`` into ``model``."""
     load_training(path, model, None)
-
-
-def consolidate(src: str | os.PathLike, out_run_dir: str | os.PathLike) -> Path:
-    """Write the sharded checkpoint ``src`` (or a run directory's newest good one) in the
-    one-process format, under ``out_run_dir/checkpoints/``, and return its path: weights,
-    optimizer state in the one-process layout, counters, rank 0's data position and RNG, so the
-    copy resumes like any one-process checkpoint. Holds the full model and moments in memory."""
-    from aoe.data import Tokenizer
-    from aoe.model import Transformer
-    from aoe.parallel.fsdp import empty_model
-    from aoe.train.optim import build_optimizer
-
-    path = ckpt.resolve_checkpoint(src)
-    ckpt.verify_checkpoint(path)
-    if not is_sharded(path):
-        raise ckpt.CheckpointError(f"{str(path)!r} is already in the one-process format: nothing to consolidate")
-    cfg = ckpt.load_run_config(path)
-    model = empty_model(lambda: Transformer(cfg.model))
-    optimizer = build_optimizer(model, cfg.train, fused=False)
-    load_training(path, model, optimizer)
-    state = ckpt.load_trainer_state(path)
-    state["optimizer"] = optimizer.state_dict()
-    tok_file = path / ckpt.TOKENIZER_FILE
-    tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
-    return ckpt.save_checkpoint(out_run_dir, state["step"], model, cfg, state, tokenizer=tokenizer)

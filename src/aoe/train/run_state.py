@@ -27,7 +27,8 @@ from aoe.config import ConfigError, RunConfig, config_to_dict
 from aoe.config.files import INIT_ONLY_MODEL_KEYS
 from aoe.data import BatchSampler
 from aoe.io import checkpoint as ckpt
-from aoe.io.sharded import is_sharded
+from aoe.io import sharded
+from aoe.io.layout import is_sharded
 from aoe.train.distributed import DistInfo, any_rank, broadcast_object
 from aoe.train.plans import ParallelPlan
 
@@ -118,12 +119,10 @@ class RunCheckpoints:
 
     def _save_sharded(self, state: TrainState) -> tuple[Path | None, Exception | None]:
         """No gather: every rank writes its shards and its own data position and RNG."""
-        from aoe.io.sharded import save_sharded_checkpoint
-
         common = self._trainer_state(state, optimizer_state={})
         del common["optimizer"]  # in the shards
         try:
-            return save_sharded_checkpoint(
+            return sharded.save_sharded_checkpoint(
                 self.out_dir, state.step, self.plan.sharded_state(self.optimizer), self.cfg, common,
                 {"sampler": common["sampler"], "rng": common["rng"]}, tokenizer=self.tokenizer,
                 keep=self.cfg.train.keep_checkpoints, retry_hint=RETRY_HINT), None
@@ -187,6 +186,4 @@ class RunCheckpoints:
 def sharded_rank_state(path: Path, dist: DistInfo) -> dict[str, Any]:
     """This rank's own data position and RNG when the world size is the one that saved (else {}:
     rank 0's, in the common trainer state, serve)."""
-    from aoe.io import sharded
-
     return sharded.load_rank_state(path, dist.rank, dist.world_size) or {}
