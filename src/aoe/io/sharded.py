@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from aoe.config import RunConfig, save_config
 from aoe.io import checkpoint as ckpt
@@ -170,8 +171,24 @@ def _write_shards(tmp: Path, tensors: dict, final: Path, advice) -> None:
     import torch.distributed.checkpoint as dcp
 
     with reporting_write_errors(final, advice, ckpt.CheckpointWriteError):
-        with _quiet_one_process():
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=_one_process())
+        try:
+            with _quiet_one_process():
+                dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+                         no_dist=_one_process())
+        except CheckpointException as e:
+            raise _dcp_failure(e) from e
+
+
+def _dcp_failure(error: CheckpointException) -> Exception:
+    """DCP's error, a BaseException that gathers every rank's failure over many lines, as one
+    ordinary exception: the first OSError among them as it is (a full disk then reads as one,
+    ``reporting_write_errors``), else a CheckpointError naming the first rank's cause in a line."""
+    failures = sorted(error.failures.items(), key=lambda item: item[0])
+    for _rank, (exc, _trace) in failures:
+        if isinstance(exc, OSError):
+            return exc
+    rank, (exc, _trace) = failures[0]
+    return ckpt.CheckpointError(f"rank {rank}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
 
 def _write_rank_file(tmp: Path, rank: int, rank_state: dict) -> dict:
@@ -231,7 +248,9 @@ def load_tensors(path: str | os.PathLike, tensors: dict) -> None:
     try:
         with _quiet_one_process():
             dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=_one_process())
-    except Exception as e:  # DCP's CheckpointException gathers every rank's errors, over many lines
+    except CheckpointException as e:
+        raise ckpt.CheckpointError(f"cannot read the sharded checkpoint {str(path)!r}: {_dcp_failure(e)}") from e
+    except Exception as e:
         first = " ".join(str(e).split())[:400]
         raise ckpt.CheckpointError(f"cannot read the sharded checkpoint {str(path)!r}: {first}") from e
 
