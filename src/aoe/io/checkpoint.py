@@ -109,9 +109,16 @@ def save_checkpoint(
     raises CheckpointWriteError ("no space left on device while writing ...: nothing on disk was
     lost, the newest good checkpoint is ...; <retry_hint>") with the temporary files removed.
     """
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise CheckpointError(f"refusing to save step {step}: parameter {name!r} holds NaN or inf")
+    return save_weights(run_dir, step, model_state_for_saving(model), cfg, trainer_state, tokenizer=tokenizer,
+                        keep=keep, retry_hint=retry_hint)
+
+
+def save_weights(run_dir: str | os.PathLike, step: int, weights: dict[str, torch.Tensor], cfg: RunConfig,
+                 trainer_state: dict[str, Any], tokenizer=None, keep: int | None = None,
+                 retry_hint: str = "free some space, then try again") -> Path:
+    """``save_checkpoint`` of the state dict ``weights`` as ``model_state_for_saving`` gives it
+    (what a background save writes from its copy of the state); the same checks and guarantees."""
+    refuse_non_finite(step, weights)
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f"{_TMP}{final.name}-{uuid.uuid4().hex[:8]}"
@@ -120,7 +127,7 @@ def save_checkpoint(
             root.mkdir(parents=True, exist_ok=True)
             _clean_stale(root)
             tmp.mkdir()
-            _write_files(tmp, step, model, cfg, trainer_state, tokenizer)
+            _write_files(tmp, step, weights, cfg, trainer_state, tokenizer)
             _commit(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -131,10 +138,17 @@ def save_checkpoint(
     return final
 
 
-def _write_files(tmp: Path, step: int, model: torch.nn.Module, cfg: RunConfig, trainer_state: dict[str, Any],
-                 tokenizer) -> None:
+def refuse_non_finite(step: int, weights: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming the first weight that holds a NaN or inf: a bad state never replaces a good one."""
+    for name, p in weights.items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"refusing to save step {step}: parameter {name!r} holds NaN or inf")
+
+
+def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], cfg: RunConfig,
+                 trainer_state: dict[str, Any], tokenizer) -> None:
     """Every file of a checkpoint into ``tmp``, fsync'ed, ``checkpoint.json`` last."""
-    save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
     save_config(cfg, tmp / CONFIG_FILE)
     if tokenizer is not None:
         tokenizer.save(tmp)
