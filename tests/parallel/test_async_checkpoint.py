@@ -1,6 +1,6 @@
 """Checkpoints written in the background (train.async_checkpoint) with real processes (gloo on CPU).
 
-Under FSDP on 2 ranks an asynchronous run logs the synchronous run's losses and writes the same
+Under FSDP or expert parallelism on 2 ranks an asynchronous run logs the synchronous run's losses and writes the same
 shards (the same bytes) at the same steps, and its checkpoint resumes with the uninterrupted
 run's losses (rel 1e-5). SIGTERM stops a sharded run after the same step on every rank with a
 checkpoint of it, also while a background save is held in flight (it is finished first). A disk
@@ -115,15 +115,16 @@ def test_async_checkpoint_is_validated(make_cfg, monkeypatch):
 
 
 @pytest.mark.slow
-def test_async_saves_on_two_ranks_are_the_synchronous_ones_and_resume(single_run, tmp_path):
+@pytest.mark.parametrize("layout", ["train.fsdp=true", "train.expert_parallel=2"])
+def test_async_saves_on_two_ranks_are_the_synchronous_ones_and_resume(single_run, tmp_path, layout):
     overrides, single = single_run
-    fsdp = [*overrides, "train.fsdp=true"]
+    args = [*overrides, layout]
     sync, background, resumed = tmp_path / "sync", tmp_path / "async", tmp_path / "async-resumed"
-    _spawn(_plan_worker, 2, [("train", fsdp, str(sync), False), ("train", [*fsdp, ASYNC], str(background), False),
+    _spawn(_plan_worker, 2, [("train", args, str(sync), False), ("train", [*args, ASYNC], str(background), False),
                              ("copy", str(background), str(resumed), 2),
-                             ("train", [*fsdp, ASYNC], str(resumed), True)])
+                             ("train", [*args, ASYNC], str(resumed), True)])
     assert _losses(background) == _losses(sync)
-    _same_losses(_losses(background), _losses(single), "FSDP=2, asynchronous checkpoints")
+    _same_losses(_losses(background), _losses(single), f"{layout} on 2 ranks, asynchronous checkpoints")
     for step in ("checkpoints/step_00000002", "checkpoints/step_00000004"):
         got, want = _files(background / step), _files(sync / step)
         assert got.keys() == want.keys(), step
@@ -132,7 +133,7 @@ def test_async_saves_on_two_ranks_are_the_synchronous_ones_and_resume(single_run
         got_w, want_w = _weights(background / step), _weights(sync / step)
         assert got_w.keys() == want_w.keys() and all(torch.equal(got_w[k], want_w[k]) for k in want_w), step
     assert _no_temporary(background)
-    _same_losses(_losses(resumed), _losses(single), "an asynchronous checkpoint resumed under FSDP=2")
+    _same_losses(_losses(resumed), _losses(single), f"an asynchronous checkpoint resumed under {layout}")
 
 
 @pytest.mark.slow
