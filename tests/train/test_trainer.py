@@ -399,3 +399,27 @@ def test_a_stop_on_nan_names_the_checkpoint_a_background_save_was_writing(tmp_pa
                                             r"'.*step_00000004'"):
         train(cfg, run, progress=False)
     verify_checkpoint(run / "checkpoints" / "step_00000004")
+
+
+def test_a_run_ending_on_an_error_still_completes_the_save_in_flight(tmp_path, make_cfg, monkeypatch):
+    """A step fails (here: raises) while the step-4 save is being written: the error propagates
+    once that write has finished, so step 4 is in place and verifies."""
+    release, run = tmp_path / "release", tmp_path / "run"
+    monkeypatch.setenv("AOE_DEBUG_HOLD_CHECKPOINT", f"4:{release}")
+    cfg = make_cfg(**{"train.checkpoint_every": 2, "train.eval_every": 0, "train.async_checkpoint": True,
+                      "train.checkpoint_format": "sharded"})
+    trainer = Trainer(cfg, run, progress=False)
+    real = trainer._train_step
+
+    def fail_at_step_5(collect_routing):
+        if trainer.state.step == 4:
+            assert not (run / "checkpoints" / "step_00000004").exists()  # still being written
+            release.touch()
+            raise RuntimeError("a step failed")
+        return real(collect_routing)
+
+    monkeypatch.setattr(trainer, "_train_step", fail_at_step_5)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        trainer.fit()
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004"]
+    verify_checkpoint(run / "checkpoints" / "step_00000004")
