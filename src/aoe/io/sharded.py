@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from aoe.config import RunConfig, save_config
 from aoe.io import checkpoint as ckpt
 from aoe.io.background import hold_for_tests, snapshot
-from aoe.io.layout import DCP_METADATA, SHARDED, is_sharded, rank_file  # noqa: F401  (is_sharded: for callers)
+from aoe.io.layout import DCP_METADATA, SHARDED, rank_file
 from aoe.parallel.state import load_training_state, training_state
 from aoe.utils.files import file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors
 
