@@ -27,7 +27,7 @@ def add_checkpoint_parser(subparsers) -> argparse.ArgumentParser:
 def run_consolidate(args: argparse.Namespace) -> int:
     from aoe.config import save_config
     from aoe.io.checkpoint import CheckpointError, list_checkpoints, load_run_config
-    from aoe.io.sharded import consolidate
+    from aoe.train.consolidate import consolidate
 
     out = Path(args.out)
     if list_checkpoints(out):

@@ -323,3 +323,29 @@ def test_a_checkpoint_config_edited_to_claim_more_than_its_weights_is_refused_be
     with pytest.raises(CheckpointError) as e:
         load_model(path)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_formats_depend_one_way_and_loading_dispatches_in_one_place(tmp_path):
+    """aoe.io.checkpoint knows nothing of aoe.io.sharded (which builds on it), and neither imports
+    the trainer; aoe.io.models reads both formats, and the one-process reader refuses a sharded
+    checkpoint by name instead of failing on a missing file."""
+    import subprocess
+    import sys
+
+    code = ("import sys, aoe.io.checkpoint\nprint('aoe.io.sharded' in sys.modules)\n"
+            "import aoe.io.sharded, aoe.io.models\nprint('aoe.train' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+    from aoe.io.checkpoint import load_model_state
+    from aoe.io.models import load_weights
+
+    model, cfg = _model_and_cfg()
+    path = save_checkpoint(tmp_path, 1, model, cfg, {"step": 1})
+    meta = json.loads((path / "checkpoint.json").read_text())
+    (path / "checkpoint.json").write_text(json.dumps({**meta, "layout": "sharded"}))
+    with pytest.raises(CheckpointError, match=r"step_00000001' is a sharded checkpoint.*aoe.io.models.load_weights"):
+        load_model_state(model, path)
+    with pytest.raises(CheckpointError, match=r"cannot read the sharded checkpoint .*step_00000001"):
+        load_weights(model, path)  # dispatched to aoe.io.sharded, which finds no DCP metadata

@@ -74,7 +74,7 @@ def test_eval_and_consolidate_read_a_sharded_checkpoint_in_one_process(fsdp_run,
     from aoe.cli import main
     from aoe.config import load_config
     from aoe.io.checkpoint import CheckpointError, verify_checkpoint
-    from aoe.io.sharded import consolidate
+    from aoe.train.consolidate import consolidate
     from aoe.train.trainer import Trainer
 
     overrides, single, run = fsdp_run

@@ -349,3 +349,77 @@ def test_a_run_started_with_the_authors_gate_init_resumes_under_the_new_default(
     Trainer(now, tmp_path / "cut", resume=True, progress=False).fit()
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
     assert load_run_config(list_checkpoints(tmp_path / "cut")[-1]).model.gate_init == "normal"
+
+
+def test_async_checkpoints_in_one_process_hold_the_synchronous_state_and_resume(tmp_path, make_cfg):
+    """train.async_checkpoint in the one-process format: the same losses, every checkpoint's
+    tensors (weights, AdamW moments, RNG) equal to the synchronous run's, retention as usual,
+    and its step-8 checkpoint resumes with the same losses."""
+    from safetensors.torch import load_file
+
+    base = {"train.max_steps": 12, "train.keep_checkpoints": 2, "train.eval_every": 0}
+    train(make_cfg(**base), tmp_path / "sync", progress=False)
+    train(make_cfg(**base, **{"train.async_checkpoint": True}), tmp_path / "async", progress=False)
+    assert _losses(tmp_path / "async") == _losses(tmp_path / "sync")
+    names = [p.name for p in list_checkpoints(tmp_path / "async")]
+    assert names == ["step_00000008", "step_00000012"] == [p.name for p in list_checkpoints(tmp_path / "sync")]
+    for name in names:
+        a, b = tmp_path / "async" / "checkpoints" / name, tmp_path / "sync" / "checkpoints" / name
+        verify_checkpoint(a)
+        wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wb), name
+        sa, sb = load_trainer_state(a), load_trainer_state(b)
+        assert torch.equal(sa["rng"]["cpu"], sb["rng"]["cpu"]) and sa["sampler"] == sb["sampler"], name
+        for moments_a, moments_b in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+            assert all(torch.equal(moments_a[k], moments_b[k]) for k in moments_b), name
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "async", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000012")
+    train(make_cfg(**base, **{"train.async_checkpoint": True}), resumed, resume=True, progress=False)
+    assert _losses(resumed) == _losses(tmp_path / "sync")
+
+
+def test_a_stop_on_nan_names_the_checkpoint_a_background_save_was_writing(tmp_path, make_cfg, monkeypatch):
+    """The step-4 save is still being written (held) when step 5's loss is NaN: the run waits for
+    it, so the message names step 4 and step 4 verifies."""
+    release, run = tmp_path / "release", tmp_path / "run"
+    monkeypatch.setenv("AOE_DEBUG_NONFINITE", "0:5")
+    monkeypatch.setenv("AOE_DEBUG_HOLD_CHECKPOINT", f"4:{release}")
+    cfg = make_cfg(**{"train.checkpoint_every": 2, "train.eval_every": 0, "train.async_checkpoint": True,
+                      "train.checkpoint_format": "sharded"})
+    real = Trainer._non_finite
+
+    def release_then_report(self, *args):  # the held write goes on only once step 5 has failed
+        assert not (run / "checkpoints" / "step_00000004").exists()
+        release.touch()
+        return real(self, *args)
+
+    monkeypatch.setattr(Trainer, "_non_finite", release_then_report)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 5.*the newest good checkpoint is "
+                                            r"'.*step_00000004'"):
+        train(cfg, run, progress=False)
+    verify_checkpoint(run / "checkpoints" / "step_00000004")
+
+
+def test_a_run_ending_on_an_error_still_completes_the_save_in_flight(tmp_path, make_cfg, monkeypatch):
+    """A step fails (here: raises) while the step-4 save is being written: the error propagates
+    once that write has finished, so step 4 is in place and verifies."""
+    release, run = tmp_path / "release", tmp_path / "run"
+    monkeypatch.setenv("AOE_DEBUG_HOLD_CHECKPOINT", f"4:{release}")
+    cfg = make_cfg(**{"train.checkpoint_every": 2, "train.eval_every": 0, "train.async_checkpoint": True,
+                      "train.checkpoint_format": "sharded"})
+    trainer = Trainer(cfg, run, progress=False)
+    real = trainer._train_step
+
+    def fail_at_step_5(collect_routing):
+        if trainer.state.step == 4:
+            assert not (run / "checkpoints" / "step_00000004").exists()  # still being written
+            release.touch()
+            raise RuntimeError("a step failed")
+        return real(collect_routing)
+
+    monkeypatch.setattr(trainer, "_train_step", fail_at_step_5)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        trainer.fit()
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004"]
+    verify_checkpoint(run / "checkpoints" / "step_00000004")

@@ -31,7 +31,9 @@ def _model_rules(v: Mapping[str, Any]) -> list[Rule]:
 
 
 def _train_rules(v: Mapping[str, Any]) -> list[Rule]:
-    return [("fsdp_shard_size", None, not v.get("fsdp"), "applies with train.fsdp=true only")]
+    return [("fsdp_shard_size", None, not v.get("fsdp"), "applies with train.fsdp=true only"),
+            ("async_checkpoint", False, v.get("checkpoint_every") == 0,
+             "applies with train.checkpoint_every > 0 only (the final save is waited for)")]
 
 
 RULES: dict[str, Callable[[Mapping[str, Any]], list[Rule]]] = {"model": _model_rules, "train": _train_rules}

@@ -377,6 +377,13 @@ class TrainConfig(_Section):
     #: rank writes its own shards (torch.distributed.checkpoint, aoe.io.sharded; resumes in any
     #: layout); "auto": sharded under fsdp or expert_parallel > 1, else full.
     checkpoint_format: str = "auto"
+    #: Write the periodic checkpoints in a background thread (either format): a save copies the
+    #: state into CPU memory (each rank its shards, or rank 0 the gathered state) and training goes
+    #: on while the copy is written, one write at a time (a save waits for the previous one). The
+    #: same files and guarantees as a synchronous save; an error stops the run at the next save or
+    #: at the end. The last save, and one on a stop signal, are waited for. Costs a second copy of
+    #: the saved state in CPU memory while it is written. Needs train.checkpoint_every > 0.
+    async_checkpoint: bool = False
     #: Compile the model with torch.compile.
     compile: bool = False
     #: Expert parallelism: shard each sparse layer's experts over this many ranks (1 = off: every

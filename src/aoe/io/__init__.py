@@ -1,6 +1,7 @@
 """Models on disk, below training: the native checkpoint format (write atomically, verify, list;
-``aoe.io.checkpoint``) and loading a model for inference from any directory the project writes
-(``aoe.io.models``). Evaluation, export, comparison and the CLI load models from here without
+``aoe.io.checkpoint``), its sharded variant built on it (``aoe.io.sharded``; what both hold:
+``aoe.io.layout``; writes in the background: ``aoe.io.background``) and loading a model for
+inference from any directory the project writes (``aoe.io.models``, the one reader of both formats). Evaluation, export, comparison and the CLI load models from here without
 importing the trainer. The names below are imported on first use, so that a command's ``--help``
 (which wires ``aoe checkpoint`` from ``aoe.io.commands``) does not import torch."""
 

@@ -37,21 +37,18 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from aoe.config import RunConfig, save_config
+from aoe.config import DataConfig, RunConfig, TrainConfig, save_config
 from aoe.config.files import load_saved_config
 from aoe.errors import shown
+from aoe.io.layout import (  # noqa: F401  (the file names, read as ckpt.MODEL_FILE... too)
+    CHECKPOINT_DIR, CONFIG_FILE, FORMAT_VERSION, META_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, is_sharded,
+    required_files,
+)
 from aoe.utils.files import (
     WriteError, file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors, share_as_umask_allows,
     replace_directory,
 )
 
-FORMAT_VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.json"
-STATE_FILE = "trainer_state.pt"
-META_FILE = "checkpoint.json"
 CORRUPT_SUFFIX = ".corrupt"
 _PREFIX = "step_"
 _TMP = ".tmp-"  # every temporary entry of checkpoints/ starts with this
@@ -112,9 +109,16 @@ def save_checkpoint(
     raises CheckpointWriteError ("no space left on device while writing ...: nothing on disk was
     lost, the newest good checkpoint is ...; <retry_hint>") with the temporary files removed.
     """
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise CheckpointError(f"refusing to save step {step}: parameter {name!r} holds NaN or inf")
+    return save_weights(run_dir, step, model_state_for_saving(model), cfg, trainer_state, tokenizer=tokenizer,
+                        keep=keep, retry_hint=retry_hint)
+
+
+def save_weights(run_dir: str | os.PathLike, step: int, weights: dict[str, torch.Tensor], cfg: RunConfig,
+                 trainer_state: dict[str, Any], tokenizer=None, keep: int | None = None,
+                 retry_hint: str = "free some space, then try again") -> Path:
+    """``save_checkpoint`` of the state dict ``weights`` as ``model_state_for_saving`` gives it
+    (what a background save writes from its copy of the state); the same checks and guarantees."""
+    refuse_non_finite(step, weights)
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f"{_TMP}{final.name}-{uuid.uuid4().hex[:8]}"
@@ -123,7 +127,7 @@ def save_checkpoint(
             root.mkdir(parents=True, exist_ok=True)
             _clean_stale(root)
             tmp.mkdir()
-            _write_files(tmp, step, model, cfg, trainer_state, tokenizer)
+            _write_files(tmp, step, weights, cfg, trainer_state, tokenizer)
             _commit(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,10 +138,17 @@ def save_checkpoint(
     return final
 
 
-def _write_files(tmp: Path, step: int, model: torch.nn.Module, cfg: RunConfig, trainer_state: dict[str, Any],
-                 tokenizer) -> None:
+def refuse_non_finite(step: int, weights: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming the first weight that holds a NaN or inf: a bad state never replaces a good one."""
+    for name, p in weights.items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"refusing to save step {step}: parameter {name!r} holds NaN or inf")
+
+
+def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], cfg: RunConfig,
+                 trainer_state: dict[str, Any], tokenizer) -> None:
     """Every file of a checkpoint into ``tmp``, fsync'ed, ``checkpoint.json`` last."""
-    save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
     save_config(cfg, tmp / CONFIG_FILE)
     if tokenizer is not None:
         tokenizer.save(tmp)
@@ -300,7 +311,7 @@ def _verify(path: Path) -> dict:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r} has checkpoint format {version!r}; this version reads {FORMAT_VERSION}")
     _check_step_name(path, meta.get("step"))
-    for required in _required_files(meta):
+    for required in required_files(meta):
         if required not in files:
             raise CheckpointError(f"{str(path)!r}: {META_FILE} does not list {required}")
     for name, info in files.items():
@@ -313,15 +324,6 @@ def _verify(path: Path) -> dict:
         if file_sha256(file) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {str(file)!r} does not match its SHA-256 (corrupt)")
     return meta
-
-
-def _required_files(meta: dict) -> tuple[str, ...]:
-    """The files a checkpoint's metadata must list: the one-process format's, or the sharded one's."""
-    if meta.get("layout") == "sharded":  # aoe.io.sharded (torch.distributed.checkpoint)
-        from aoe.io.sharded import REQUIRED
-
-        return REQUIRED
-    return MODEL_FILE, CONFIG_FILE, STATE_FILE
 
 
 def _check_step_name(path: Path, step: Any) -> None:
@@ -429,13 +431,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 # Load
 # ---------------------------------------------------------------------------------------------
 def load_model_state(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load ``model.safetensors`` of a (verified) checkpoint into ``model`` (strict, tied-aware);
-    a sharded checkpoint's weights through ``aoe.io.sharded`` (one process, no process group)."""
-    from aoe.io import sharded
-
-    if sharded.is_sharded(path):
-        return sharded.load_model_state(model, path)
+    """Load ``model.safetensors`` of a (verified) one-process checkpoint into ``model`` (strict,
+    tied-aware). A checkpoint of either format: ``aoe.io.models.load_weights``."""
     file = Path(path) / MODEL_FILE
+    if is_sharded(path):
+        raise CheckpointError(f"{str(path)!r} is a sharded checkpoint, without {MODEL_FILE}: read it with "
+                              "aoe.io.models.load_weights, or consolidate it (aoe checkpoint consolidate)")
     try:
         state = load_file(str(file))
     except Exception as e:  # safetensors raises several types on bad headers
@@ -461,47 +462,10 @@ def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {str(file)!r}: {e}") from e
 
 
-def load_native_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
-    """``(model, cfg, tokenizer)`` of one native checkpoint directory (see ``aoe.io.models.load_model``)."""
-    from aoe.data import Tokenizer
-    from aoe.model import Transformer
-
-    ckpt = Path(ckpt)
-    if verify:
-        verify_checkpoint(ckpt)
-    cfg = load_run_config(ckpt)
-    _check_weights_fit(cfg, ckpt)
-    model = Transformer(cfg.model)
-    load_model_state(model, ckpt)
-    model.to(device).eval()
-    tok_file = ckpt / TOKENIZER_FILE
-    tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
-    return model, cfg, tokenizer
-
-
-def _check_weights_fit(cfg: RunConfig, ckpt: Path) -> None:
-    """The checkpoint's model config against its weights' header (``aoe.io.bounds``), before the
-    model is built: a config.yaml that claims more than the weights hold is refused."""
-    from aoe.io.sharded import is_sharded
-
-    if is_sharded(ckpt):  # no safetensors header: DCP's metadata is checked against the model on load
-        return
-    from aoe.io.bounds import SIZE_FIELDS, check_shapes, check_sizes, native_shapes, read_shapes
-
-    found = read_shapes([ckpt / MODEL_FILE], CheckpointError)
-    where = ckpt / CONFIG_FILE
-    names = {field: f"model.{field}" for field in ("n_layers", *SIZE_FIELDS)}
-    check_sizes(cfg.model, found, where, CheckpointError, names=names)
-    expected = {key.removeprefix("model."): shape for key, shape in native_shapes(cfg.model).items()}
-    check_shapes(expected, found, where, CheckpointError)
-
-
 def imported_run_config(model_config, tokenizer=None) -> RunConfig:
     """The run config of a model that was not trained here (imported, converted): its model
     config with the data/train defaults fitted to it (vocab_size from the tokenizer when there is
     one, seq_len = min(128, max_seq_len))."""
-    from aoe.config import DataConfig, TrainConfig
-
     mcfg = copy.deepcopy(model_config)
     data = DataConfig(vocab_size=mcfg.vocab_size if tokenizer is None else tokenizer.vocab_size)
     return RunConfig(model=mcfg, data=data, train=TrainConfig(seq_len=min(128, mcfg.max_seq_len)))

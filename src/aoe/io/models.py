@@ -8,7 +8,9 @@ Three kinds of directory are accepted (``model_dir_kind`` tells them apart witho
                 with model_type "aoe", *.safetensors, the tokenizer files
 
 ``load_model(path)`` is ``load_any`` as ``(model, cfg, tokenizer)``. A native checkpoint is read
-by ``aoe.io.checkpoint.load_native_checkpoint``. A Hugging Face directory is read
+by ``load_native_checkpoint``, in either format (``load_weights``: the one-process format through
+``aoe.io.checkpoint``, the sharded one through ``aoe.io.sharded``, one process without a process
+group); this module is the one place that reads both. A Hugging Face directory is read
 as ``aoe export --to-native`` reads it (``aoe.hf.native.load_hf_as_native``: same weights, same
 dtype) and gets the run config ``aoe export --to-native`` would write for it
 (``imported_run_config``), so evaluating the directory or its native copy gives the same numbers.
@@ -28,12 +30,17 @@ from pathlib import Path
 import torch
 
 from aoe.config import RunConfig
+from aoe.io import checkpoint as ckpt
+from aoe.io import sharded
+from aoe.io.bounds import SIZE_FIELDS, check_shapes, check_sizes, native_shapes, read_shapes
 from aoe.io.checkpoint import (
-    CHECKPOINT_DIR, META_FILE, TOKENIZER_FILE, CheckpointError, checkpoint_step, imported_run_config,
-    load_native_checkpoint, resolve_checkpoint,
+    CHECKPOINT_DIR, CONFIG_FILE, META_FILE, MODEL_FILE, TOKENIZER_FILE, CheckpointError, checkpoint_step,
+    imported_run_config, resolve_checkpoint, verify_checkpoint,
 )
+from aoe.io.layout import is_sharded
 
-__all__ = ["LoadedModel", "load_any", "load_model", "model_dir_kind", "ACCEPTED"]
+__all__ = ["LoadedModel", "load_any", "load_model", "load_native_checkpoint", "load_weights", "model_dir_kind",
+           "ACCEPTED"]
 
 HF_CONFIG_FILE = "config.json"
 ACCEPTED = ("a checkpoint directory, a run directory with checkpoints/, or a Hugging Face directory written "
@@ -103,10 +110,10 @@ def load_any(path: str | os.PathLike, device: str | torch.device = "cpu", verify
     """
     kind = model_dir_kind(path)
     if kind != "hf":
-        ckpt = resolve_checkpoint(path)
-        model, cfg, tokenizer = load_native_checkpoint(ckpt, device=device, verify=verify)
-        missing = None if tokenizer is not None else f"{ckpt} has no {TOKENIZER_FILE}"
-        return LoadedModel(model, cfg, tokenizer, "checkpoint", ckpt, missing)
+        found = resolve_checkpoint(path)
+        model, cfg, tokenizer = load_native_checkpoint(found, device=device, verify=verify)
+        missing = None if tokenizer is not None else f"{found} has no {TOKENIZER_FILE}"
+        return LoadedModel(model, cfg, tokenizer, "checkpoint", found, missing)
     path = Path(path)
     model = _load_hf_model(path).to(device).eval()
     tokenizer, missing = _load_hf_tokenizer(path, _read_hf_config(path))
@@ -125,6 +132,46 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", veri
     """
     loaded = load_any(path, device=device, verify=verify)
     return loaded.model, loaded.config, loaded.tokenizer
+
+
+def load_native_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
+    """``(model, cfg, tokenizer)`` of one native checkpoint directory of either format (see ``load_model``)."""
+    from aoe.data import Tokenizer
+    from aoe.model import Transformer
+
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    cfg = ckpt.load_run_config(path)
+    _check_weights_fit(cfg, path)
+    model = Transformer(cfg.model)
+    load_weights(model, path)
+    model.to(device).eval()
+    tok_file = path / TOKENIZER_FILE
+    tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
+    return model, cfg, tokenizer
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """The full weights of the (verified) native checkpoint ``path`` into ``model``, whichever
+    format wrote it: a sharded one is assembled from its shards by this one process."""
+    if is_sharded(path):
+        sharded.load_model_state(model, path)
+    else:
+        ckpt.load_model_state(model, path)
+
+
+def _check_weights_fit(cfg: RunConfig, path: Path) -> None:
+    """The checkpoint's model config against its weights' header (``aoe.io.bounds``), before the
+    model is built: a config.yaml that claims more than the weights hold is refused."""
+    if is_sharded(path):  # no safetensors header: DCP's metadata is checked against the model on load
+        return
+    found = read_shapes([path / MODEL_FILE], CheckpointError)
+    where = path / CONFIG_FILE
+    names = {field: f"model.{field}" for field in ("n_layers", *SIZE_FIELDS)}
+    check_sizes(cfg.model, found, where, CheckpointError, names=names)
+    expected = {key.removeprefix("model."): shape for key, shape in native_shapes(cfg.model).items()}
+    check_shapes(expected, found, where, CheckpointError)
 
 
 def _load_hf_model(path: Path) -> torch.nn.Module:

@@ -17,12 +17,18 @@ the directory into place as the one-process format does: a half-written save nev
 complete, verification, retention and moving aside work unchanged. No tensor is gathered: a rank
 holds its own shards, and DCP's writer a bounded buffer.
 
+A save has two halves (``begin_sharded_checkpoint``, then the ``ShardedWrite`` it returns): the
+checks and the temporary directory, then the write. The write may run in a background thread
+(``train.async_checkpoint``, ``aoe.io.background``) over a CPU copy of the state, its collectives
+on a process group of its own so that they never interleave with the training's; it is the same
+write, so the files and the guarantees are the same.
+
 Loading reshards: DCP knows each tensor's full shape, so the shards land wherever the loading
 layout wants them (FSDP over any number of ranks, expert parallelism, one process). The data
 position and RNG of each rank are restored when the world size is the same, else every rank
 takes rank 0's (as the one-process format does). One process reads a sharded checkpoint without a
-process group (``load_model_state``: ``aoe eval``, ``generate``, ``export``); ``consolidate``
-writes the one-process format.
+process group (``load_model_state``, through ``aoe.io.models``: ``aoe eval``, ``generate``,
+``export``); ``aoe.train.consolidate`` writes it in the one-process format.
 """
 
 from __future__ import annotations
@@ -33,30 +39,19 @@ import os
 import shutil
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from aoe.config import RunConfig, save_config
 from aoe.io import checkpoint as ckpt
+from aoe.io.background import hold_for_tests, snapshot
+from aoe.io.layout import DCP_METADATA, SHARDED, rank_file
+from aoe.parallel.state import load_training_state, training_state
 from aoe.utils.files import file_sha256, fsync_dir, fsync_file, open_for_writing, reporting_write_errors
-
-LAYOUT = "sharded"
-DCP_METADATA = ".metadata"
-REQUIRED = (ckpt.CONFIG_FILE, ckpt.STATE_FILE, DCP_METADATA)
-
-
-def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
-
-
-def is_sharded(path: str | os.PathLike) -> bool:
-    """Whether the checkpoint directory ``path`` is in the sharded layout (reads checkpoint.json only)."""
-    try:
-        return json.loads((Path(path) / ckpt.META_FILE).read_text()).get("layout") == LAYOUT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _rank_world() -> tuple[int, int]:
@@ -101,14 +96,14 @@ def _from_rank0(make):
     return value
 
 
-def _gather_to_rank0(obj) -> list | None:
+def _gather_to_rank0(obj, group=None) -> list | None:
     import torch.distributed as dist
 
     rank, world = _rank_world()
     if world == 1:
         return [obj]
     out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=group)
     return out
 
 
@@ -125,29 +120,75 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, tensors: dict
     ``rank_state``: this rank's data position and RNG. Refuses (CheckpointError) non-finite
     weights on any rank. Raises on rank 0 what went wrong anywhere; the other ranks raise only for
     their own failures (so the caller agrees on the outcome, e.g. with an all-reduce)."""
+    return begin_sharded_checkpoint(run_dir, step, tensors, cfg, trainer_state, rank_state, tokenizer=tokenizer,
+                                    keep=keep, retry_hint=retry_hint)()
+
+
+def begin_sharded_checkpoint(run_dir: str | os.PathLike, step: int, tensors: dict, cfg: RunConfig,
+                             trainer_state: dict[str, Any], rank_state: dict[str, Any], tokenizer=None,
+                             keep: int | None = None, retry_hint: str = "free some space, then try again",
+                             copy: bool = False, group=None) -> "ShardedWrite":
+    """Collective, the first half of ``save_sharded_checkpoint`` (its arguments, its errors): the
+    non-finite check and the temporary directory. Returns the second half, the write, to call on
+    every rank. ``copy``: the write gets a CPU copy of the state (``aoe.io.background.snapshot``),
+    so that it may run in a thread while training changes the state; ``group``: the process group
+    its collectives use (one of its own, beside the training's; None: the default group)."""
     _refuse_non_finite(step, tensors)
-    rank, world = _rank_world()
     root = Path(run_dir) / ckpt.CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
     advice = lambda: ckpt._nothing_lost(run_dir, retry_hint)  # noqa: E731
     tmp = _from_rank0(lambda: _start(root, final, advice))
     try:
-        _write_shards(tmp, tensors, final, advice)
-        reports = _gather_to_rank0(_write_rank_file(tmp, rank, rank_state))
-        if rank != 0:
-            return None
-        with reporting_write_errors(final, advice, ckpt.CheckpointWriteError):
-            _raise_failed(reports, final)
-            _write_common(tmp, step, world, cfg, trainer_state, tokenizer, reports)
-            ckpt._commit(tmp, final)
+        if copy:
+            tensors, trainer_state, rank_state = snapshot((tensors, trainer_state, rank_state))
     except BaseException:
-        if rank == 0:
+        if _rank_world()[0] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ckpt._remember_verified(final)
-    if keep:
-        ckpt.prune_checkpoints(run_dir, keep, current=final)
-    return final
+    return ShardedWrite(Path(run_dir), step, tmp, final, advice, tensors, cfg, trainer_state, rank_state,
+                        tokenizer, keep, group)
+
+
+@dataclass
+class ShardedWrite:
+    """The second half of a sharded save (``begin_sharded_checkpoint``); calling it writes."""
+
+    run_dir: Path
+    step: int
+    tmp: Path
+    final: Path
+    advice: Callable[[], str]
+    tensors: dict
+    cfg: RunConfig
+    trainer_state: dict[str, Any]
+    rank_state: dict[str, Any]
+    tokenizer: Any
+    keep: int | None
+    group: Any
+
+    def __call__(self) -> Path | None:
+        """Collective over ``group``: every rank's shards and rank file, hashed; then rank 0 writes
+        ``checkpoint.json``, renames the directory into place and applies retention. The path on
+        rank 0, None elsewhere; on failure the temporary directory is removed."""
+        rank, world = _rank_world()
+        try:
+            _write_shards(self.tmp, self.tensors, self.final, self.advice, self.group)
+            hold_for_tests(self.step)
+            reports = _gather_to_rank0(_write_rank_file(self.tmp, rank, self.rank_state), self.group)
+            if rank != 0:
+                return None
+            with reporting_write_errors(self.final, self.advice, ckpt.CheckpointWriteError):
+                _raise_failed(reports, self.final)
+                _write_common(self.tmp, self.step, world, self.cfg, self.trainer_state, self.tokenizer, reports)
+                ckpt._commit(self.tmp, self.final)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        ckpt._remember_verified(self.final)
+        if self.keep:
+            ckpt.prune_checkpoints(self.run_dir, self.keep, current=self.final)
+        return self.final
 
 
 def _refuse_non_finite(step: int, tensors: dict) -> None:
@@ -179,13 +220,29 @@ def _start(root: Path, final: Path, advice) -> Path:
     return tmp
 
 
-def _write_shards(tmp: Path, tensors: dict, final: Path, advice) -> None:
-    """Collective: DCP writes every rank's shards and rank 0 the global metadata."""
+def _write_shards(tmp: Path, tensors: dict, final: Path, advice, group=None) -> None:
+    """Collective (over ``group``): DCP writes every rank's shards and rank 0 the global metadata."""
     import torch.distributed.checkpoint as dcp
 
     with reporting_write_errors(final, advice, ckpt.CheckpointWriteError):
-        with _quiet_one_process():
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=_one_process())
+        try:
+            with _quiet_one_process():
+                dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+                         process_group=group, no_dist=_one_process())
+        except CheckpointException as e:
+            raise _dcp_failure(e) from e
+
+
+def _dcp_failure(error: CheckpointException) -> Exception:
+    """DCP's error, a BaseException that gathers every rank's failure over many lines, as one
+    ordinary exception: the first OSError among them as it is (a full disk then reads as one,
+    ``reporting_write_errors``), else a CheckpointError naming the first rank's cause in a line."""
+    failures = sorted(error.failures.items(), key=lambda item: item[0])
+    for _rank, (exc, _trace) in failures:
+        if isinstance(exc, OSError):
+            return exc
+    rank, (exc, _trace) = failures[0]
+    return ckpt.CheckpointError(f"rank {rank}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
 
 def _write_rank_file(tmp: Path, rank: int, rank_state: dict) -> dict:
@@ -226,7 +283,7 @@ def _write_common(tmp: Path, step: int, world: int, cfg: RunConfig, trainer_stat
             files[name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
     for report in reports:
         files.update(report)
-    meta = {"format_version": ckpt.FORMAT_VERSION, "layout": LAYOUT, "step": step, "world_size": world,
+    meta = {"format_version": ckpt.FORMAT_VERSION, "layout": SHARDED, "step": step, "world_size": world,
             "files": dict(sorted(files.items()))}
     with open_for_writing(tmp / ckpt.META_FILE) as f:
         f.write(json.dumps(meta, indent=2).encode("utf-8"))
@@ -245,7 +302,9 @@ def load_tensors(path: str | os.PathLike, tensors: dict) -> None:
     try:
         with _quiet_one_process():
             dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=_one_process())
-    except Exception as e:  # DCP's CheckpointException gathers every rank's errors, over many lines
+    except CheckpointException as e:
+        raise ckpt.CheckpointError(f"cannot read the sharded checkpoint {str(path)!r}: {_dcp_failure(e)}") from e
+    except Exception as e:
         first = " ".join(str(e).split())[:400]
         raise ckpt.CheckpointError(f"cannot read the sharded checkpoint {str(path)!r}: {first}") from e
 
@@ -264,8 +323,6 @@ def load_rank_state(path: str | os.PathLike, rank: int, world: int) -> dict | No
 def load_training(path: str | os.PathLike, model, optimizer, expert_parallel=None) -> None:
     """Collective: the model's and optimizer's shards of the sharded checkpoint ``path``, in this
     run's layout (``aoe.parallel.state``)."""
-    from aoe.parallel.state import load_training_state, training_state
-
     tensors = training_state(model, optimizer, expert_parallel)
     load_tensors(path, tensors)
     load_training_state(model, optimizer, tensors, expert_parallel)
@@ -274,28 +331,3 @@ def load_training(path: str | os.PathLike, model, optimizer, expert_parallel=Non
 def load_model_state(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """One process: the full weights of the sharded checkpoint ``path`` into ``model``."""
     load_training(path, model, None)
-
-
-def consolidate(src: str | os.PathLike, out_run_dir: str | os.PathLike) -> Path:
-    """Write the sharded checkpoint ``src`` (or a run directory's newest good one) in the
-    one-process format, under ``out_run_dir/checkpoints/``, and return its path: weights,
-    optimizer state in the one-process layout, counters, rank 0's data position and RNG, so the
-    copy resumes like any one-process checkpoint. Holds the full model and moments in memory."""
-    from aoe.data import Tokenizer
-    from aoe.model import Transformer
-    from aoe.parallel.fsdp import empty_model
-    from aoe.train.optim import build_optimizer
-
-    path = ckpt.resolve_checkpoint(src)
-    ckpt.verify_checkpoint(path)
-    if not is_sharded(path):
-        raise ckpt.CheckpointError(f"{str(path)!r} is already in the one-process format: nothing to consolidate")
-    cfg = ckpt.load_run_config(path)
-    model = empty_model(lambda: Transformer(cfg.model))
-    optimizer = build_optimizer(model, cfg.train, fused=False)
-    load_training(path, model, optimizer)
-    state = ckpt.load_trainer_state(path)
-    state["optimizer"] = optimizer.state_dict()
-    tok_file = path / ckpt.TOKENIZER_FILE
-    tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
-    return ckpt.save_checkpoint(out_run_dir, state["step"], model, cfg, state, tokenizer=tokenizer)

@@ -15,6 +15,7 @@ import torch
 from aoe.config import ConfigError, RunConfig
 from aoe.data import BatchSampler, TokenData
 from aoe.io import checkpoint as ckpt
+from aoe.io.models import load_weights
 from aoe.model import Transformer
 from aoe.train.build import Process, resolve_config, resolve_dtype
 from aoe.train.distributed import DistInfo
@@ -45,6 +46,6 @@ def finished_model(cfg: RunConfig, run_dir: Path, data: TokenData) -> Transforme
     keep_saved_init(cfg, saved)
     check_same_run(cfg, saved, path)
     model = Transformer(cfg.model)
-    ckpt.load_model_state(model, path)
+    load_weights(model, path)
     device = resolve_device(cfg.train.device, 0, setting="train.device", error=ConfigError)
     return model.to(device).train()

@@ -27,9 +27,14 @@ Determinism: on CPU, a run with the same config, seed and thread count computes 
 and a run resumed from a checkpoint continues exactly where the uninterrupted run would be (the
 checkpoint holds the weights, optimizer moments, step, data position and RNG states).
 
+Asynchronous checkpoints (``train.async_checkpoint``): a periodic save copies the state and the
+steps go on while a thread writes it (``aoe.train.run_state``); the next save, a stop signal and
+the end of the run wait for it first, and its failure stops the run there as a synchronous one's
+would have.
+
 Stopping early: SIGTERM (the preemption signal of cluster schedulers) or SIGUSR1 lets the current
 step finish, then every rank stops after the same step (the ranks agree at each step boundary, as
-the signal may reach only one of them), a checkpoint is saved, and ``TrainingInterrupted`` ends the
+the signal may reach only one of them), a checkpoint is saved (after the one in flight), and ``TrainingInterrupted`` ends the
 process with exit code 128 + the signal's number (143 for SIGTERM). A write the system refuses
 (disk full...) stops the run with a ``CheckpointWriteError`` or ``TrainingWriteError`` naming the
 path, the cause and the checkpoint to resume from.
@@ -198,8 +203,9 @@ class Trainer:
             write_run_config(self.cfg, self.out_dir, self.resumed_from)
 
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0) and return its path (None on other ranks).
-        Every rank returns only once it is written, and every rank raises if it could not be."""
+        """Write a checkpoint of the current step (rank 0) and return its path (None on other ranks),
+        after the save in flight if there is one. Every rank returns only once it is written, and
+        every rank raises if it could not be."""
         return self.checkpoints.save(self.state)
 
     def _any_rank(self, flag: bool | int) -> int:
@@ -212,6 +218,7 @@ class Trainer:
         return reporting_write_errors(path, self._where_to_resume, TrainingWriteError)
 
     def _where_to_resume(self) -> str:
+        self.checkpoints.settle()  # this rank alone: a write in flight ends first
         latest = ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None
         return ckpt.resume_hint(latest, then="free some space, then continue with --resume",
                                 none="no checkpoint holds this run yet; free some space, then run again")
@@ -282,20 +289,29 @@ class Trainer:
     def _non_finite(self, loss: float, grad_norm: float, ranks: list[int]) -> None:
         """Every rank calls this after the same step (the flags came with the loss all-reduce)."""
         step = self.state.step + 1
-        where = ckpt.resume_hint(ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None)
         seen = ""
         if self.dist.enabled:
             seen = (f"; the loss was non-finite on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
                     if ranks else "; the losses were finite on every rank, the gradient was not")
         what = f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm}{seen})"
         if self.cfg.train.nan_policy == "stop":
-            raise TrainingError(f"{what}: stopping (train.nan_policy=stop; {where}; nothing was saved). "
-                                "Try a lower train.lr, or train.nan_policy=skip to skip such steps.")
+            raise TrainingError(f"{what}: stopping (train.nan_policy=stop; {self._settled_hint()}; nothing was "
+                                "saved). Try a lower train.lr, or train.nan_policy=skip to skip such steps.")
         self.state.skipped_steps += 1
         self._consecutive_skips += 1
         print(f"warning: {what}: step skipped (train.nan_policy=skip)", file=sys.stderr)
         if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise TrainingError(f"{what}: {self._consecutive_skips} consecutive steps skipped; giving up ({where})")
+            raise TrainingError(f"{what}: {self._consecutive_skips} consecutive steps skipped; giving up "
+                                f"({self._settled_hint()})")
+
+    def _settled_hint(self) -> str:
+        """Collective (every rank stops after the same step): where to resume once the save in flight
+        is written; its failure is printed, not raised over the error being reported."""
+        try:
+            self.checkpoints.finish()
+        except ckpt.CheckpointError as e:
+            print(f"warning: {e}", file=sys.stderr)
+        return ckpt.resume_hint(ckpt.find_latest_checkpoint(self.out_dir) if self.dist.is_main else None)
 
     # -- the loop ----------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
@@ -323,6 +339,8 @@ class Trainer:
                 if self.watchdog is not None and not isinstance(e, (TrainingError, ckpt.CheckpointError)):
                     self.watchdog.explain(e)
                 raise
+            finally:  # on an error: the save in flight (train.async_checkpoint) still completes
+                self.checkpoints.close()
 
     def _fit(self) -> dict[str, Any]:
         bar = self._progress_bar()
@@ -365,17 +383,17 @@ class Trainer:
                 window_tokens, window_time = 0, 0.0
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
                 last_val = self._log_validation(step, bar)
-            checkpoint = None
             save_now = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps
-            if save_now:
-                checkpoint = self.save()
+            if save_now:  # train.async_checkpoint: written in the background, waited for below or at the next
+                self.checkpoints.save(self.state, background=t.async_checkpoint)
             if bar is not None:
                 bar.update(1)
             if self.watchdog is not None:
                 self.watchdog.step = step
             signum = self._any_rank(self.stop_signals.received)  # every rank stops after the same step
             if signum and step < t.max_steps:
-                return last_val, self._stop(signum, checkpoint if save_now else self.save())
+                return last_val, self._stop(signum, self.checkpoints.finish() if save_now else self.save())
+        self.checkpoints.finish()  # the last checkpoint written before the summary names it
         return last_val, None
 
     def _timed_step(self, collect_routing: bool) -> tuple[dict[str, float], float]:

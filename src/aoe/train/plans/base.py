@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from aoe.io import checkpoint as ckpt
+from aoe.io import sharded
+from aoe.parallel.state import training_state
 from aoe.train.distributed import DistInfo
 
 #: ``evaluate``'s argument: runs ``aoe.train.evaluate`` with its batches shared out as the
@@ -81,12 +83,8 @@ class ParallelPlan:
     # -- sharded checkpoints (aoe.io.sharded) -------------------------------------------------------
     def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """This rank's shards of the model and optimizer, keyed by name (``aoe.parallel.state``)."""
-        from aoe.parallel.state import training_state
-
         return training_state(self.model, optimizer, self.expert_parallel)
 
     def load_sharded(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
         """Collective: this rank's shards of the sharded checkpoint ``path``, in this run's layout."""
-        from aoe.io import sharded
-
         sharded.load_training(path, self.model, optimizer, self.expert_parallel)
