@@ -265,3 +265,34 @@ def test_the_debug_variable_is_checked(monkeypatch):
         _debug_nonfinite_steps()
     monkeypatch.delenv("AOE_DEBUG_NONFINITE")
     assert _debug_nonfinite_steps() == set()
+
+
+_SLOW_STORE_EXIT = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from aoe.train.watchdog import Watchdog
+
+host = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+dog = Watchdog(rank=0, world=3, timeout_s=1, host="127.0.0.1", port=host.port).start()
+
+def slow_read():  # each peer's two reads taking nearly the store's timeout, inside the C++ call
+    for _ in range(2 * len(dog._seen)):
+        try:
+            dog._store.wait(["aoe/never"], timedelta(seconds=0.9))  # its timeout: 1 s
+        except Exception:
+            pass
+    return dict.fromkeys(dog._seen)
+
+dog._read = slow_read
+time.sleep(2 * dog.period)  # the thread is in its first slow round
+dog.stop("done")
+print("alive" if dog._thread.is_alive() else "stopped", flush=True)
+"""
+
+
+def test_stop_waits_for_a_round_of_slow_store_calls_so_the_exit_cannot_abort():
+    """A daemon thread still inside a store call when the interpreter exits aborts the process
+    (SIGABRT): ``stop`` waits for the whole round, however slow its store calls are."""
+    proc = subprocess.run([PYTHON, "-c", _SLOW_STORE_EXIT], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "stopped"), proc.stderr[-2000:]

@@ -7,6 +7,7 @@ the rendezvous store; a rank that dies is named by the others, which exit within
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,12 +69,20 @@ def init_distributed(device: torch.device, timeout_s: float | None = None,
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
             _WATCHDOG = Watchdog(rank, world, timeout_s, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                  hosts_store=not agent_store).start()
+            atexit.register(_stop_watchdog)  # a caller that never shuts down: not stopped mid-call by the exit
     return info
 
 
 def current_watchdog():
     """This process's ``Watchdog`` (None: one process, or none was asked for)."""
     return _WATCHDOG
+
+
+def _stop_watchdog() -> None:
+    global _WATCHDOG
+    if _WATCHDOG is not None:
+        _WATCHDOG.stop("done")
+        _WATCHDOG = None
 
 
 def shutdown_distributed(failed: bool = False) -> None:

@@ -64,13 +64,21 @@ class Watchdog:
 
     # -- the thread --------------------------------------------------------------------------------
     def start(self) -> "Watchdog":
-        timeout = timedelta(seconds=max(2 * self.period, 1.0))
-        self._store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timeout, wait_for_workers=False)
+        self._store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=self._store_s()),
+                                    wait_for_workers=False)
         now = time.monotonic()
         self._seen = {r: (None, now) for r in range(self.world) if r != self.rank}
         self._publish()
         self._thread.start()
         return self
+
+    def _store_s(self) -> float:
+        """How long one store operation of the thread may take before it gives up."""
+        return max(2 * self.period, 1.0)
+
+    def _round_s(self) -> float:
+        """The longest one round of the thread can take: the wait, its own beat, two reads a peer."""
+        return self.period + (1 + 2 * len(self._seen)) * self._store_s() + 1.0
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
@@ -148,7 +156,9 @@ class Watchdog:
             return
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2 * self.period + 1)
+            # to its end: a daemon thread still inside a store call when the interpreter exits
+            # aborts the process (SIGABRT, "terminate called without an active exception")
+            self._thread.join(timeout=self._round_s())
         self._state = state
         self._publish()
 
