@@ -10,7 +10,7 @@ Typical use::
 
 from aoe.data.chunks import DEFAULT_CHUNK_SIZES, ChunkSizes
 from aoe.data.errors import DataError
-from aoe.data.loader import BatchSampler, iter_eval_batches, num_eval_windows
+from aoe.data.loader import BatchSampler, iter_eval_batches, num_eval_batches, num_eval_windows
 from aoe.data.sources import DEFAULT_EXTENSIONS, DocStats, Document, Source, iter_documents, open_source
 from aoe.data.stats import bits_per_byte, token_counts, unigram_cross_entropy, unigram_entropy
 from aoe.data.tokenizer import EOS_TOKEN, Tokenizer, default_cache_dir, load_or_train_tokenizer, train_tokenizer
@@ -38,6 +38,7 @@ __all__ = [
     "check_token_ids",
     "BatchSampler",
     "iter_eval_batches",
+    "num_eval_batches",
     "num_eval_windows",
     "token_counts",
     "unigram_entropy",

@@ -120,6 +120,12 @@ def num_eval_windows(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
 
 
+def num_eval_batches(n_tokens: int, batch_size: int, seq_len: int, max_batches: int | None = None) -> int:
+    """Number of (global) batches ``iter_eval_batches`` makes of ``n_tokens`` tokens, over all ranks."""
+    n_batches = -(-num_eval_windows(n_tokens, seq_len) // batch_size)
+    return n_batches if max_batches is None else min(n_batches, max_batches)
+
+
 def iter_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None,
                       rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sequential evaluation batches: window ``i`` is ``tokens[i*seq_len : i*seq_len + seq_len + 1]``
@@ -137,9 +143,7 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_bat
     if not 0 <= rank < world_size:
         raise DataError(f"iter_eval_batches: rank={rank!r} is not in [0, world_size={world_size})")
     n_windows = num_eval_windows(len(tokens), seq_len)
-    n_batches = -(-n_windows // batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
+    n_batches = num_eval_batches(len(tokens), batch_size, seq_len, max_batches)
     for k in range(rank, n_batches, world_size):
         first = k * batch_size
         starts = np.arange(first, min(first + batch_size, n_windows), dtype=np.int64) * seq_len

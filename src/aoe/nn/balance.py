@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -121,11 +120,11 @@ class RoutingInfo:
 def update_selection_bias(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> None:
     """Aux-loss-free balancing step: ``bias_i += rate * sign(mean_load - load_i)``, then clear the load.
 
-    ``load_E`` is the count of assignments per expert since the last step. Under torch.distributed
-    the loads are summed over ranks first, so every rank keeps the same bias. Runs outside autograd.
+    ``load_E`` is the count of assignments per expert since the last step, of every token the
+    step saw: with several processes, the sum over the ranks (the trainer's parallel plan reduces
+    it first: ``ParallelPlan.update_selection_biases``), so every rank keeps the same bias. Runs
+    outside autograd.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(load_E)
     if load_E.sum() > 0:
         bias_E.add_(rate * torch.sign(load_E.mean() - load_E))
     load_E.zero_()

@@ -66,7 +66,6 @@ from aoe.config import ConfigError, RunConfig
 from aoe.data import BatchSampler, TokenData, unigram_entropy
 from aoe.io import checkpoint as ckpt
 from aoe.nn.grouped_mm import probe_before_compile
-from aoe.nn.sparse import update_selection_biases
 from aoe.train.build import (
     build_model, debug_nonfinite_steps, flops_per_token, join_processes, prepare_data, resolve_config, resolve_dtype,
 )
@@ -247,7 +246,7 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            update_selection_biases(self.model)
+            self.plan.update_selection_biases()
             self._consecutive_skips = 0
         self.state.step += 1
         self.state.tokens += t.batch_size * t.seq_len
@@ -319,10 +318,10 @@ class Trainer:
         the parallel plan says; every rank returns the same numbers."""
         t = self.cfg.train
 
-        def run(ranks: DistInfo) -> dict[str, Any]:
+        def run(ranks: DistInfo, lockstep: bool) -> dict[str, Any]:
             return evaluate(self.model, self.data.val, batch_size=t.micro_batch, seq_len=t.seq_len,
                             max_batches=t.eval_batches, bytes_per_token=self.data.bytes_per_token("val"),
-                            autocast=self.process.autocast(), dist_info=ranks)
+                            autocast=self.process.autocast(), dist_info=ranks, lockstep=lockstep)
 
         return self.plan.evaluate(run)
 

@@ -10,7 +10,8 @@
 the modes: the module the steps call (``wrap``), the gradient synchronization of the micro-batches
 (``micro_batch``), the reduction and clipping of the gradients (``clip_gradients``), the state of a
 checkpoint in the single-process format (``full_state``, ``load_full``) or in this run's shards
-(``sharded_state``, ``load_sharded``), and which ranks evaluate which batches (``evaluate``). The
+(``sharded_state``, ``load_sharded``), which ranks evaluate which batches (``evaluate``), and the
+sum over the ranks of the experts' loads for the aux-loss-free bias (``update_selection_biases``). The
 training loop (``aoe.train.trainer``) calls these and never asks which mode it runs in.
 """
 

@@ -16,12 +16,14 @@ from torch import nn
 
 from aoe.io import checkpoint as ckpt
 from aoe.io import sharded
+from aoe.nn.sparse import sparse_layers, update_selection_biases
 from aoe.parallel.state import training_state
-from aoe.train.distributed import DistInfo
+from aoe.train.distributed import DistInfo, all_reduce_sum
 
-#: ``evaluate``'s argument: runs ``aoe.train.evaluate`` with its batches shared out as the
-#: ``DistInfo`` says (its sums reduced over the whole world) and returns the result.
-Evaluation = Callable[[DistInfo], dict[str, Any]]
+#: ``evaluate``'s argument: ``run(ranks, lockstep)`` runs ``aoe.train.evaluate`` with its batches
+#: shared out as the ``DistInfo`` says (its sums reduced over the whole world), every rank running
+#: the same number of forwards when ``lockstep`` (``evaluate``'s), and returns the result.
+Evaluation = Callable[[DistInfo, bool], dict[str, Any]]
 
 
 class ParallelPlan:
@@ -32,6 +34,9 @@ class ParallelPlan:
     sharded_checkpoints = False
     #: the expert sharding (``aoe.parallel.ExpertParallel``) a sharded checkpoint names, if any
     expert_parallel = None
+    #: every forward is a collective of the ranks (FSDP's all-gathers, EP's all-to-alls): they
+    #: run their evaluation forwards in lockstep
+    collective_forward = False
 
     def __init__(self, model: nn.Module, dist: DistInfo):
         self.model = model
@@ -55,10 +60,22 @@ class ParallelPlan:
     def _params_with_grad(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.grad is not None]
 
+    def update_selection_biases(self) -> None:
+        """Collective: the aux-loss-free balancing step of every sparse layer (after the optimizer's
+        step), each expert's load summed over the ranks first, so every rank keeps the same biases."""
+        layers = [m for m in sparse_layers(self.model) if m.bias_update_rate > 0]
+        if layers and self.dist.enabled:  # every mode's ranks see their own tokens: sum over the world
+            loads = torch.cat([m.load_since_update for m in layers])
+            all_reduce_sum(loads, self.dist)
+            for m, load in zip(layers, loads.split([m.n_experts for m in layers])):
+                m.load_since_update.copy_(load)
+        update_selection_biases(self.model)
+
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, run: Evaluation) -> dict[str, Any]:
-        """The validation result, the batches shared out over the ranks."""
-        return run(self.dist)
+        """The validation result, each batch run by one rank (the batches shared out over the
+        world), the sums reduced once at the end; in lockstep when the forward is collective."""
+        return run(self.dist, self.collective_forward)
 
     # -- checkpoints in the single-process format ---------------------------------------------------
     @contextlib.contextmanager

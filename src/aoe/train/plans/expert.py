@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from aoe.train.distributed import DistInfo
-from aoe.train.plans.base import Evaluation, ParallelPlan
-from aoe.train.plans.fsdp import FullyShardedPlan
+from aoe.train.plans.base import ParallelPlan
 
 
 class ExpertParallelPlan(ParallelPlan):
@@ -26,6 +23,7 @@ class ExpertParallelPlan(ParallelPlan):
     ``expert_parallel`` (``aoe.parallel.ExpertParallel``)."""
 
     sharded_checkpoints = True
+    collective_forward = True  # the tokens travel to their experts' ranks and back
 
     def __init__(self, inner: ParallelPlan, expert_parallel):
         super().__init__(inner.model, inner.dist)
@@ -39,20 +37,6 @@ class ExpertParallelPlan(ParallelPlan):
         """Average the gradients here (no DDP), then clip to the norm over every shard."""
         self.expert_parallel.reduce_gradients(self.model)
         return self.expert_parallel.clip_grad_norm_(self._params_with_grad(), max_norm)
-
-    def evaluate(self, run: Evaluation) -> dict[str, Any]:
-        """The ranks of an expert group must run their forwards in lockstep, so they evaluate the
-        same batches (the batches are shared out over the replicas); every sum is then counted N
-        times by the world's reduction: the means are unchanged, the counts divided back by N."""
-        if isinstance(self.inner, FullyShardedPlan):
-            return self.inner.evaluate(run)
-        g = self.expert_parallel.groups
-        result = run(DistInfo(rank=g.dp_rank, world_size=g.dp_size))
-        if g.dp_size > 1:  # evaluate's reduction ran over the whole world: each count N times
-            result["val_tokens"] //= g.ep_size
-            for layer in result["layers"]:
-                layer["tokens_per_expert"] = [c // g.ep_size for c in layer["tokens_per_expert"]]
-        return result
 
     @contextlib.contextmanager
     def full_state(self, optimizer: torch.optim.Optimizer,

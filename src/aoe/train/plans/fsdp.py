@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from aoe.io import checkpoint as ckpt
 from aoe.train.distributed import DistInfo
-from aoe.train.plans.base import Evaluation, ParallelPlan
+from aoe.train.plans.base import ParallelPlan
 
 
 class FullyShardedPlan(ParallelPlan):
@@ -22,6 +21,7 @@ class FullyShardedPlan(ParallelPlan):
     parallelism has sharded them already (this plan is then its inner plan)."""
 
     sharded_checkpoints = True
+    collective_forward = True  # each block's parameters are all-gathered for its forward
 
     def __init__(self, model: nn.Module, dist: DistInfo, device: torch.device, shard_size: int | None = None,
                  ignored: set[nn.Parameter] | None = None):
@@ -37,10 +37,6 @@ class FullyShardedPlan(ParallelPlan):
 
     def clip_gradients(self, max_norm: float) -> float:
         return self.fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(self._params_with_grad(), max_norm))
-
-    def evaluate(self, run: Evaluation) -> dict[str, Any]:
-        """Every forward is collective, so every rank evaluates every batch (the same numbers, no reduction)."""
-        return run(DistInfo())
 
     @contextlib.contextmanager
     def full_state(self, optimizer: torch.optim.Optimizer,
