@@ -314,7 +314,20 @@ def total_aux_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack([loss.float().to(losses[0].device) for loss in losses]).sum()
 
 
-def update_selection_biases(model: nn.Module) -> None:
-    """Step the aux-loss-free balancing of every sparse layer of ``model`` (after optimizer.step())."""
-    for layer in sparse_layers(model):
+def update_selection_biases(model: nn.Module, distributed: bool | None = None) -> None:
+    """Step the aux-loss-free balancing of every sparse layer of ``model`` (after optimizer.step()).
+
+    ``distributed``: sum each expert's load over the ranks of the default process group first (one
+    all-reduce for every layer), so that every rank keeps the same biases; None: whether
+    torch.distributed is initialized. This is the only collective of ``aoe.nn``: the layers
+    themselves never communicate."""
+    layers = [m for m in sparse_layers(model) if m.bias_update_rate > 0]
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if layers and distributed:
+        loads = torch.cat([m.load_since_update for m in layers])
+        torch.distributed.all_reduce(loads)
+        for m, load in zip(layers, loads.split([m.n_experts for m in layers])):
+            m.load_since_update.copy_(load)
+    for layer in layers:
         layer.update_selection_bias()

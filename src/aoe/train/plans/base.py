@@ -16,9 +16,9 @@ from torch import nn
 
 from aoe.io import checkpoint as ckpt
 from aoe.io import sharded
-from aoe.nn.sparse import sparse_layers, update_selection_biases
+from aoe.nn.sparse import update_selection_biases
 from aoe.parallel.state import training_state
-from aoe.train.distributed import DistInfo, all_reduce_sum
+from aoe.train.distributed import DistInfo
 
 #: ``evaluate``'s argument: ``run(ranks, lockstep)`` runs ``aoe.train.evaluate`` with its batches
 #: shared out as the ``DistInfo`` says (its sums reduced over the whole world), every rank running
@@ -62,14 +62,9 @@ class ParallelPlan:
 
     def update_selection_biases(self) -> None:
         """Collective: the aux-loss-free balancing step of every sparse layer (after the optimizer's
-        step), each expert's load summed over the ranks first, so every rank keeps the same biases."""
-        layers = [m for m in sparse_layers(self.model) if m.bias_update_rate > 0]
-        if layers and self.dist.enabled:  # every mode's ranks see their own tokens: sum over the world
-            loads = torch.cat([m.load_since_update for m in layers])
-            all_reduce_sum(loads, self.dist)
-            for m, load in zip(layers, loads.split([m.n_experts for m in layers])):
-                m.load_since_update.copy_(load)
-        update_selection_biases(self.model)
+        step), each expert's load summed over the world first (every mode's ranks route their own
+        tokens), so every rank keeps the same biases."""
+        update_selection_biases(self.model, distributed=self.dist.enabled)
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, run: Evaluation) -> dict[str, Any]:
