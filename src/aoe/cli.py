@@ -143,29 +143,9 @@ def _load_mc_files(paths: list[str], delimiter: str) -> dict[str, list[dict]]:
     """Every --mc file read and checked before the model is loaded (a bad line fails fast); a file
     whose choices begin with whitespace, or that lists a choice twice, gets one ``warning:`` line
     on stderr for each."""
-    import warnings
+    from aoe.eval.multiple_choice import load_multiple_choice_files
 
-    from aoe.eval.multiple_choice import (
-        MultipleChoiceDuplicateWarning, MultipleChoiceWhitespaceWarning, load_multiple_choice,
-    )
-
-    shown_here = (MultipleChoiceWhitespaceWarning, MultipleChoiceDuplicateWarning)
-
-    loaded = {}
-    for path in paths:
-        if not Path(path).is_file():
-            raise CLIError(f"--mc {path}: no such file; give the path of a JSON Lines file of "
-                           "{context, choices, label} objects")
-        with warnings.catch_warnings(record=True) as caught:
-            for category in shown_here:
-                warnings.simplefilter("always", category)
-            loaded[path] = load_multiple_choice(path, target_delimiter=delimiter)
-        for w in caught:
-            if issubclass(w.category, shown_here):
-                print(f"warning: {w.message}", file=sys.stderr)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return loaded
+    return load_multiple_choice_files(paths, delimiter, say=lambda message: print(f"warning: {message}", file=sys.stderr))
 
 
 def _run_tasks(lm, tokenizer, args: argparse.Namespace) -> dict:

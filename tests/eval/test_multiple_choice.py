@@ -221,3 +221,17 @@ def test_the_cli_prints_the_duplicate_choice_warning(tmp_path, capsys):
     _load_mc_files([str(path)], " ")
     err = capsys.readouterr().err
     assert err.startswith("warning: ") and "list the same choice twice" in err and err.count("\n") == 1
+
+
+def test_the_files_reader_keeps_the_order_names_a_missing_file_and_routes_the_warnings(tmp_path):
+    from aoe.eval.multiple_choice import MultipleChoiceDuplicateWarning, MultipleChoiceFormatError, load_multiple_choice_files
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"context": "x", "choices": [" p", "q"], "label": 0}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"context": "y", "choices": ["p", "p"], "label": 0}])
+    said = []
+    assert list(load_multiple_choice_files([str(b), str(a)], say=said.append)) == [str(b), str(a)]
+    assert len(said) == 2 and "same choice twice" in said[0] and "whitespace" in said[1]
+    with pytest.warns(MultipleChoiceDuplicateWarning):  # no ``say``: Python's warnings
+        load_multiple_choice_files([str(b)])
+    with pytest.raises(MultipleChoiceFormatError, match=r"^--mc .*nope.jsonl: no such file; give the path"):
+        load_multiple_choice_files([str(a), str(tmp_path / "nope.jsonl")])

@@ -41,16 +41,18 @@ class DownstreamPlan:
 def plan_downstream(mc_files=(), tasks: str | None = None, num_fewshot: int = 0, limit: int | None = None,
                     batch_size: int = 8) -> DownstreamPlan | None:
     """The plan (None when nothing is asked), every file read and checked before anything trains."""
-    from aoe.eval.multiple_choice import load_multiple_choice
+    from aoe.eval.multiple_choice import MultipleChoiceFormatError, load_multiple_choice_files
 
-    mc: dict[str, list[dict]] = {}
+    stems: dict[str, str] = {}
     for path in mc_files or ():
-        name = Path(path).stem
-        if name in mc:
-            raise ConfigError(f"--mc {path}: another file is also named {name!r}; task names come from the file stems")
-        if not Path(path).is_file():
-            raise ConfigError(f"--mc {path}: no such file; give a JSON Lines file of context/choices/label examples")
-        mc[name] = load_multiple_choice(path)
+        if stems.setdefault(Path(path).stem, str(path)) != str(path):
+            raise ConfigError(f"--mc {path}: another file is also named {Path(path).stem!r}; task names come from "
+                              "the file stems")
+    try:
+        read = load_multiple_choice_files(list(stems.values()))
+    except MultipleChoiceFormatError as e:  # a study's options: reported as its other options are
+        raise ConfigError(str(e)) from None
+    mc = {name: read[path] for name, path in stems.items()}
     names = tuple(t.strip() for t in (tasks or "").split(",") if t.strip())
     if set(names) & set(mc):
         raise ConfigError(f"--tasks {tasks!r} and --mc name the same task {sorted(set(names) & set(mc))}")

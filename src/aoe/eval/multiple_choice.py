@@ -37,14 +37,15 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from lm_eval.api.instance import Instance
 
 from aoe.errors import InputError, shown
 
-__all__ = ["MultipleChoiceDuplicateWarning", "MultipleChoiceFormatError", "MultipleChoiceWhitespaceWarning", "load_multiple_choice", "validate_example",
-           "score_multiple_choice", "DEFAULT_TARGET_DELIMITER"]
+__all__ = ["MultipleChoiceDuplicateWarning", "MultipleChoiceFormatError", "MultipleChoiceWhitespaceWarning",
+           "load_multiple_choice", "load_multiple_choice_files", "validate_example", "score_multiple_choice",
+           "DEFAULT_TARGET_DELIMITER"]
 
 #: What lm-eval's multiple_choice tasks put between the context and each choice (their default).
 DEFAULT_TARGET_DELIMITER = " "
@@ -62,6 +63,9 @@ class MultipleChoiceWhitespaceWarning(UserWarning):
 class MultipleChoiceDuplicateWarning(UserWarning):
     """A multiple-choice file with examples that list the same choice twice (the copies score
     alike and the first wins a tie, so a label on a later copy can never be right)."""
+
+
+_FILE_WARNINGS = (MultipleChoiceWhitespaceWarning, MultipleChoiceDuplicateWarning)
 
 
 def validate_example(example: Any, where: str = "example") -> dict:
@@ -116,6 +120,34 @@ def load_multiple_choice(path: str | os.PathLike, target_delimiter: str = DEFAUL
     _warn_leading_whitespace(examples, path, target_delimiter)
     _warn_duplicate_choices(examples, lines, path)
     return examples
+
+
+def load_multiple_choice_files(paths: Sequence[str | os.PathLike], target_delimiter: str = DEFAULT_TARGET_DELIMITER,
+                               say: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
+    """{path: examples} of every ``--mc`` file, in order, each read and checked before anything
+    runs (a bad line fails fast). ``say``: where this module's warnings about a file's choices
+    (``MultipleChoiceWhitespaceWarning``, ``MultipleChoiceDuplicateWarning``) go, one message each
+    (None: Python's warnings); other warnings pass on as they are.
+
+    Raises:
+        MultipleChoiceFormatError: a path that is not a file (naming it), or a bad file.
+    """
+    loaded = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise MultipleChoiceFormatError(f"--mc {path}: no such file; give the path of a JSON Lines file of "
+                                            "{context, choices, label} objects")
+        with warnings.catch_warnings(record=say is not None) as caught:
+            if say is not None:
+                for category in _FILE_WARNINGS:
+                    warnings.simplefilter("always", category)
+            loaded[str(path)] = load_multiple_choice(path, target_delimiter=target_delimiter)
+        for w in caught or ():
+            if issubclass(w.category, _FILE_WARNINGS):
+                say(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
 
 
 def _warn_duplicate_choices(examples: Sequence[dict], lines: Sequence[int], path: Path) -> None:
