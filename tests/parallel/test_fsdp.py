@@ -62,11 +62,9 @@ def test_fsdp_is_refused_where_it_cannot_run(make_cfg, tmp_path):
         Trainer(make_cfg(**{"train.fsdp": True}), tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match=r"train.fsdp=True does not work with train.compile=true"):
         make_cfg(**{"train.fsdp": True, "train.compile": True})
-    with pytest.raises(ConfigError, match=r"train.fsdp_shard_size=2 with train.expert_parallel=2 is not supported"):
-        check_fsdp(4, 2, 2)
-    check_fsdp(4, 2)  # FSDP over the world for the non-expert parameters, experts sharded by EP
+    check_fsdp(4, 2)  # HSDP (2 x 2), with or without EP: test_hybrid_sharding_with_expert_parallelism_...
     with pytest.raises(ConfigError, match=r"train.fsdp_shard_size=3 does not divide the world size 4"):
-        check_fsdp(4, 1, 3)
+        check_fsdp(4, 3)
     with pytest.raises(ConfigError, match=r"train.fsdp_shard_size=0 must be > 0"):
         make_cfg(**{"train.fsdp": True, "train.fsdp_shard_size": 0})
 
@@ -156,3 +154,20 @@ def test_fsdp_with_expert_and_data_parallelism_matches_one_process(single_run, t
     # (Algorithm 2, the default) to 2.8e-5 (deterministic; the losses still agree to 1e-5).
     _same_tensors(run, single, "EP 2 x DP 2 with FSDP checkpoint", tol=5e-5)
     _same_losses(_losses(resumed), want, "one-process checkpoint resumed by EP 2 x DP 2 with FSDP")
+
+
+@pytest.mark.slow  # four processes on the machine's two cores, then two
+def test_hybrid_sharding_with_expert_parallelism_matches_one_process_and_reshards(single_run, tmp_path):
+    """EP=2 with fsdp_shard_size=2 of 4 ranks: the experts sharded by EP, every other parameter
+    by HSDP (2 replicas of 2 shards); its sharded checkpoint of step 2 resumes under FSDP on 2
+    ranks (another world, another layout) with the one-process losses."""
+    overrides, single = single_run
+    run = tmp_path / "ep2_hsdp"
+    _spawn(_trainer_worker, 4, [*overrides, "train.fsdp=true", "train.fsdp_shard_size=2", "train.expert_parallel=2"],
+           str(run), None)
+    want = _losses(single)
+    _same_losses(_losses(run), want, "EP 2 with HSDP 2 x 2")
+    _same_tensors(run, single, "EP 2 with HSDP 2 x 2 checkpoint", tol=5e-5)  # the tolerance of EP 2 x DP 2 + FSDP
+    resumed = _copy_until(run, tmp_path / "ep2_hsdp_then_fsdp2", 2)
+    _spawn(_resume_worker, 2, [*overrides, "train.fsdp=true"], str(resumed))
+    _same_losses(_losses(resumed), want, "EP 2 with HSDP checkpoint resumed by FSDP, 2 ranks")

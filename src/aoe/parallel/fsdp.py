@@ -4,8 +4,9 @@ Every rank holds 1/S of each parameter, gradient and AdamW moment: S = ``train.f
 (default: the world size W, one shard group, a 1-D device mesh). With S < W the device mesh is
 2-D, (W/S replicas) x (S shards): hybrid sharding, FSDP inside each group of S consecutive ranks
 (one node, say) and data parallelism across the groups (HSDP). With expert parallelism, FSDP
-shards every parameter but the expert slices (over the world; EP has sharded those over its expert
-group already, and averages their gradients over its replica group). Each ``Block`` is a unit
+shards every parameter but the expert slices (over the world, or over groups of S ranks with
+``fsdp_shard_size``: the two meshes are independent); EP has sharded the expert slices over its
+expert group already, and averages their gradients over its replica group. Each ``Block`` is a unit
 of its own (its parameters are all-gathered just before its forward and backward and freed
 after), and the root (embeddings, final norm, output head) is the last unit. Gradients are reduce-scattered and averaged over the W ranks, so
 with each rank's share of the global batch a step equals the single-process step (as DDP does).
@@ -30,18 +31,15 @@ from torch import nn
 from aoe.config import ConfigError
 
 
-def check_fsdp(world_size: int, expert_parallel: int, shard_size: int | None = None) -> None:
-    """One-line ConfigErrors for a ``train.fsdp=true`` this run cannot use."""
+def check_fsdp(world_size: int, shard_size: int | None = None) -> None:
+    """One-line ConfigErrors for a ``train.fsdp=true`` this run cannot use. Any expert parallelism
+    goes with any shard size: the two shard different parameters."""
     if shard_size is not None and (shard_size > world_size or world_size % shard_size):
         raise ConfigError(f"train.fsdp_shard_size={shard_size} does not divide the world size {world_size} "
                           "(launch a multiple of it with torchrun --nproc-per-node, or leave it unset: all ranks)")
     if world_size < 2:
         raise ConfigError("train.fsdp=true needs several processes: launch with torchrun --nproc-per-node N (N >= 2), "
                           "or set train.fsdp=false")
-    if expert_parallel > 1 and shard_size is not None:
-        raise ConfigError(f"train.fsdp_shard_size={shard_size} with train.expert_parallel={expert_parallel} is not "
-                          "supported yet: leave fsdp_shard_size unset (the non-expert parameters are sharded over all "
-                          "ranks) or set train.expert_parallel=1")
 
 
 class FullyShardedData:

@@ -38,7 +38,7 @@ def make_plan(model: nn.Module, t: TrainConfig, dist: DistInfo, device: torch.de
     if t.fsdp:
         from aoe.parallel.fsdp import check_fsdp
 
-        check_fsdp(dist.world_size, t.expert_parallel, t.fsdp_shard_size)
+        check_fsdp(dist.world_size, t.fsdp_shard_size)
         ignored = {p for _, _, p in experts.sharded()} if experts is not None else None
         inner: ParallelPlan = FullyShardedPlan(model, dist, device, t.fsdp_shard_size, ignored)
     elif experts is None and dist.enabled:
