@@ -1,6 +1,7 @@
 """The aux-loss-free balancing under torch.distributed (gloo, 2 real processes): each expert's load
 is summed over the ranks before the bias step, so that every rank keeps the same biases, whether
-the step is taken by the trainer's parallel plan or by the public ``update_selection_biases``."""
+the step is taken by the trainer's parallel plan or by the public ``update_selection_biases``
+given ``torch.distributed.all_reduce`` (without it, refused)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             if how == "plan":
                 ParallelPlan(model, DistInfo(rank=rank, world_size=world)).update_selection_biases()
             else:
-                update_selection_biases(model)  # torch.distributed is initialized: summed as well
+                try:  # several processes: refused without a sum over the ranks
+                    update_selection_biases(model)
+                    raise AssertionError("not refused")
+                except ValueError as e:
+                    assert "pass sum_over_ranks=torch.distributed.all_reduce" in str(e)
+                update_selection_biases(model, sum_over_ranks=dist.all_reduce)
             result[how] = [m.selection_bias.tolist() for m in model] + [model[2].load_since_update.tolist()]
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:

@@ -121,8 +121,8 @@ def update_selection_bias(bias_E: torch.Tensor, load_E: torch.Tensor, rate: floa
     """Aux-loss-free balancing step: ``bias_i += rate * sign(mean_load - load_i)``, then clear the load.
 
     ``load_E`` is the count of assignments per expert since the last step, of every token the
-    step saw: with several processes, the sum over the ranks (the trainer's parallel plan reduces
-    it first: ``ParallelPlan.update_selection_biases``), so every rank keeps the same bias. Runs
+    step saw: with several processes, the sum over the ranks (``aoe.nn.sparse.update_selection_biases``
+    sums it when given ``sum_over_ranks``), so every rank keeps the same bias. Runs
     outside autograd.
     """
     if load_E.sum() > 0:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -314,20 +315,25 @@ def total_aux_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack([loss.float().to(losses[0].device) for loss in losses]).sum()
 
 
-def update_selection_biases(model: nn.Module, distributed: bool | None = None) -> None:
+def update_selection_biases(model: nn.Module, sum_over_ranks: Callable[[torch.Tensor], Any] | None = None) -> None:
     """Step the aux-loss-free balancing of every sparse layer of ``model`` (after optimizer.step()).
 
-    ``distributed``: sum each expert's load over the ranks of the default process group first (one
-    all-reduce for every layer), so that every rank keeps the same biases; None: whether
-    torch.distributed is initialized. This is the only collective of ``aoe.nn``: the layers
-    themselves never communicate."""
+    ``sum_over_ranks``: with several processes, a function that sums a tensor over them in place
+    (``torch.distributed.all_reduce``); each expert's load is summed with one call for every layer,
+    so every rank keeps the same biases. ``aoe.nn`` never communicates itself: under an initialized
+    multi-process group a balancing model without it is refused (ValueError), as each rank would
+    move its biases apart."""
     layers = [m for m in sparse_layers(model) if m.bias_update_rate > 0]
-    if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if layers and distributed:
+    if not layers:
+        return
+    if sum_over_ranks is not None:
         loads = torch.cat([m.load_since_update for m in layers])
-        torch.distributed.all_reduce(loads)
+        sum_over_ranks(loads)
         for m, load in zip(layers, loads.split([m.n_experts for m in layers])):
             m.load_since_update.copy_(load)
+    elif torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        raise ValueError("update_selection_biases: this process is one of several; pass "
+                         "sum_over_ranks=torch.distributed.all_reduce so that every rank keeps the same selection biases")
     for layer in layers:
         layer.update_selection_bias()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -101,6 +102,11 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t)
     return t
+
+
+def all_reduce_sum_of(info: DistInfo) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The in-place sum over the ranks ``info`` describes (None for one process)."""
+    return (lambda t: all_reduce_sum(t, info)) if info.enabled else None
 
 
 def barrier(info: DistInfo) -> None:

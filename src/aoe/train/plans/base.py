@@ -18,7 +18,7 @@ from aoe.io import checkpoint as ckpt
 from aoe.io import sharded
 from aoe.nn.sparse import update_selection_biases
 from aoe.parallel.state import training_state
-from aoe.train.distributed import DistInfo
+from aoe.train.distributed import DistInfo, all_reduce_sum_of
 
 #: ``evaluate``'s argument: ``run(ranks, lockstep)`` runs ``aoe.train.evaluate`` with its batches
 #: shared out as the ``DistInfo`` says (its sums reduced over the whole world), every rank running
@@ -64,7 +64,7 @@ class ParallelPlan:
         """Collective: the aux-loss-free balancing step of every sparse layer (after the optimizer's
         step), each expert's load summed over the world first (every mode's ranks route their own
         tokens), so every rank keeps the same biases."""
-        update_selection_biases(self.model, distributed=self.dist.enabled)
+        update_selection_biases(self.model, sum_over_ranks=all_reduce_sum_of(self.dist))
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, run: Evaluation) -> dict[str, Any]:
