@@ -53,6 +53,11 @@ def test_report_content_two_seeds(clear_win):
 
 
 def test_plots_are_valid_pngs(clear_win):
+    """Every plot decodes as an image of a readable size with something drawn on it (many colours,
+    not a blank canvas), and the report links it."""
+    import matplotlib.image
+    import numpy as np
+
     _, out, _, text = clear_win
     expected = ["train_loss.png", "val_loss.png", "ent_load_layers.png", "ent_conf_layers.png",
                 "load_heatmap_moe.png", "load_heatmap_aoe.png"]
@@ -60,6 +65,13 @@ def test_plots_are_valid_pngs(clear_win):
         p = out / "plots" / name
         assert p.exists(), name
         assert p.read_bytes()[:8] == PNG_MAGIC
+        pixels = matplotlib.image.imread(p)
+        assert pixels.shape[0] >= 200 and pixels.shape[1] >= 300, (name, pixels.shape)
+        colours = np.unique(pixels[..., :3].reshape(-1, 3), axis=0)
+        assert len(colours) > 50, (name, len(colours))  # lines, labels, ticks: not a blank canvas
+        rgb = pixels[..., :3]
+        coloured = ((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2).mean()
+        assert coloured > 0.001, (name, coloured)  # the data: coloured lines or cells, not grey axes alone
         assert f"(plots/{name})" in text
     assert not (out / "plots" / "load_heatmap_dense.png").exists()
 
