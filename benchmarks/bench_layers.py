@@ -168,6 +168,8 @@ def main(argv=None):
                     help="tokens per sequence (expert choice routes within each; default: one sequence of all)")
     for key in ("tokens", "d_model", "d_ffn", "n_experts", "top_k", "d_low"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    ap.add_argument("--backward-chunks", type=int, default=None,
+                    help="our layers' backward_chunks (default: the layers' automatic choice)")
     args = ap.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
     for key in ("tokens", "d_model", "d_ffn", "n_experts", "top_k", "d_low"):
@@ -182,9 +184,10 @@ def main(argv=None):
     torch.manual_seed(0)
     D, F_, E, k, L = cfg["d_model"], cfg["d_ffn"], cfg["n_experts"], cfg["top_k"], cfg["d_low"]
 
-    moe = MoE(D, F_, E, k).to(device=device, dtype=dtype)
-    aoe = AoE(D, L, E, k, d_ffn=F_).to(device=device, dtype=dtype)
-    aoe_rc = AoE(D, L, E, k, d_ffn=F_, recompute_scores=True).to(device=device, dtype=dtype)
+    chunks = {"backward_chunks": args.backward_chunks}
+    moe = MoE(D, F_, E, k, **chunks).to(device=device, dtype=dtype)
+    aoe = AoE(D, L, E, k, d_ffn=F_, **chunks).to(device=device, dtype=dtype)
+    aoe_rc = AoE(D, L, E, k, d_ffn=F_, recompute_scores=True, **chunks).to(device=device, dtype=dtype)
     contenders = {"ours-MoE": moe, "ours-AoE": aoe, "ours-AoE-recompute": aoe_rc}
     if not args.only_ours:
         contenders["naive-loop"] = lambda x: naive_loop_moe(moe, x)

@@ -20,8 +20,10 @@ anyway for its scores. With ``recompute_gate=True`` the gate pre-activation is r
 
 The backward runs over ``backward_chunks`` blocks of consecutive sorted rows (each block is still
 grouped by expert; weight gradients are summed over blocks), so its S x F temporaries are a
-fraction of the whole. ``backward_chunks=None`` chooses ``clamp(S // (256 * E), 1, 4)``: no
-chunking for small inputs, and at least 256 rows per expert on average in every block.
+fraction of the whole. ``backward_chunks=None`` chooses ``clamp(max(S // (256 * E), S // 4096), 1, 4)``:
+no chunking for small inputs; blocks of at least 256 rows per expert on average, or of 4096 rows
+where the experts are many and small (E = 64 at S = 16k rows: 4 blocks; benchmarks/RESULTS.md has
+the memory and time of each choice).
 
 Shape legend: S sorted rows, T tokens, D model dim, G gate input dim (D or L), F expert width,
 E experts.
@@ -56,7 +58,8 @@ def swiglu_experts(
     rows instead of keeping x_SD (None: x_SD is kept, for rows that came from elsewhere).
     """
     if backward_chunks is None:
-        backward_chunks = min(4, max(1, x_SD.shape[0] // (256 * w_in_EDF.shape[0])))
+        rows = x_SD.shape[0]
+        backward_chunks = min(4, max(1, rows // (256 * w_in_EDF.shape[0]), rows // 4096))
     x_TD, token_S = tokens if tokens is not None else (None, None)
     gate_in_SG = None if gate_in_SG is x_SD else gate_in_SG  # (one tensor passed twice: a graph break under compile)
     return _SwiGLUExperts.apply(
