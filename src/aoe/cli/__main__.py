@@ -1,0 +1,7 @@
+"""``python -m aoe.cli``: run the ``aoe`` command."""
+
+import sys
+
+from aoe.cli import main
+
+sys.exit(main())
