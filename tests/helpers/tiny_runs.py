@@ -26,7 +26,7 @@ def cli_env() -> dict[str, str]:
     """Environment for `python -m aoe.cli` subprocesses: this interpreter's package, one thread."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
