@@ -18,8 +18,9 @@ path or a packaged recipe's name), applies ``key.sub=value`` overrides (values p
 beside a checkpoint; the round trip through JSON or YAML is exact.
 
     schema.py    the typed-section machinery (coercion against annotations, ConfigError)
-    sections.py  ModelConfig, DataConfig, TrainConfig, RunConfig; the model's FFN fields map onto
-                 the layers' own configs (``ModelConfig.ffn_config`` -> ``aoe.nn.configs``)
+    model.py     ModelConfig; its FFN fields map onto the layers' own configs
+                 (``ModelConfig.ffn_config`` -> ``aoe.nn.configs``)
+    sections.py  DataConfig, TrainConfig and RunConfig (all three sections; ModelConfig re-exported)
     files.py     YAML/JSON recipes, overrides, save and load
 """
 

@@ -224,7 +224,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
 #: with: a run saved before the key existed (or before its default changed) reads as it was run.
 #: gate_init: "normal" (the authors' init) was the only init, then the default, until "balanced"
 #: became the default for new models (docs/results/tiny-balanced). renormalize: null (the layer's
-#: default then: MoE true, AoE false; ``aoe.config.sections.LEGACY_RENORMALIZE``) until AoE's
+#: default then: MoE true, AoE false; ``aoe.config.model.LEGACY_RENORMALIZE``) until AoE's
 #: default became Algorithm 2's renormalized gate.
 SAVED_MODEL_DEFAULTS = {"gate_init": "normal", "renormalize": None}
 
