@@ -85,14 +85,15 @@ from typing import Any
 
 import torch
 
-from aoe.config import ConfigError, ModelConfig
+from aoe.config import ModelConfig
 from aoe.hf._io import atomic_directory, check_destination
 from aoe.io.bounds import check_sizes, native_shapes
 from aoe.hf.configuration import AoEConfig
+from aoe.hf.convert_plan import Plan, native_model_config, plan_conversion
 from aoe.hf.sources import (
     ARCHS, GLOBAL_KEYS, LAYER_KEYS, QK_NORM_KEYS, QKV_BIAS_KEYS, REFUSED, SHARED_EXPERT_KEYS, SHARED_GATE_KEYS,
     UNTIED_KEYS, ConversionError, SourceArch, _LazyState, check_common, dense_ffn, hf_config, read_config_json,
-    rope_theta, router_key, sparse_ffn,
+    router_key, sparse_ffn,
 )
 
 __all__ = ["convert_to_aoe", "factorize_gate", "ConversionReport", "ConversionError", "SUPPORTED_SOURCES"]
@@ -186,14 +187,6 @@ def _check_destination(dst_dir, overwrite: bool, src: Path) -> None:
         raise ConversionError(str(e)) from None
 
 
-def _native_config(src: Path, **fields) -> ModelConfig:
-    """The native model the source's config.json describes; a value it cannot take is named."""
-    try:
-        return ModelConfig(**fields)
-    except ConfigError as e:
-        raise ConversionError(f"{str(src / 'config.json')!r} describes a model the native one cannot be: {e}") from None
-
-
 def _check_shape(src: Path, name: str, shape: tuple[int, ...], expected: tuple[int, ...], fields: str) -> None:
     """A source tensor must have the shape the source's config.json gives it."""
     if tuple(shape) != tuple(expected):
@@ -216,103 +209,6 @@ def _check_expert_count(src: Path, layer: int, keys: list[str], E: int, field_na
     if found and max(found) >= E:
         raise ConversionError(f"{str(src)!r}: layer {layer} holds {max(found) + 1} experts, but config.json has "
                               f"{field_name}={E}: fix config.json or use the weights it belongs to")
-
-
-# ---------------------------------------------------------------------------------------------
-# The plan: what the source becomes
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Plan:
-    """E experts, top_k, expert width F (d_wide), gate rank R, renormalization, layers kept dense;
-    for a dense source also its FFN width and the upcycling; the native FFN ("aoe" or "moe")."""
-
-    E: int
-    k: int
-    F: int
-    R: int
-    renormalize: bool
-    dense_layers: tuple[int, ...] = ()
-    F_dense: int | None = None
-    upcycle: str = "copy"
-    ffn: str = "aoe"
-
-
-def _sparse_plan(arch: SourceArch, cfg, src: Path, num_experts, top_k, renormalize) -> _Plan:
-    E = getattr(cfg, arch.experts_field)
-    if num_experts is not None and num_experts != E:
-        raise ConversionError(f"num_experts={num_experts}: a {arch.model_type} source keeps its {E} experts "
-                              "(leave num_experts unset)")
-    if E < 1:
-        raise ConversionError(f"{arch.model_type} source {str(src)!r}: num_experts={E}, no sparse layer to convert")
-    dense = tuple(arch.dense_layers(cfg))
-    if len(dense) == cfg.num_hidden_layers:
-        raise ConversionError(f"{arch.model_type} source {str(src)!r}: every layer is dense (mlp_only_layers="
-                              f"{list(getattr(cfg, 'mlp_only_layers', []) or [])}, decoder_sparse_step="
-                              f"{getattr(cfg, 'decoder_sparse_step', None)})")
-    k = cfg.num_experts_per_tok if top_k is None else top_k
-    renorm = arch.renormalize(cfg) if renormalize is None else renormalize
-    F = getattr(cfg, arch.width_field)
-    return _Plan(E, k, F, min(cfg.hidden_size, F), renorm, dense)
-
-
-def _dense_plan(cfg, num_experts, top_k, upcycle: str, renormalize) -> _Plan:
-    E = 1 if num_experts is None else num_experts
-    k = 1 if top_k is None else top_k
-    F_dense = cfg.intermediate_size
-    if E < 1:
-        raise ConversionError(f"num_experts={E} must be >= 1")
-    if upcycle == "slice" and F_dense % E:
-        raise ConversionError(f"upcycle='slice': intermediate_size={F_dense} is not divisible by num_experts={E}")
-    F = F_dense // E if upcycle == "slice" else F_dense
-    renorm = (upcycle == "copy") if renormalize is None else renormalize
-    return _Plan(E, k, F, min(cfg.hidden_size, F), renorm, F_dense=F_dense, upcycle=upcycle)
-
-
-def _check_target(arch: SourceArch, ffn: str, d_low) -> None:
-    if ffn not in ("aoe", "moe"):
-        raise ConversionError(f"ffn={ffn!r} must be 'aoe' (router dropped, gates factorized) or 'moe' (router kept)")
-    if ffn == "moe" and not arch.sparse:
-        raise ConversionError(f"ffn='moe' keeps the source's router, and a {arch.model_type} source (dense) has none: "
-                              "convert it with ffn='aoe'")
-    if ffn == "moe" and d_low is not None:
-        raise ConversionError(f"d_low={d_low}: ffn='moe' keeps every gate projection whole; d_low applies to ffn='aoe' only")
-
-
-def _plan(arch: SourceArch, cfg, src: Path, num_experts, top_k, d_low, upcycle: str, renormalize, ffn: str) -> _Plan:
-    _check_target(arch, ffn, d_low)
-    if arch.sparse:
-        plan = _sparse_plan(arch, cfg, src, num_experts, top_k, renormalize)
-    else:
-        plan = _dense_plan(cfg, num_experts, top_k, upcycle, renormalize)
-    if not 1 <= plan.k <= plan.E:
-        raise ConversionError(f"top_k={plan.k} must be in [1, num_experts={plan.E}]")
-    R = plan.R if d_low is None else d_low
-    D = cfg.hidden_size
-    if not isinstance(R, int) or not 1 <= R <= min(D, plan.F):
-        raise ConversionError(f"d_low={R} must be in [1, min(hidden_size={D}, expert width={plan.F})={min(D, plan.F)}]")
-    return _Plan(plan.E, plan.k, plan.F, R, plan.renormalize, plan.dense_layers, plan.F_dense, plan.upcycle, ffn)
-
-
-def _model_config(cfg, src: Path, arch: SourceArch, plan: _Plan) -> ModelConfig:
-    """The native model: the source's attention and widths, AoE (or MoE) FFNs as planned."""
-    max_seq_len = cfg.max_position_embeddings
-    window = getattr(cfg, "sliding_window", None)
-    if window and window < max_seq_len:  # within that length the window never bites (0: Qwen2-MoE's "off")
-        max_seq_len = window
-    width = {"d_low": plan.R, "d_wide": plan.F} if plan.ffn == "aoe" else {}
-    shared = {}
-    if arch.shared_width_field is not None:
-        shared = dict(n_shared_experts=1, d_shared=getattr(cfg, arch.shared_width_field), shared_expert_gate=arch.shared_gate)
-    return _native_config(
-        src, vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
-        n_heads=cfg.num_attention_heads, n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        max_seq_len=max_seq_len, rope_theta=rope_theta(cfg), norm_eps=float(cfg.rms_norm_eps),
-        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        init_std=float(getattr(cfg, "initializer_range", 0.02)), ffn=plan.ffn, d_ffn=plan.F, n_experts=plan.E,
-        top_k=plan.k, renormalize=plan.renormalize, qk_norm=arch.qk_norm, attn_qkv_bias=arch.qkv_bias(cfg),
-        dense_layers=list(plan.dense_layers), dense_d_ffn=cfg.intermediate_size if plan.dense_layers else None,
-        **width, **shared,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +238,7 @@ class _Converter:
     """Writes the converted tensors of one source into a shard writer, checking every source
     shape against what the source's config.json implies, and remembering which keys it used."""
 
-    def __init__(self, src: Path, state, writer, cfg, arch: SourceArch, plan: _Plan, model_cfg: ModelConfig, dtype):
+    def __init__(self, src: Path, state, writer, cfg, arch: SourceArch, plan: Plan, model_cfg: ModelConfig, dtype):
         self.src, self.state, self.writer, self.cfg, self.arch, self.plan = src, state, writer, cfg, arch, plan
         self.dtype = dtype
         self.expected = native_shapes(model_cfg)
@@ -474,8 +370,8 @@ def convert_to_aoe(
     """
     src, arch, cfg = _open_source(src_dir, dst_dir, overwrite, upcycle)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    plan = _plan(arch, cfg, src, num_experts, top_k, d_low, upcycle, renormalize, ffn)
-    model_cfg = _model_config(cfg, src, arch, plan)
+    plan = plan_conversion(arch, cfg, src, num_experts, top_k, d_low, upcycle, renormalize, ffn)
+    model_cfg = native_model_config(cfg, src, arch, plan)
     state = _LazyState(src)
     check_sizes(model_cfg, state.shapes(), src / "config.json", ConversionError,
                 names={"d_ffn": arch.width_field, "d_wide": arch.width_field, "n_experts": "num_experts"})
@@ -519,7 +415,7 @@ def _write_config_files(hf_cfg: AoEConfig, src: Path, tmp: Path) -> None:
             shutil.copy2(src / name, tmp / name)
 
 
-def _print_summary(arch: SourceArch, plan: _Plan, model_cfg: ModelConfig, report: ConversionReport, dst_dir) -> None:
+def _print_summary(arch: SourceArch, plan: Plan, model_cfg: ModelConfig, report: ConversionReport, dst_dir) -> None:
     """One line: what was converted into what, and the largest gate reconstruction error."""
     extra = (f", qk_norm={arch.qk_norm!r}" if arch.qk_norm != "none" else "") + (
         f", dense layers {list(plan.dense_layers)}" if plan.dense_layers else "") + (
