@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import aoe.hf  # noqa: F401  (registers "aoe" with the Auto classes)
+from helpers.tiny_models import pangram_tokenizer
 
 torch.set_num_threads(1)
 
@@ -23,7 +24,4 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from aoe.data import train_tokenizer
-
-    text = ["the quick brown fox jumps over the lazy dog. " * 4, "hello world, hello there. " * 4]
-    return train_tokenizer(text, vocab_size=300, min_frequency=1)
+    return pangram_tokenizer()

@@ -209,7 +209,7 @@ def test_the_source_is_never_the_destination(tmp_path, llama_dir):
 def test_cli_commands(tmp_path, llama_dir, capsys):
     import argparse
 
-    from aoe.hf_cli import add_convert_parser, add_export_parser
+    from aoe.cli.hf_options import add_convert_parser, add_export_parser
 
     parser = argparse.ArgumentParser(prog="aoe")
     sub = parser.add_subparsers()
@@ -443,7 +443,7 @@ def test_a_damaged_safetensors_file_is_named(tmp_path, llama_dir):
 def _run(argv):
     import argparse
 
-    from aoe.hf_cli import add_convert_parser, add_export_parser
+    from aoe.cli.hf_options import add_convert_parser, add_export_parser
 
     parser = argparse.ArgumentParser(prog="aoe")
     sub = parser.add_subparsers()

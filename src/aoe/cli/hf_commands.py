@@ -1,4 +1,4 @@
-"""``aoe export`` and ``aoe convert`` registered from ``aoe.hf_cli``; where transformers is missing
+"""``aoe export`` and ``aoe convert`` registered from ``aoe.cli.hf_options``; where transformers is missing
 or unusable, commands that say the 'hf' extra is needed."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from aoe.cli.common import CLIError
 
 
 def _add_hf_parsers(sub) -> None:
-    """``aoe export`` and ``aoe convert`` (``aoe.hf_cli``; transformers is imported only when one
+    """``aoe export`` and ``aoe convert`` (``aoe.cli.hf_options``; transformers is imported only when one
     runs); without transformers, or with one aoe cannot use, two commands that say they need it."""
     import importlib.util
 
-    from aoe.hf_cli import add_convert_parser, add_export_parser
+    from aoe.cli.hf_options import add_convert_parser, add_export_parser
 
     if importlib.util.find_spec("transformers") is None:
         for name in ("export", "convert"):

@@ -163,7 +163,7 @@ def _add_demo_parser(sub) -> None:
 
 
 def _add_checkpoint_parser(sub) -> None:
-    """``aoe checkpoint consolidate`` (``aoe.checkpoint_cli``: outside aoe.io, whose import loads torch)."""
-    from aoe.checkpoint_cli import add_checkpoint_parser
+    """``aoe checkpoint consolidate`` (``aoe.cli.checkpoint``: outside aoe.io, whose import loads torch)."""
+    from aoe.cli.checkpoint import add_checkpoint_parser
 
     add_checkpoint_parser(sub)

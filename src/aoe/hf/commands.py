@@ -1,4 +1,4 @@
-"""``aoe export`` and ``aoe convert``: what they run (their options: ``aoe.hf_cli``, which imports
+"""``aoe export`` and ``aoe convert``: what they run (their options: ``aoe.cli.hf_options``, which imports
 nothing heavy, so that ``aoe --help`` does not import transformers)."""
 
 from __future__ import annotations

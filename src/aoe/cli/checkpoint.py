@@ -1,5 +1,5 @@
-"""argparse wiring of ``aoe checkpoint consolidate`` (registered by ``aoe.cli``; a top-level module so that
-``aoe --help`` imports no torch: the package ``aoe.io`` loads it)."""
+"""argparse wiring of ``aoe checkpoint consolidate`` (outside ``aoe.io``, whose import loads torch, so that
+``aoe --help`` imports none; the command imports ``aoe.io`` when it runs)."""
 
 from __future__ import annotations
 

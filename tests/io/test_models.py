@@ -14,7 +14,7 @@ from aoe.cli import main
 from aoe.io.checkpoint import CheckpointError, imported_run_config, save_model_checkpoint
 from aoe.io.models import load_any, load_model, model_dir_kind
 
-from .conftest import make_lines
+from helpers.tiny_models import make_lines
 
 MC = [{"context": "the cat sat on", "choices": ["a mat", "paris", "the blue green model"], "label": 0},
       {"context": "experts route each token to", "choices": ["themselves", "rome"], "label": 1},
