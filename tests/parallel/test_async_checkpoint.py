@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,18 +22,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.processes import free_port, spawn, torchrun_env
 from helpers.tiny_runs import PYTHON, cli_env, tiny_overrides
 
-from .test_expert_parallel import _copy_until, _losses, _same_losses, _spawn, single_run  # noqa: F401
-from .test_fsdp import _weights
+from .runs import copy_until, losses, same_losses, weights
+
 
 ASYNC = "train.async_checkpoint=true"
 CLI_TRAIN = [PYTHON, "-m", "aoe.cli", "train", "--quiet"]
 
 
 def _join_env(rank: int, world: int, port: int) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(torchrun_env(rank, world, port))
     torch.set_num_threads(1)
 
 
@@ -60,7 +59,7 @@ def _plan_worker(rank: int, world: int, port: int, plan: list[tuple]) -> None:
                     Path(run, f"error-rank{rank}.json").write_text(json.dumps([type(e).__name__, str(e)]))
             elif action == "copy":
                 if rank == 0:
-                    _copy_until(Path(args[0]), Path(args[1]), args[2])
+                    copy_until(Path(args[0]), Path(args[1]), args[2])
                 dist.barrier()
             elif action == "full_disk":
                 _fill_the_disk_at(*args)
@@ -119,20 +118,20 @@ def test_async_saves_on_two_ranks_are_the_synchronous_ones_and_resume(single_run
     overrides, single = single_run
     args = [*overrides, layout]
     sync, background, resumed = tmp_path / "sync", tmp_path / "async", tmp_path / "async-resumed"
-    _spawn(_plan_worker, 2, [("train", args, str(sync), False), ("train", [*args, ASYNC], str(background), False),
+    spawn(_plan_worker, 2, [("train", args, str(sync), False), ("train", [*args, ASYNC], str(background), False),
                              ("copy", str(background), str(resumed), 2),
                              ("train", [*args, ASYNC], str(resumed), True)])
-    assert _losses(background) == _losses(sync)
-    _same_losses(_losses(background), _losses(single), f"{layout} on 2 ranks, asynchronous checkpoints")
+    assert losses(background) == losses(sync)
+    same_losses(losses(background), losses(single), f"{layout} on 2 ranks, asynchronous checkpoints")
     for step in ("checkpoints/step_00000002", "checkpoints/step_00000004"):
         got, want = _files(background / step), _files(sync / step)
         assert got.keys() == want.keys(), step
         same = [name for name in want if name.endswith(".distcp") or name.startswith("rank_")]
         assert len(same) == 4 and all(got[name] == want[name] for name in same), step  # the same bytes
-        got_w, want_w = _weights(background / step), _weights(sync / step)
+        got_w, want_w = weights(background / step), weights(sync / step)
         assert got_w.keys() == want_w.keys() and all(torch.equal(got_w[k], want_w[k]) for k in want_w), step
     assert _no_temporary(background)
-    _same_losses(_losses(resumed), _losses(single), f"an asynchronous checkpoint resumed under {layout}")
+    same_losses(losses(resumed), losses(single), f"an asynchronous checkpoint resumed under {layout}")
 
 
 @pytest.mark.slow
@@ -143,7 +142,7 @@ def test_a_full_disk_in_a_background_write_stops_the_run_as_a_synchronous_save_d
     overrides, _ = single_run
     fsdp = [*overrides, "train.fsdp=true", "train.max_steps=6"]
     sync, later, last = tmp_path / "sync", tmp_path / "async-next-save", tmp_path / "async-at-exit"
-    _spawn(_plan_worker, 2, [("full_disk", 1, 4), ("train", fsdp, str(sync), False),
+    spawn(_plan_worker, 2, [("full_disk", 1, 4), ("train", fsdp, str(sync), False),
                              ("train", [*fsdp, ASYNC], str(later), False),
                              ("train", [*fsdp, ASYNC, "train.max_steps=4"], str(last), False),
                              ("full_disk", 1, None)])
@@ -155,24 +154,17 @@ def test_a_full_disk_in_a_background_write_stops_the_run_as_a_synchronous_save_d
         assert message.endswith("free some space, then continue with --resume")
         for run in (later, last):
             assert _error(run, rank) == (kind, message.replace(str(sync), str(run))), f"{run.name} rank {rank}"
-    assert max(_losses(sync)) == 4 and max(_losses(later)) == 6 and max(_losses(last)) == 4
+    assert max(losses(sync)) == 4 and max(losses(later)) == 6 and max(losses(last)) == 4
     for run in (sync, later, last):
         assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"], run.name
         _files(run / "checkpoints" / "step_00000002")  # verifies
 
 
 # -- signals and kills, through the command line (the environment torchrun gives its workers) -------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, args: list[str], env: dict[str, str] | None = None, resume: bool = False) -> list:
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in (0, 1):
-        rank_env = {**cli_env(), **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        rank_env = {**cli_env(), **(env or {}), **torchrun_env(rank, 2, port)}
         cmd = [*CLI_TRAIN, "--out", str(out), *(["--resume"] if resume else []), *args]
         procs.append(subprocess.Popen(cmd, env=rank_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     return procs
@@ -220,7 +212,7 @@ def _sigterm_run(cache_dir, tmp_path: Path, extra: dict, env: dict | None = None
     finally:
         errs = _finish(procs)
     assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, errs[0][-2000:] + errs[1][-2000:]
-    reached = max(_losses(out))
+    reached = max(losses(out))
     assert 5 <= reached < 500 and f"stopped by SIGTERM after step {reached} of 500" in errs[0]
     return out, reached, errs
 
@@ -277,4 +269,4 @@ def test_a_run_killed_during_a_background_save_loses_nothing_and_resumes(single_
     procs = _launch(out, args, resume=True)
     errs = _finish(procs)
     assert [p.returncode for p in procs] == [0, 0] and _no_temporary(out), errs[0][-2000:]
-    _same_losses(_losses(out), _losses(single), "resumed after a kill during a background save")
+    same_losses(losses(out), losses(single), "resumed after a kill during a background save")

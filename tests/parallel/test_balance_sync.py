@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .test_expert_parallel import _join, _spawn
+from helpers.processes import join_gloo, spawn
+
 
 RATE = 0.5
 
@@ -33,7 +34,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from aoe.train.distributed import DistInfo
     from aoe.train.plans.base import ParallelPlan
 
-    _join(rank, world, port)
+    join_gloo(rank, world, port)
     try:
         result = {}
         for how in ("plan", "public"):
@@ -58,7 +59,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_the_loads_are_summed_over_the_ranks_before_the_bias_step(tmp_path):
-    _spawn(_worker, 2, str(tmp_path))
+    spawn(_worker, 2, str(tmp_path))
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # summed: every expert has the same load, 10 + i, so no bias moves; alone, each rank would
     # have moved its own experts down and the others up, differently on each rank

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .test_expert_parallel import _spawn
+from helpers.processes import spawn, torchrun_env
+
 
 EVAL_BATCHES, MICRO = 5, 2
 MODES = {"fsdp": ["train.fsdp=true"], "ep": ["train.expert_parallel=2"],
@@ -41,8 +42,7 @@ def _validate(overrides: list[str], out: Path) -> tuple[dict, int]:
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(torchrun_env(rank, world, port))
     torch.set_num_threads(1)
     from aoe.train.distributed import shutdown_distributed
 
@@ -82,7 +82,7 @@ def one_process(tmp_path_factory, cache_dir):
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_validation_is_spread_over_the_ranks_and_equals_one_process(one_process, mode, tmp_path):
     overrides, want = one_process
-    _spawn(_worker, 2, [*overrides, *MODES[mode]], str(tmp_path))
+    spawn(_worker, 2, [*overrides, *MODES[mode]], str(tmp_path))
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # fp64 sums of the same fp32 per-batch losses in another order (rank by rank, then the
     # all-reduce): 1e-12 leaves three orders of magnitude above what that reordering can change

@@ -11,38 +11,19 @@ the per-step losses of EP=2 and EP=2 x DP=2 equal the single-process run at the 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from aoe.nn.aoe import AoE
 from aoe.nn.moe import MoE
 
+from helpers.processes import join_gloo, spawn
+from .runs import close, copy_until, losses, same_losses, trainer_worker
+
 D, T_PER_RANK = 8, 6
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, world: int, *args) -> None:
-    """Run ``fn(rank, world, port, *args)`` in ``world`` fresh processes (errors re-raised here)."""
-    mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
-
-
-def _join(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
 # -- layer level -------------------------------------------------------------------------------------
@@ -52,12 +33,6 @@ LAYERS = {
     "moe_factorized": lambda: MoE(D, d_ffn=12, n_experts=8, top_k=2, gate_rank=3, bias_update_rate=1e-3),
 }
 IDLE = 5  # the expert no token may choose (its selection bias is -inf-like)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
-    scale = max(float(b.abs().max()), 1e-30)
-    err = float((a - b).abs().max())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
 
 
 def _check_layer(kind: str, dtype: torch.dtype, rank: int, world: int, groups) -> None:
@@ -78,21 +53,21 @@ def _check_layer(kind: str, dtype: torch.dtype, rank: int, world: int, groups) -
     y_mine = part(x_mine)
     (y_mine * probe[mine]).sum().backward()
     tol, name = TOL[dtype], f"{kind} {dtype} rank {rank}/{world}"
-    _close(y_mine, whole(x.detach())[mine], tol, f"{name} output")
-    _close(x_mine.grad, x.grad[mine], tol, f"{name} input grad")
+    close(y_mine, whole(x.detach())[mine], tol, f"{name} output")
+    close(x_mine.grad, x.grad[mine], tol, f"{name} input grad")
     shard = part.expert_dispatcher.shard
     lo, hi = shard.first, shard.first + shard.n_local
     sharded = set(sharded_names(part))
     for pname, p in part.named_parameters():
         full_grad = dict(whole.named_parameters())[pname].grad
         if pname in sharded:  # this rank's experts: every rank's tokens already summed in
-            _close(p.grad, full_grad[lo:hi], tol, f"{name} {pname}.grad")
+            close(p.grad, full_grad[lo:hi], tol, f"{name} {pname}.grad")
             if lo <= IDLE < hi:
                 assert torch.equal(p.grad[IDLE - lo], torch.zeros_like(p.grad[IDLE - lo])), f"{name} idle {pname}"
         else:  # replicated (router, AoE's w_down): each rank's share, summed over ranks
             grad = p.grad.clone()
             dist.all_reduce(grad)
-            _close(grad, full_grad, tol, f"{name} {pname}.grad (summed)")
+            close(grad, full_grad, tol, f"{name} {pname}.grad (summed)")
     assert int(part.last_routing.tokens_per_expert[IDLE]) == 0
 
 
@@ -121,7 +96,7 @@ def _check_model_gradients(kind: str, ep_size: int, rank: int, world: int) -> No
         if id(p) in sharded:
             first = ep.layers[0].expert_dispatcher.shard.first
             want = want[first:first + p.shape[0]]
-        _close(p.grad, want, 1e-12, f"{name} {pname}.grad")
+        close(p.grad, want, 1e-12, f"{name} {pname}.grad")
     norm = ep.clip_grad_norm_(list(part.parameters()), 1e-3)
     want_norm = float(torch.nn.utils.clip_grad_norm_(list(whole.parameters()), 1e-3))
     assert abs(norm - want_norm) <= 1e-6 * want_norm, f"{name}: grad norm {norm} != {want_norm}"
@@ -130,7 +105,7 @@ def _check_model_gradients(kind: str, ep_size: int, rank: int, world: int) -> No
 def _layer_worker(rank: int, world: int, port: int, cases: list[tuple[str, torch.dtype]]) -> None:
     from aoe.parallel import expert_groups
 
-    _join(rank, world, port)
+    join_gloo(rank, world, port)
     groups = expert_groups(world)
     for kind, dtype in cases:
         _check_layer(kind, dtype, rank, world, groups)
@@ -146,12 +121,12 @@ def _layer_worker(rank: int, world: int, port: int, cases: list[tuple[str, torch
 def test_sharded_layers_match_the_whole_layer_on_two_ranks():
     """... and a rank without tokens still serves its experts."""
     cases = [(k, dt) for k in ("aoe", "moe") for dt in (torch.float32, torch.float64)]
-    _spawn(_layer_worker, 2, cases + [("moe_factorized", torch.float64)])
+    spawn(_layer_worker, 2, cases + [("moe_factorized", torch.float64)])
 
 
 @pytest.mark.slow  # four processes on the machine's two cores
 def test_sharded_layers_match_the_whole_layer_on_four_ranks():
-    _spawn(_layer_worker, 4, [("aoe", torch.float64), ("moe", torch.float32)])
+    spawn(_layer_worker, 4, [("aoe", torch.float64), ("moe", torch.float32)])
 
 
 def _check_empty_rank(rank: int, world: int, groups) -> None:
@@ -167,7 +142,7 @@ def _check_empty_rank(rank: int, world: int, groups) -> None:
     y = part(x if rank == 0 else x[:0])
     y.sum().backward()
     if rank == 0:
-        _close(y, whole(x), 1e-12, "output")
+        close(y, whole(x), 1e-12, "output")
     else:
         assert y.shape == (0, D)
 
@@ -195,59 +170,6 @@ def test_expert_parallel_needs_torchrun_and_is_validated(make_cfg, tmp_path):
 
 
 # -- trainer level ---------------------------------------------------------------------------------
-STEPS = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 0, "train.keep_checkpoints": 0,
-         "train.batch_size": 8, "train.micro_batch_size": 2}
-
-
-def _trainer_worker(rank: int, world: int, port: int, overrides: list[str], out: str, resume_from: str | None):
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    from aoe.config import load_config
-    from aoe.train.distributed import shutdown_distributed
-    from aoe.train.trainer import Trainer
-
-    try:
-        Trainer(load_config("tiny", overrides), out, progress=False).fit()
-        if resume_from:  # the single-process run's checkpoint, continued by this world
-            Trainer(load_config("tiny", overrides), resume_from, resume=True, progress=False).fit()
-    finally:
-        shutdown_distributed()
-
-
-def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
-    """Step -> (loss, gradient norm before clipping) of a run's metrics."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {e["step"]: (e["loss"], e["grad_norm"]) for e in map(json.loads, lines) if "loss" in e}
-
-
-def _same_losses(got: dict, want: dict, what: str) -> None:
-    assert sorted(got) == sorted(want), what
-    for step, expected in want.items():
-        for name, a, b in zip(("loss", "grad_norm"), got[step], expected):
-            assert abs(a - b) <= 1e-5 * abs(b), f"{what} step {step} {name}: {a} != {b}"
-
-
-def _copy_until(run: Path, dest: Path, step: int) -> Path:
-    """A run directory holding ``run``'s checkpoint of ``step`` and its metrics up to there."""
-    shutil.copytree(run, dest)
-    for c in (dest / "checkpoints").iterdir():
-        if c.name != f"step_{step:08d}":
-            shutil.rmtree(c)
-    return dest
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory, cache_dir):
-    from aoe.config import load_config
-    from aoe.train.trainer import Trainer
-    from helpers.tiny_runs import tiny_overrides
-
-    torch.set_num_threads(1)
-    overrides = tiny_overrides(cache_dir, **STEPS)
-    out = tmp_path_factory.mktemp("ep") / "single"
-    Trainer(load_config("tiny", overrides), out, progress=False).fit()
-    return overrides, out
 
 
 @pytest.mark.slow
@@ -260,9 +182,9 @@ def test_expert_parallel_training_matches_one_process_and_resumes_there(single_r
     overrides, single = single_run
     ep = tmp_path / "ep2"
     full = [*overrides, "train.expert_parallel=2", "train.checkpoint_format=full"]  # sharded: test_sharded_checkpoint
-    _spawn(_trainer_worker, 2, full, str(ep), None)
-    want = _losses(single)
-    _same_losses(_losses(ep), want, "EP=2")
+    spawn(trainer_worker, 2, full, str(ep), None)
+    want = losses(single)
+    same_losses(losses(ep), want, "EP=2")
     final = "checkpoints/step_00000004/model.safetensors"  # the single-process format, full experts
     got, expected = load_file(ep / final), load_file(single / final)
     assert got.keys() == expected.keys()
@@ -272,18 +194,18 @@ def test_expert_parallel_training_matches_one_process_and_resumes_there(single_r
         # divides each gradient by its own running RMS, so a small gradient's relative rounding
         # error becomes the same relative error of an lr-sized step (measured: 1.6e-5 of the
         # largest weight after 4 steps; the losses above still agree to 1e-5)
-        _close(got[name], b, 1e-4, f"EP=2 checkpoint {name}")
-    resumed = _copy_until(ep, tmp_path / "resumed", 2)  # full experts and AdamW moments, gathered
+        close(got[name], b, 1e-4, f"EP=2 checkpoint {name}")
+    resumed = copy_until(ep, tmp_path / "resumed", 2)  # full experts and AdamW moments, gathered
     torch.set_num_threads(1)
     Trainer(load_config("tiny", overrides), resumed, resume=True, progress=False).fit()
-    _same_losses(_losses(resumed), want, "EP=2 checkpoint resumed in one process")
+    same_losses(losses(resumed), want, "EP=2 checkpoint resumed in one process")
 
 
 @pytest.mark.slow
 def test_expert_and_data_parallel_training_matches_one_process(single_run, tmp_path):
     overrides, single = single_run
-    run, resumed = tmp_path / "ep2dp2", _copy_until(single, tmp_path / "resumed", 2)
-    _spawn(_trainer_worker, 4, [*overrides, "train.expert_parallel=2"], str(run), str(resumed))
-    want = _losses(single)
-    _same_losses(_losses(run), want, "EP=2 x DP=2")
-    _same_losses(_losses(resumed), want, "one-process checkpoint resumed by EP=2 x DP=2")
+    run, resumed = tmp_path / "ep2dp2", copy_until(single, tmp_path / "resumed", 2)
+    spawn(trainer_worker, 4, [*overrides, "train.expert_parallel=2"], str(run), str(resumed))
+    want = losses(single)
+    same_losses(losses(run), want, "EP=2 x DP=2")
+    same_losses(losses(resumed), want, "one-process checkpoint resumed by EP=2 x DP=2")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,18 +21,14 @@ import pytest
 
 from aoe.train import list_checkpoints, read_metrics, verify_checkpoint
 from aoe.train.watchdog import PEER_LOST_EXIT, Watchdog
+from helpers.processes import free_port, torchrun_env
 from helpers.tiny_runs import PYTHON, cli_env, tiny_overrides
+
 
 CLI_TRAIN = [PYTHON, "-m", "aoe.cli", "train", "--quiet"]
 TIMEOUT_S = 5  # train.dist_timeout_s of these runs
 SLACK_S = 15  # process teardown on a busy two-core machine
 STEPS = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -46,10 +41,9 @@ def _args(cache_dir: Path, **extra) -> list[str]:
 
 
 def _start_ranks(out: Path, args: list[str], world: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in range(world):  # the environment torchrun gives its workers
-        rank_env = {**cli_env(), **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        rank_env = {**cli_env(), **(env or {}), **torchrun_env(rank, world, port)}
         procs.append(subprocess.Popen([*CLI_TRAIN, "--out", str(out), *args], env=rank_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs

@@ -9,48 +9,11 @@ exports to Hugging Face.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
-from .test_expert_parallel import (  # noqa: F401  (single_run is a fixture)
-    _close, _copy_until, _losses, _same_losses, _spawn, _trainer_worker, single_run,
-)
-
-FINAL = "checkpoints/step_00000004"
-
-
-def _resume_worker(rank: int, world: int, port: int, overrides: list[str], run: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    from aoe.config import load_config
-    from aoe.train.distributed import shutdown_distributed
-    from aoe.train.trainer import Trainer
-
-    try:
-        Trainer(load_config("tiny", overrides), run, resume=True, progress=False).fit()
-    finally:
-        shutdown_distributed()
-
-
-def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The full weights of a checkpoint of either format (one-process or sharded), read here."""
-    from aoe.io.checkpoint import model_state_for_saving
-    from aoe.io.models import load_model
-
-    model, _, _ = load_model(checkpoint)
-    return model_state_for_saving(model)
-
-
-def _same_tensors(got_dir: Path, want_dir: Path, what: str, tol: float = 1e-5) -> None:
-    got, want = _weights(got_dir / FINAL), _weights(want_dir / FINAL)
-    assert got.keys() == want.keys(), what
-    for name, b in want.items():
-        assert got[name].shape == b.shape, f"{what} {name}"
-        _close(got[name], b, tol, f"{what} {name}")
+from helpers.processes import spawn
+from .runs import FINAL, copy_until, losses, resume_worker, same_losses, same_tensors, trainer_worker
 
 
 def test_fsdp_is_refused_where_it_cannot_run(make_cfg, tmp_path):
@@ -92,18 +55,18 @@ def test_fsdp_training_matches_one_process_and_checkpoints_move_both_ways(single
     from aoe.train.trainer import Trainer
 
     overrides, single = single_run
-    run, into_fsdp = tmp_path / "fsdp2", _copy_until(single, tmp_path / "into_fsdp", 2)
+    run, into_fsdp = tmp_path / "fsdp2", copy_until(single, tmp_path / "into_fsdp", 2)
     full = [*overrides, "train.fsdp=true", "train.checkpoint_format=full"]  # sharded: test_sharded_checkpoint
-    _spawn(_trainer_worker, 2, full, str(run), str(into_fsdp))
-    want = _losses(single)
-    _same_losses(_losses(run), want, "FSDP, 2 ranks")
+    spawn(trainer_worker, 2, full, str(run), str(into_fsdp))
+    want = losses(single)
+    same_losses(losses(run), want, "FSDP, 2 ranks")
     assert (run / FINAL / "model.safetensors").is_file()  # gathered: the single-process format
-    _same_tensors(run, single, "FSDP checkpoint")
-    _same_losses(_losses(into_fsdp), want, "one-process checkpoint resumed by FSDP, 2 ranks")
-    out_of_fsdp = _copy_until(run, tmp_path / "out_of_fsdp", 2)
+    same_tensors(run, single, "FSDP checkpoint")
+    same_losses(losses(into_fsdp), want, "one-process checkpoint resumed by FSDP, 2 ranks")
+    out_of_fsdp = copy_until(run, tmp_path / "out_of_fsdp", 2)
     torch.set_num_threads(1)
     Trainer(load_config("tiny", overrides), out_of_fsdp, resume=True, progress=False).fit()
-    _same_losses(_losses(out_of_fsdp), want, "FSDP checkpoint resumed in one process")
+    same_losses(losses(out_of_fsdp), want, "FSDP checkpoint resumed in one process")
 
 
 @pytest.mark.slow
@@ -114,12 +77,12 @@ def test_an_expert_parallel_checkpoint_resumes_under_fsdp_and_exports(single_run
 
     overrides, single = single_run
     ep = tmp_path / "ep2"
-    _spawn(_trainer_worker, 2, [*overrides, "train.expert_parallel=2"], str(ep), None)
-    resumed = _copy_until(ep, tmp_path / "ep2_then_fsdp2", 2)
-    _spawn(_resume_worker, 2, [*overrides, "train.fsdp=true"], str(resumed))
-    _same_losses(_losses(resumed), _losses(single), "EP=2 checkpoint resumed by FSDP, 2 ranks")
+    spawn(trainer_worker, 2, [*overrides, "train.expert_parallel=2"], str(ep), None)
+    resumed = copy_until(ep, tmp_path / "ep2_then_fsdp2", 2)
+    spawn(resume_worker, 2, [*overrides, "train.fsdp=true"], str(resumed))
+    same_losses(losses(resumed), losses(single), "EP=2 checkpoint resumed by FSDP, 2 ranks")
     # two layouts' reduction orders, then AdamW's normalized steps: 1.3e-6 of 0.078 seen
-    _same_tensors(resumed, single, "EP=2 -> FSDP=2 checkpoint", tol=1e-4)
+    same_tensors(resumed, single, "EP=2 -> FSDP=2 checkpoint", tol=1e-4)
     export_checkpoint(ep, tmp_path / "hf")  # aoe export of a run written under expert parallelism
     native, _, _ = load_model(ep)
     exported = load_hf_as_native(tmp_path / "hf")
@@ -134,9 +97,9 @@ def test_hybrid_sharding_on_a_2d_mesh_matches_one_process(single_run, tmp_path):
     """fsdp_shard_size=2 of 4 ranks: 2 data-parallel replicas of a 2-rank FSDP group (HSDP)."""
     overrides, single = single_run
     run = tmp_path / "hsdp"
-    _spawn(_trainer_worker, 4, [*overrides, "train.fsdp=true", "train.fsdp_shard_size=2"], str(run), None)
-    _same_losses(_losses(run), _losses(single), "FSDP 2 x DP 2")
-    _same_tensors(run, single, "FSDP 2 x DP 2 checkpoint")
+    spawn(trainer_worker, 4, [*overrides, "train.fsdp=true", "train.fsdp_shard_size=2"], str(run), None)
+    same_losses(losses(run), losses(single), "FSDP 2 x DP 2")
+    same_tensors(run, single, "FSDP 2 x DP 2 checkpoint")
 
 
 @pytest.mark.slow  # four processes on the machine's two cores
@@ -144,16 +107,16 @@ def test_fsdp_with_expert_and_data_parallelism_matches_one_process(single_run, t
     """EP=2 x DP=2 and FSDP: the experts sharded by EP (each rank 1/2), every other parameter by
     FSDP over the 4 ranks; the one-process checkpoint resumes there too."""
     overrides, single = single_run
-    run, resumed = tmp_path / "ep2dp2fsdp", _copy_until(single, tmp_path / "resumed", 2)
-    _spawn(_trainer_worker, 4, [*overrides, "train.fsdp=true", "train.expert_parallel=2"], str(run), str(resumed))
-    want = _losses(single)
-    _same_losses(_losses(run), want, "EP 2 x DP 2 with FSDP")
+    run, resumed = tmp_path / "ep2dp2fsdp", copy_until(single, tmp_path / "resumed", 2)
+    spawn(trainer_worker, 4, [*overrides, "train.fsdp=true", "train.expert_parallel=2"], str(run), str(resumed))
+    want = losses(single)
+    same_losses(losses(run), want, "EP 2 x DP 2 with FSDP")
     # 5e-5: four ranks sum each gradient in another order (EP's all-to-all, then FSDP's
     # reduce-scatter over 4), and AdamW's 1/sqrt(v) magnifies the last bits of near-zero gradients.
     # With the gate weights not renormalized the weights agree to 1e-5 of their scale; renormalized
     # (Algorithm 2, the default) to 2.8e-5 (deterministic; the losses still agree to 1e-5).
-    _same_tensors(run, single, "EP 2 x DP 2 with FSDP checkpoint", tol=5e-5)
-    _same_losses(_losses(resumed), want, "one-process checkpoint resumed by EP 2 x DP 2 with FSDP")
+    same_tensors(run, single, "EP 2 x DP 2 with FSDP checkpoint", tol=5e-5)
+    same_losses(losses(resumed), want, "one-process checkpoint resumed by EP 2 x DP 2 with FSDP")
 
 
 @pytest.mark.slow  # four processes on the machine's two cores, then two
@@ -163,11 +126,11 @@ def test_hybrid_sharding_with_expert_parallelism_matches_one_process_and_reshard
     ranks (another world, another layout) with the one-process losses."""
     overrides, single = single_run
     run = tmp_path / "ep2_hsdp"
-    _spawn(_trainer_worker, 4, [*overrides, "train.fsdp=true", "train.fsdp_shard_size=2", "train.expert_parallel=2"],
+    spawn(trainer_worker, 4, [*overrides, "train.fsdp=true", "train.fsdp_shard_size=2", "train.expert_parallel=2"],
            str(run), None)
-    want = _losses(single)
-    _same_losses(_losses(run), want, "EP 2 with HSDP 2 x 2")
-    _same_tensors(run, single, "EP 2 with HSDP 2 x 2 checkpoint", tol=5e-5)  # the tolerance of EP 2 x DP 2 + FSDP
-    resumed = _copy_until(run, tmp_path / "ep2_hsdp_then_fsdp2", 2)
-    _spawn(_resume_worker, 2, [*overrides, "train.fsdp=true"], str(resumed))
-    _same_losses(_losses(resumed), want, "EP 2 with HSDP checkpoint resumed by FSDP, 2 ranks")
+    want = losses(single)
+    same_losses(losses(run), want, "EP 2 with HSDP 2 x 2")
+    same_tensors(run, single, "EP 2 with HSDP 2 x 2 checkpoint", tol=5e-5)  # the tolerance of EP 2 x DP 2 + FSDP
+    resumed = copy_until(run, tmp_path / "ep2_hsdp_then_fsdp2", 2)
+    spawn(resume_worker, 2, [*overrides, "train.fsdp=true"], str(resumed))
+    same_losses(losses(resumed), want, "EP 2 with HSDP checkpoint resumed by FSDP, 2 ranks")

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-from .test_expert_parallel import (  # noqa: F401  (single_run is a fixture)
-    _close, _copy_until, _losses, _same_losses, _spawn, _trainer_worker, single_run,
-)
-from .test_fsdp import _resume_worker, _weights
+from helpers.processes import spawn
+from .runs import close, copy_until, losses, resume_worker, same_losses, trainer_worker, weights
+
 
 STEP2, STEP4 = "checkpoints/step_00000002", "checkpoints/step_00000004"
 
@@ -30,7 +28,7 @@ STEP2, STEP4 = "checkpoints/step_00000002", "checkpoints/step_00000004"
 def fsdp_run(single_run, tmp_path_factory):
     overrides, single = single_run
     run = tmp_path_factory.mktemp("sharded") / "fsdp2"
-    _spawn(_trainer_worker, 2, [*overrides, "train.fsdp=true"], str(run), None)
+    spawn(trainer_worker, 2, [*overrides, "train.fsdp=true"], str(run), None)
     return overrides, single, run
 
 
@@ -38,7 +36,7 @@ def _same_weights(got: dict, want: dict, what: str, tol: float = 1e-5) -> None:
     assert got.keys() == want.keys(), what
     for name, b in want.items():
         assert got[name].shape == b.shape, f"{what} {name}"
-        _close(got[name], b, tol, f"{what} {name}")
+        close(got[name], b, tol, f"{what} {name}")
 
 
 @pytest.mark.slow
@@ -48,25 +46,25 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_under_expert_parallelism(
     from aoe.train.trainer import Trainer
 
     overrides, single, run = fsdp_run
-    want = _losses(single)
-    _same_losses(_losses(run), want, "FSDP, 2 ranks")
+    want = losses(single)
+    same_losses(losses(run), want, "FSDP, 2 ranks")
     meta = verify_checkpoint(run / STEP2)
     assert (meta["layout"], meta["world_size"]) == ("sharded", 2)
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "rank_00000.pt", "rank_00001.pt"} <= set(meta["files"])
     assert not (run / STEP2 / "model.safetensors").exists()
 
-    one = _copy_until(run, tmp_path / "fsdp2_then_one", 2)
+    one = copy_until(run, tmp_path / "fsdp2_then_one", 2)
     torch.set_num_threads(1)
     Trainer(load_config("tiny", overrides), one, resume=True, progress=False).fit()
-    _same_losses(_losses(one), want, "FSDP=2 sharded checkpoint resumed in one process")
+    same_losses(losses(one), want, "FSDP=2 sharded checkpoint resumed in one process")
 
-    ep = _copy_until(run, tmp_path / "fsdp2_then_ep2", 2)
-    _spawn(_resume_worker, 2, [*overrides, "train.expert_parallel=2"], str(ep))
-    _same_losses(_losses(ep), want, "FSDP=2 sharded checkpoint resumed under EP=2")
+    ep = copy_until(run, tmp_path / "fsdp2_then_ep2", 2)
+    spawn(resume_worker, 2, [*overrides, "train.expert_parallel=2"], str(ep))
+    same_losses(losses(ep), want, "FSDP=2 sharded checkpoint resumed under EP=2")
     assert json.loads((ep / STEP4 / "checkpoint.json").read_text())["layout"] == "sharded"  # EP's own shards
     # EP's expert slices were saved as the full [E, ...] tensors: one process reads them back.
     # 1e-4: the layouts sum gradients in other orders and AdamW magnifies it (see test_expert_parallel)
-    _same_weights(_weights(ep / STEP4), _weights(single / STEP4), "FSDP=2 -> EP=2 weights", tol=1e-4)
+    _same_weights(weights(ep / STEP4), weights(single / STEP4), "FSDP=2 -> EP=2 weights", tol=1e-4)
 
 
 @pytest.mark.slow
@@ -78,7 +76,7 @@ def test_eval_and_consolidate_read_a_sharded_checkpoint_in_one_process(fsdp_run,
     from aoe.train.trainer import Trainer
 
     overrides, single, run = fsdp_run
-    _same_weights(_weights(run / STEP4), _weights(single / STEP4), "FSDP=2 sharded weights")
+    _same_weights(weights(run / STEP4), weights(single / STEP4), "FSDP=2 sharded weights")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no DCP warning about loading without a group
         assert main(["eval", str(run), "--max-batches", "2"]) == 0
@@ -88,10 +86,10 @@ def test_eval_and_consolidate_read_a_sharded_checkpoint_in_one_process(fsdp_run,
     assert main(["checkpoint", "consolidate", str(run / STEP2), str(out)]) == 0
     full = out / STEP2
     assert verify_checkpoint(full).get("layout") is None and (full / "model.safetensors").is_file()
-    assert all(torch.equal(a, b) for a, b in zip(_weights(full).values(), _weights(run / STEP2).values()))
+    assert all(torch.equal(a, b) for a, b in zip(weights(full).values(), weights(run / STEP2).values()))
     torch.set_num_threads(1)
     Trainer(load_config("tiny", overrides), out, resume=True, progress=False).fit()
-    _same_losses(_losses(out), {s: v for s, v in _losses(single).items() if s > 2}, "consolidated, resumed")
+    same_losses(losses(out), {s: v for s, v in losses(single).items() if s > 2}, "consolidated, resumed")
 
     with pytest.raises(CheckpointError, match=r"already in the one-process format"):
         consolidate(full, tmp_path / "again")
@@ -143,7 +141,7 @@ def test_one_process_writes_and_resumes_the_sharded_format_too(single_run, tmp_p
     torch.set_num_threads(1)
     Trainer(load_config("tiny", [*overrides, "train.checkpoint_format=sharded"]), run, progress=False).fit()
     assert json.loads((run / STEP2 / "checkpoint.json").read_text())["world_size"] == 1
-    assert _losses(run) == _losses(single)
-    resumed = _copy_until(run, tmp_path / "resumed", 2)
+    assert losses(run) == losses(single)
+    resumed = copy_until(run, tmp_path / "resumed", 2)
     Trainer(load_config("tiny", overrides), resumed, resume=True, progress=False).fit()
-    assert _losses(resumed) == _losses(single)
+    assert losses(resumed) == losses(single)

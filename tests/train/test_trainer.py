@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import shutil
 import subprocess
 import time
@@ -20,6 +19,8 @@ from aoe.train import CheckpointError, Trainer, TrainingError, list_checkpoints,
 from aoe.io.checkpoint import load_trainer_state
 from aoe.io.models import load_model
 from aoe.train.trainer import TrainingInterrupted, TrainingWriteError
+
+from helpers.processes import free_port, torchrun_env
 
 from .conftest import PYTHON, cli_env, tiny_overrides
 
@@ -137,20 +138,13 @@ def test_sigterm_saves_the_step_reached_and_resume_logs_the_same_losses(tmp_path
     assert _losses(out) == _losses(full_dir)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, cache_dir):
     args = tiny_overrides(cache_dir, **{"train.max_steps": 500, "train.checkpoint_every": 0, "train.eval_every": 0})
-    out, port = tmp_path / "ddp", _free_port()
+    out, port = tmp_path / "ddp", free_port()
     procs = []
     for rank in (0, 1):  # the environment torchrun gives its workers
-        env = {**cli_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {**cli_env(), **torchrun_env(rank, 2, port)}
         procs.append(subprocess.Popen([*CLI_TRAIN, "--out", str(out), *args], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     try:
