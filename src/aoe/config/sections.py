@@ -178,10 +178,6 @@ class TrainConfig(_Section):
                        "eval_batches", "num_threads", "expert_parallel", "dist_timeout_s", "collective_timeout_s",
                        "fsdp_shard_size")
         self._finite("dist_timeout_s", "collective_timeout_s")
-        if self.expert_parallel > 1 and self.compile:
-            self._fail("expert_parallel", "does not work with train.compile=true yet; set train.compile=false")
-        if self.fsdp and self.compile:
-            self._fail("fsdp", "does not work with train.compile=true yet; set train.compile=false")
         self._positive("factor_lr_scale")
         self._non_negative("seed", "warmup_steps", "weight_decay", "factor_weight_decay", "grad_clip", "eval_every",
                            "checkpoint_every", "keep_checkpoints")

@@ -96,9 +96,12 @@ class ExpertDispatcher:
     def __init__(self, shard: ExpertShard):
         self.shard = shard
 
+    @torch.compiler.disable
     def expert_outputs(self, layer: SparseFFN, x_TD: torch.Tensor, state, routing: Routing, dtype) -> torch.Tensor:
         """The weighted outputs [S, D] of the sorted rows, the experts' work done on the ranks that
-        hold them (see the module docstring)."""
+        hold them (see the module docstring). Eager under torch.compile: how many rows travel is
+        known only from the routing (the split sizes are read to the host), so a compiled layer
+        runs its scores and selection as one graph, this exchange eagerly, and its combine as another."""
         plan = _plan(routing.dispatch.tokens_per_expert_E, self.shard)
         rows_RC = all_to_all(_rows_to_send(layer, x_TD, state, routing, dtype), plan.recv_splits, plan.send_splits,
                              self.shard.group)

@@ -65,7 +65,6 @@ import torch
 from aoe.config import ConfigError, RunConfig
 from aoe.data import BatchSampler, TokenData, unigram_entropy
 from aoe.io import checkpoint as ckpt
-from aoe.nn.grouped_mm import probe_before_compile
 from aoe.train.build import (
     build_model, debug_nonfinite_steps, flops_per_token, join_processes, prepare_data, resolve_config, resolve_dtype,
 )
@@ -190,9 +189,7 @@ class Trainer:
         """The module the steps call: the model as the parallel plan wraps it (DDP), compiled if asked."""
         step_model = self.plan.wrap(self.model)
         if self.cfg.train.compile:
-            self.model.check_inputs = False
-            probe_before_compile(self.device)
-            step_model = torch.compile(step_model)
+            step_model = self.plan.compile(step_model, self.device)
         return step_model
 
     def _write_config(self) -> None:

@@ -26,6 +26,15 @@ from aoe.train.distributed import DistInfo, all_reduce_sum_of
 Evaluation = Callable[[DistInfo, bool], dict[str, Any]]
 
 
+def compile_blocks(step_model: nn.Module) -> nn.Module:
+    """Each transformer block of ``step_model`` compiled in place (``nn.Module.compile``: the
+    module keeps its parameters, hooks and class, as FSDP and expert parallelism need); the
+    embedding, final norm and loss stay eager. Returns ``step_model``."""
+    for block in step_model.layers:
+        block.compile()
+    return step_model
+
+
 class ParallelPlan:
     """``ParallelPlan(model, dist)``: ``model`` trained by this process alone (also the inner
     plan of expert parallelism without FSDP, whose ranks run it as one process each)."""
@@ -46,6 +55,19 @@ class ParallelPlan:
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the steps call (DDP wraps the model; here it is the model)."""
         return model
+
+    def compile(self, step_model: nn.Module, device: torch.device) -> nn.Module:
+        """``train.compile=true``: the module the steps call, compiled. Here (one process, DDP) the
+        whole wrapped model, its loss with it; the sharded plans compile block by block instead."""
+        return torch.compile(self._before_compiling(step_model, device))
+
+    def _before_compiling(self, step_model: nn.Module, device: torch.device) -> nn.Module:
+        """The input checks (data-dependent branches) off and the grouped-matmul probe run eagerly."""
+        from aoe.nn.grouped_mm import probe_before_compile
+
+        self.model.check_inputs = False
+        probe_before_compile(device)
+        return step_model
 
     def micro_batch(self, step_model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """The context of one micro-batch's forward and backward; ``last``: the step's last one,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aoe.train.plans.base import ParallelPlan
+from aoe.train.plans.base import ParallelPlan, compile_blocks
 
 
 class ExpertParallelPlan(ParallelPlan):
@@ -29,6 +29,13 @@ class ExpertParallelPlan(ParallelPlan):
         super().__init__(inner.model, inner.dist)
         self.inner = inner
         self.expert_parallel = expert_parallel
+
+    def compile(self, step_model: nn.Module, device: torch.device) -> nn.Module:
+        """Each transformer block compiled in place (``compile_blocks``), with or without FSDP; the
+        dispatcher's exchange of rows between ranks runs eagerly inside the sparse layer (its
+        sizes are data: ``aoe.parallel.expert.ExpertDispatcher``), the layer's math before and
+        after it compiled."""
+        return compile_blocks(self._before_compiling(step_model, device))
 
     def micro_batch(self, step_model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         return self.inner.micro_batch(step_model, last)

@@ -12,7 +12,7 @@ from torch import nn
 
 from aoe.io import checkpoint as ckpt
 from aoe.train.distributed import DistInfo
-from aoe.train.plans.base import ParallelPlan
+from aoe.train.plans.base import ParallelPlan, compile_blocks
 
 
 class FullyShardedPlan(ParallelPlan):
@@ -29,6 +29,11 @@ class FullyShardedPlan(ParallelPlan):
 
         super().__init__(model, dist)
         self.fsdp = FullyShardedData(model, device, shard_size, ignored=ignored)
+
+    def compile(self, step_model: nn.Module, device: torch.device) -> nn.Module:
+        """Each transformer block compiled in place (``compile_blocks``): FSDP's all-gathers and
+        reduce-scatters run eagerly at the blocks' edges, the block's math as one graph."""
+        return compile_blocks(self._before_compiling(step_model, device))
 
     def micro_batch(self, step_model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """Gradients accumulate unsharded until the last micro-batch, reduce-scattered once."""
