@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
+# pytest-xdist workers for `make test` (the two cores of a small machine; 0 runs in this process)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast bench clean
 
@@ -15,11 +17,11 @@ demo: $(VENV)/.installed
 	$(PY) -m aoe.cli demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # everything but the tests marked slow (multi-process runs, compile, long trainings): for editing
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_layers.py

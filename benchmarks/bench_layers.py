@@ -2,7 +2,8 @@
 
 Compared in one process, interleaved (every repetition runs every contender once, in turn):
 - ours-MoE: ``aoe.MoE`` (router, fused dispatch, grouped matmuls, custom backward);
-- ours-AoE: ``aoe.AoE`` parameter-matched to the MoE (d_wide from ``match_d_wide``), cache kept;
+- ours-AoE: ``aoe.AoE`` parameter-matched to the MoE (d_wide from ``match_d_wide``), cache kept
+  (``recompute_scores=False``; which of the two AoE's default picks at the shape is printed);
 - ours-AoE-recompute: the same with ``recompute_scores=True`` (the [T, E, d_low] cache is
   recomputed in backward instead of kept);
 - naive-loop: the same MoE math as a per-expert Python loop with boolean masks and index_add_
@@ -186,9 +187,11 @@ def main(argv=None):
 
     chunks = {"backward_chunks": args.backward_chunks}
     moe = MoE(D, F_, E, k, **chunks).to(device=device, dtype=dtype)
-    aoe = AoE(D, L, E, k, d_ffn=F_, **chunks).to(device=device, dtype=dtype)
+    aoe = AoE(D, L, E, k, d_ffn=F_, recompute_scores=False, **chunks).to(device=device, dtype=dtype)
     aoe_rc = AoE(D, L, E, k, d_ffn=F_, recompute_scores=True, **chunks).to(device=device, dtype=dtype)
     contenders = {"ours-MoE": moe, "ours-AoE": aoe, "ours-AoE-recompute": aoe_rc}
+    picked = "recompute" if AoE(D, L, E, k, d_ffn=F_).recompute_scores else "cache"
+    print(f"AoE's default here (recompute_scores=None): {picked}")
     if not args.only_ours:
         contenders["naive-loop"] = lambda x: naive_loop_moe(moe, x)
     if not args.no_hf and not args.only_ours:

@@ -8,8 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Two cores: keep each test process to the machine's size and deterministic.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores: keep each test process to the machine's size and deterministic; under pytest-xdist
+# (-n N) the N workers share the cores.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(autouse=True)

@@ -56,6 +56,16 @@ def test_version_0_1_0_aoe_keeps_its_unrenormalized_gate_although_new_aoe_renorm
     assert ModelConfig().renormalize is True and ModelConfig(ffn="aoe").ffn_config(0).renormalize is True
 
 
+def test_version_0_1_0_aoe_keeps_its_score_cache_although_new_aoe_may_recompute(tmp_path):
+    """Its config says ``recompute_scores: false``: kept; new configs leave the choice to the layer."""
+    from aoe.config import ModelConfig
+
+    model, cfg, _ = load_model(shutil.copytree(FIXTURES / "aoe", tmp_path / "aoe"))
+    assert cfg.model.recompute_scores is False
+    assert [layer.recompute_scores for layer in _aoe_layers(model)] == [False] * len(_aoe_layers(model)) != []
+    assert ModelConfig().recompute_scores is None
+
+
 def test_saved_config_without_the_renormalize_key_reads_as_null(tmp_path):
     """A run config that never wrote the key computes what it was trained with (null, not today's True)."""
     from aoe.config.files import load_saved_config

@@ -65,6 +65,16 @@ def test_aoe_recomputation_is_exact(recompute_scores, recompute_gate):
     check_against_reference(layer, (3, 5))
 
 
+def test_aoe_recomputes_the_scores_by_default_where_the_cache_is_the_larger_activation():
+    """None: recompute iff E * d_low > k * d_wide; an explicit choice is kept; exact either way."""
+    fine = AoE(16, 8, 16, 2, d_wide=12)  # 16 * 8 = 128 > 2 * 12 = 24
+    coarse = AoE(16, 4, 4, 2, d_wide=24)  # 4 * 4 = 16 < 48
+    assert fine.recompute_scores and not coarse.recompute_scores
+    assert not AoE(16, 8, 16, 2, d_wide=12, recompute_scores=False).recompute_scores
+    assert AoE(16, 4, 4, 2, d_wide=24, recompute_scores=True).recompute_scores
+    check_against_reference(build("aoe", 16, 16, 2, 12, 8, grouped_mm="loop"), (3, 5))
+
+
 def test_moe_recompute_gate_is_exact():
     check_against_reference(build("moe", 16, 6, 2, 24, 4, recompute_gate=True, grouped_mm="loop"), (11,))
 

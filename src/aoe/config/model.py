@@ -97,7 +97,9 @@ class ModelConfig(_Section):
     #: Aux-loss-free balancing: step size of the per-expert selection bias (0 = off; not in the paper).
     bias_update_rate: float = 0.0
     #: AoE only: recompute x @ w_down in backward instead of keeping the [tokens, E, d_low] cache.
-    recompute_scores: bool = False
+    #: None = the layer's choice: recompute where the cache is larger than the chosen experts'
+    #: hidden rows (n_experts * d_low > top_k * d_wide). Saved configs that say false keep the cache.
+    recompute_scores: bool | None = None
     #: AoE only: "auto" (the fused Triton kernel on CUDA where it fits), "triton" or "torch" (aoe.nn.fused_scores).
     scores_backend: str = "auto"
     #: Recompute the expert gate pre-activation in backward instead of keeping it. None = layer

@@ -93,7 +93,10 @@ class AoE(SparseFFN):
             parameter-matched ``W = match_d_wide(d_model, d_ffn, d_low)``.
         norm: "l2" (default), "l1" or "linf": the norm that scores each expert's activation.
         recompute_scores: do not keep the [T, E, L] activation cache for backward; recompute
-            ``x @ w_down`` there instead (training memory for one extra small matmul).
+            ``x @ w_down`` there instead (training memory for one extra small matmul). None
+            (default): recompute where the cache is the larger activation, E * L > k * W (many
+            small experts: E = 64, k = 8, L = 64, W = 152 recomputes; the paper's E = 8, k = 2,
+            L = 256, W = 3840 keeps the cache). Outputs and gradients are the same either way.
         scores_backend: "auto" | "triton" | "torch": how the scores are computed. "triton": one
             fused kernel that never writes the [T, E, L] activations (``aoe.nn.fused_scores``; the
             chosen rows are then computed by one grouped matmul); "torch": the plain matmul and its
@@ -124,7 +127,7 @@ class AoE(SparseFFN):
         d_wide: int | None = None,
         d_ffn: int | None = None,
         norm: str = "l2",
-        recompute_scores: bool = False,
+        recompute_scores: bool | None = None,
         scores_backend: str = "auto",
         recompute_gate: bool = True,
         **options,
@@ -135,6 +138,8 @@ class AoE(SparseFFN):
             raise ValueError(f"give exactly one of d_wide={d_wide!r} and d_ffn={d_ffn!r}")
         self.d_wide = check_positive("d_wide", d_wide) if d_wide is not None else match_d_wide(d_model, d_ffn, d_low)
         self.norm = check_norm(norm)
+        if recompute_scores is None:
+            recompute_scores = n_experts * d_low > top_k * self.d_wide
         self.recompute_scores = bool(recompute_scores)
         self.scores_backend = check_scores_backend(scores_backend, self.norm)
         self.recompute_gate = bool(recompute_gate)
