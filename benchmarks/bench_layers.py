@@ -260,7 +260,8 @@ def main(argv=None):
             print(f"ours-MoE is {med[n] / med['ours-MoE']:.2f}x faster than {n}")
     print(f"peak memory AoE/MoE = {memory['ours-AoE'] / memory['ours-MoE']:.3f} "
           f"(recompute: {memory['ours-AoE-recompute'] / memory['ours-MoE']:.3f})")
-    print_targets(med, memory, flops, rate, flop_ratio, args.before)
+    print_targets(med, memory, flops, rate, flop_ratio, args.before,
+                  default="ours-AoE-recompute" if picked == "recompute" else "ours-AoE")
     if args.rules:
         print_rules(med, memory, experts_per_token)
     if args.json:
@@ -298,22 +299,23 @@ def on_engine(engine, layer):
     return call
 
 
-def print_targets(med, memory, flops, rate, flop_ratio, before):
-    """The issue-24 targets, each with its number (``met`` / ``not met``)."""
+def print_targets(med, memory, flops, rate, flop_ratio, before, default="ours-AoE"):
+    """The issue-24 targets, each with its number (``met`` / ``not met``), the AoE ones judged on
+    ``default``, the contender that AoE's default ``recompute_scores=None`` builds at this shape."""
     def verdict(ok):
         return "met" if ok else "NOT met"
 
     print()
-    mem_ratio = memory["ours-AoE"] / memory["ours-MoE"]
-    print(f"target AoE peak <= 1.05x MoE's: {mem_ratio:.3f} "
-          f"(recompute {memory['ours-AoE-recompute'] / memory['ours-MoE']:.3f}): {verdict(mem_ratio <= 1.05)}")
+    mem = {name: memory[name] / memory["ours-MoE"] for name in ("ours-AoE", "ours-AoE-recompute")}
+    print(f"target AoE peak <= 1.05x MoE's: {mem[default]:.3f} ({default}, the default; cache {mem['ours-AoE']:.3f}, "
+          f"recompute {mem['ours-AoE-recompute']:.3f}): {verdict(mem[default] <= 1.05)}")
     if "hf-olmoe-grouped_mm" in memory:
         hf_ratio = memory["ours-MoE"] / memory["hf-olmoe-grouped_mm"]
         print(f"target our MoE's peak below HF grouped_mm's (<= 0.8x at E = 64): {hf_ratio:.3f}x: "
               f"{verdict(hf_ratio < 1)} (< 1), {verdict(hf_ratio <= 0.8)} (<= 0.8)")
-    time_r = med["ours-AoE"] / med["ours-MoE"] / flop_ratio
-    print(f"target AoE time <= 1.05 R x MoE's: {time_r:.3f} R "
-          f"(recompute {med['ours-AoE-recompute'] / med['ours-MoE'] / flop_ratio:.3f} R): {verdict(time_r <= 1.05)}")
+    time_r = {name: med[name] / med["ours-MoE"] / flop_ratio for name in ("ours-AoE", "ours-AoE-recompute")}
+    print(f"target AoE time <= 1.05 R x MoE's: {time_r[default]:.3f} R ({default}; cache {time_r['ours-AoE']:.3f} R, "
+          f"recompute {time_r['ours-AoE-recompute']:.3f} R): {verdict(time_r[default] <= 1.05)}")
     print(f"our MoE at {100 * flops['ours-MoE'] / rate / med['ours-MoE']:.0f}% of the dense matmul rate "
           f"(target >= 85% where the FLOPs are in large matmuls)")
     if before:
