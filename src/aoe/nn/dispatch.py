@@ -120,7 +120,7 @@ def _group_sizes(ends_E: torch.Tensor) -> torch.Tensor:
     return torch.diff(ends_E, prepend=ends_E.new_zeros(1))
 
 
-def _sum_slots(rows_SD: torch.Tensor, inverse_X: torch.Tensor, top_k: int, padded: bool) -> torch.Tensor:
+def sum_slots(rows_SD: torch.Tensor, inverse_X: torch.Tensor, top_k: int, padded: bool) -> torch.Tensor:
     """[S, D] sorted rows -> [T, D]: each token's K slots summed in slot order (``inverse_X`` [T*K]:
     the sorted row of each slot; with ``padded``, S for an unused slot, which reads a zero row).
     Padded, the K slots are added one at a time, so no [T, K, D] temporary is made."""
@@ -147,7 +147,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_SD):
         (inverse_S,) = ctx.saved_tensors
-        return _sum_slots(grad_SD, inverse_S, ctx.top_k, ctx.padded), None, None, None, None
+        return sum_slots(grad_SD, inverse_S, ctx.top_k, ctx.padded), None, None, None, None
 
 
 class _CombineSlots(torch.autograd.Function):
@@ -156,7 +156,7 @@ class _CombineSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_SD, token_S, inverse_S, top_k, padded):
         ctx.save_for_backward(token_S)
-        return _sum_slots(y_SD, inverse_S, top_k, padded)
+        return sum_slots(y_SD, inverse_S, top_k, padded)
 
     @staticmethod
     def backward(ctx, grad_TD):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from aoe.nn.dispatch import sum_slots
 from aoe.nn.grouped_mm import grouped_mm, grouped_weight_grad
 
 
@@ -50,21 +51,28 @@ def swiglu_experts(
     recompute_gate: bool = False,
     backward_chunks: int | None = None,
     backend: str = "auto",
+    combine=None,
 ) -> torch.Tensor:
-    """Run every sorted row through its expert; returns the weighted outputs [S, D].
+    """Run every sorted row through its expert; returns the weighted outputs [S, D], or with
+    ``combine`` (the rows' ``aoe.nn.dispatch.Dispatch``, with ``tokens``) each token's slots
+    summed, [T, D], as ``combine.combine`` sums them.
 
     ``gate_in_SG`` may be ``x_SD`` itself (MoE's gate reads x). ``tokens=(x_TD, token_S)``: the
     token matrix x_SD was gathered from (``x_SD == x_TD[token_S]``); then backward re-gathers the
-    rows instead of keeping x_SD (None: x_SD is kept, for rows that came from elsewhere).
+    rows instead of keeping x_SD (None: x_SD is kept, for rows that came from elsewhere). Combined,
+    backward also reads each block's output gradient from the [T, D] one (no [S, D] copy).
     """
+    if combine is not None and tokens is None:
+        raise ValueError("combine needs tokens=(x_TD, token_S)")
     if backward_chunks is None:
         rows = x_SD.shape[0]
         backward_chunks = min(4, max(1, rows // (256 * w_in_EDF.shape[0]), rows // 4096))
     x_TD, token_S = tokens if tokens is not None else (None, None)
     gate_in_SG = None if gate_in_SG is x_SD else gate_in_SG  # (one tensor passed twice: a graph break under compile)
+    slots = None if combine is None else (combine.inverse_S, combine.top_k, combine.padded)
     return _SwiGLUExperts.apply(
         x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, x_TD, token_S,
-        recompute_gate, backward_chunks, backend,
+        recompute_gate, backward_chunks, backend, slots,
     )
 
 
@@ -95,7 +103,7 @@ class _SwiGLUExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SD, gate_in_SG, w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, x_TD, token_S,
-                recompute_gate, backward_chunks, backend):
+                recompute_gate, backward_chunks, backend, slots):
         ctx.gate_in_is_x = gate_in_SG is None  # MoE: the gate reads x itself
         gate_SF = grouped_mm(x_SD if ctx.gate_in_is_x else gate_in_SG, w_gate_EGF, offsets_E, backend)
         up_SF = grouped_mm(x_SD, w_in_EDF, offsets_E, backend)
@@ -110,7 +118,8 @@ class _SwiGLUExperts(torch.autograd.Function):
         saved_gate = () if recompute_gate else (gate_SF,)
         ctx.save_for_backward(w_gate_EGF, w_in_EDF, w_out_EFD, gate_weight_S, offsets_E, up_SF, *rows, *gate_in,
                               *saved_gate)
-        return y_SD
+        ctx.combined = slots is not None
+        return y_SD if slots is None else sum_slots(y_SD, *slots)
 
     @staticmethod
     def backward(ctx, grad_y_SD):
@@ -118,6 +127,9 @@ class _SwiGLUExperts(torch.autograd.Function):
         if ctx.regather:
             x_TD, token_S, *rest = rest
             rows_of = lambda rows: x_TD.index_select(0, token_S[rows])  # noqa: E731
+            if ctx.combined:  # grad_y is [T, D]: each block reads its rows' tokens
+                grad_TD = grad_y_SD.contiguous()
+                grad_y_of = lambda rows: grad_TD.index_select(0, token_S[rows])  # noqa: E731
         else:
             x_SD, *rest = rest
             rows_of = lambda rows: x_SD[rows]  # noqa: E731
@@ -125,16 +137,18 @@ class _SwiGLUExperts(torch.autograd.Function):
         saved_gate_SF = None if ctx.recompute_gate else rest[0]
         need = ctx.needs_input_grad
         grads = _Grads(ctx, need, gate_weight_S, gate_in_SG)
-        grad_y_SD = grad_y_SD.contiguous()
+        if not ctx.combined:
+            grad_y_SD = grad_y_SD.contiguous()
+            grad_y_of = lambda rows: grad_y_SD[rows]  # noqa: E731
         for rows, offs in _row_blocks(ctx.x_shape[0], offsets_E, ctx.backward_chunks):
             x = rows_of(rows)
             gate_in = x if ctx.gate_in_is_x else gate_in_SG[rows]
             gate = grouped_mm(gate_in, w_gate_EGF, offs, ctx.backend) if ctx.recompute_gate else saved_gate_SF[rows]
-            _block_backward(ctx, grads, rows, offs, x, gate_in, gate, up_SF[rows], grad_y_SD[rows],
+            _block_backward(ctx, grads, rows, offs, x, gate_in, gate, up_SF[rows], grad_y_of(rows),
                             gate_weight_S[rows], w_gate_EGF, w_in_EDF, w_out_EFD)
         grad_x, grad_gate_in = grads.x_SD, (None if ctx.gate_in_is_x else grads.gate_in_SG)
         return (grad_x, grad_gate_in, grads.w_gate, grads.w_in, grads.w_out, grads.weight_S,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class _Grads:

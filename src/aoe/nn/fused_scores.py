@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from aoe.nn.dispatch import Dispatch, _sum_slots
+from aoe.nn.dispatch import Dispatch, sum_slots
 from aoe.nn.grouped_mm import grouped_mm, grouped_weight_grad
 
 SCORES_BACKENDS = ("auto", "triton", "torch")
@@ -176,7 +176,7 @@ class _ChosenRows(torch.autograd.Function):
         dx_TD = dw_EDL = None
         if ctx.needs_input_grad[0]:
             dx_SD = grouped_mm(grad_SL, w_down_EDL.transpose(-2, -1), offsets_E, ctx.backend)
-            dx_TD = _sum_slots(dx_SD, inverse_S, ctx.top_k, ctx.padded)  # deterministic: no atomics
+            dx_TD = sum_slots(dx_SD, inverse_S, ctx.top_k, ctx.padded)  # deterministic: no atomics
         if ctx.needs_input_grad[1]:
             dw_EDL = grouped_weight_grad(x_TD.index_select(0, token_S), grad_SL, offsets_E, ctx.backend)
         return dx_TD, dw_EDL, None, None, None, None, None, None

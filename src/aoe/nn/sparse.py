@@ -162,25 +162,29 @@ class SparseFFN(nn.Module):
     #: state, routing, dtype)`` sends the rows to the experts' ranks, which ``run_experts``.
     expert_dispatcher = None
 
-    def expert_outputs(self, x_TD: torch.Tensor, state: object, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
-        """The weighted outputs [S, D] of the sorted rows."""
-        if self.expert_dispatcher is not None:
-            return self.expert_dispatcher.expert_outputs(self, x_TD, state, routing, dtype)
+    def combined_outputs(self, x_TD: torch.Tensor, state: object, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+        """[T, D]: each token's chosen experts' weighted outputs, summed. Here the engine sums the
+        slots itself (its backward then reads each block's output gradient from the token
+        gradient, so no [S, D] copy of it is made); a dispatcher returns the sorted rows [S, D],
+        summed by ``Dispatch.combine``."""
         dispatch = routing.dispatch
+        if self.expert_dispatcher is not None:
+            return dispatch.combine(self.expert_dispatcher.expert_outputs(self, x_TD, state, routing, dtype))
         x_SD = dispatch.gather_tokens(x_TD)
         return self.run_experts(x_SD, self.chosen_inputs(x_TD, state, dispatch, dtype), routing.gate_weight_S,
-                                dispatch.offsets_E, dtype, tokens=(x_TD, dispatch.token_S))
+                                dispatch.offsets_E, dtype, tokens=(x_TD, dispatch.token_S), combine=dispatch)
 
     def run_experts(self, x_SD: torch.Tensor, chosen_SC: torch.Tensor | None, gate_weight_S: torch.Tensor,
                     offsets_E: torch.Tensor, dtype: torch.dtype,
-                    tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    tokens: tuple[torch.Tensor, torch.Tensor] | None = None, combine=None) -> torch.Tensor:
         """The experts' math (``aoe.nn.experts.swiglu_experts``) on rows grouped by the experts this
-        layer holds (``offsets_E``); ``tokens``: the token matrix the rows were gathered from."""
+        layer holds (``offsets_E``); ``tokens``: the token matrix the rows were gathered from;
+        ``combine``: the ``Dispatch`` whose slots to sum (then [T, D], else the rows [S, D])."""
         gate_in_SG, w_gate = self.gate_input(x_SD, chosen_SC, offsets_E, dtype)
         return swiglu_experts(
             x_SD, gate_in_SG, w_gate, self.w_in.to(dtype), self.w_out.to(dtype), gate_weight_S, offsets_E,
             tokens=tokens, recompute_gate=self.recompute_gate, backward_chunks=self.backward_chunks,
-            backend=self.grouped_mm,
+            backend=self.grouped_mm, combine=combine,
         )
 
     def extra_loss(self, scores_TE: torch.Tensor) -> torch.Tensor | None:
@@ -214,7 +218,7 @@ class SparseFFN(nn.Module):
         scores_TE, state = self.expert_scores(x_TD, dtype)
         seq_len = x.shape[-2] if x.dim() >= 2 else 1  # expert choice: sequences are the second-to-last dim
         routing = self.route(scores_TE, seq_len, None if token_mask is None else token_mask.reshape(-1, seq_len))
-        out_TD = routing.dispatch.combine(self.expert_outputs(x_TD, state, routing, dtype))
+        out_TD = self.combined_outputs(x_TD, state, routing, dtype)
         if self.shared is not None:  # every token, whichever experts it chose
             out_TD = out_TD + self.shared(x_TD)
         self._record(routing.selection, routing.dispatch, routing.rule)
