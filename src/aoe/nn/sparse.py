@@ -159,19 +159,20 @@ class SparseFFN(nn.Module):
     # -- the experts -------------------------------------------------------------------------
     #: Who runs the chosen experts: None, this layer here; expert parallelism gives the layer a
     #: dispatcher (``aoe.parallel.expert.ExpertDispatcher``) whose ``expert_outputs(layer, x_TD,
-    #: state, routing, dtype)`` sends the rows to the experts' ranks, which ``run_experts``.
+    #: chosen_SC, routing, dtype)`` sends the rows to the experts' ranks, which ``run_experts``.
     expert_dispatcher = None
 
-    def combined_outputs(self, x_TD: torch.Tensor, state: object, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+    def combined_outputs(self, x_TD: torch.Tensor, chosen_SC: torch.Tensor | None, routing: Routing,
+                         dtype: torch.dtype) -> torch.Tensor:
         """[T, D]: each token's chosen experts' weighted outputs, summed. Here the engine sums the
         slots itself (its backward then reads each block's output gradient from the token
         gradient, so no [S, D] copy of it is made); a dispatcher returns the sorted rows [S, D],
         summed by ``Dispatch.combine``."""
         dispatch = routing.dispatch
         if self.expert_dispatcher is not None:
-            return dispatch.combine(self.expert_dispatcher.expert_outputs(self, x_TD, state, routing, dtype))
+            return dispatch.combine(self.expert_dispatcher.expert_outputs(self, x_TD, chosen_SC, routing, dtype))
         x_SD = dispatch.gather_tokens(x_TD)
-        return self.run_experts(x_SD, self.chosen_inputs(x_TD, state, dispatch, dtype), routing.gate_weight_S,
+        return self.run_experts(x_SD, chosen_SC, routing.gate_weight_S,
                                 dispatch.offsets_E, dtype, tokens=(x_TD, dispatch.token_S), combine=dispatch)
 
     def run_experts(self, x_SD: torch.Tensor, chosen_SC: torch.Tensor | None, gate_weight_S: torch.Tensor,
@@ -218,7 +219,9 @@ class SparseFFN(nn.Module):
         scores_TE, state = self.expert_scores(x_TD, dtype)
         seq_len = x.shape[-2] if x.dim() >= 2 else 1  # expert choice: sequences are the second-to-last dim
         routing = self.route(scores_TE, seq_len, None if token_mask is None else token_mask.reshape(-1, seq_len))
-        out_TD = self.combined_outputs(x_TD, state, routing, dtype)
+        chosen_SC = self.chosen_inputs(x_TD, state, routing.dispatch, dtype)
+        del state  # AoE's [T, E, L] activations: kept by backward only if cached, not through the experts
+        out_TD = self.combined_outputs(x_TD, chosen_SC, routing, dtype)
         if self.shared is not None:  # every token, whichever experts it chose
             out_TD = out_TD + self.shared(x_TD)
         self._record(routing.selection, routing.dispatch, routing.rule)

@@ -97,25 +97,24 @@ class ExpertDispatcher:
         self.shard = shard
 
     @torch.compiler.disable
-    def expert_outputs(self, layer: SparseFFN, x_TD: torch.Tensor, state, routing: Routing, dtype) -> torch.Tensor:
+    def expert_outputs(self, layer: SparseFFN, x_TD: torch.Tensor, chosen_SC, routing: Routing, dtype) -> torch.Tensor:
         """The weighted outputs [S, D] of the sorted rows, the experts' work done on the ranks that
         hold them (see the module docstring). Eager under torch.compile: how many rows travel is
         known only from the routing (the split sizes are read to the host), so a compiled layer
         runs its scores and selection as one graph, this exchange eagerly, and its combine as another."""
         plan = _plan(routing.dispatch.tokens_per_expert_E, self.shard)
-        rows_RC = all_to_all(_rows_to_send(layer, x_TD, state, routing, dtype), plan.recv_splits, plan.send_splits,
+        rows_RC = all_to_all(_rows_to_send(x_TD, chosen_SC, routing, dtype), plan.recv_splits, plan.send_splits,
                              self.shard.group)
         y_RD = _run_local_experts(layer, rows_RC, plan, dtype)
         return all_to_all(y_RD, plan.send_splits, plan.recv_splits, self.shard.group)
 
 
-def _rows_to_send(layer: SparseFFN, x_TD: torch.Tensor, state, routing: Routing, dtype) -> torch.Tensor:
+def _rows_to_send(x_TD: torch.Tensor, chosen_SC, routing: Routing, dtype) -> torch.Tensor:
     """[S, C]: each sorted row's token vector, what its expert needs beside it (the layer's
     ``chosen_inputs``: AoE's cached activation c_e), and its gate weight (in the compute dtype, as
     ``swiglu_experts`` casts it)."""
     dispatch = routing.dispatch
-    chosen = layer.chosen_inputs(x_TD, state, dispatch, dtype)
-    cols = [dispatch.gather_tokens(x_TD), *([] if chosen is None else [chosen])]
+    cols = [dispatch.gather_tokens(x_TD), *([] if chosen_SC is None else [chosen_SC])]
     cols.append(routing.gate_weight_S.to(dtype).unsqueeze(1))
     return torch.cat([c.to(dtype) for c in cols], dim=1)
 
