@@ -43,3 +43,28 @@ def make_cfg(cache_dir):
     def make(**extra):
         return load_config("tiny", tiny_overrides(cache_dir, **extra))
     return make
+
+
+# -- the tiny models and tokenizers that the eval, io and hf tests share (helpers.tiny_models) -------
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 320-token BPE tokenizer of short English sentences."""
+    from helpers.tiny_models import word_bpe_tokenizer
+
+    return word_bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    """A 2-layer random AoE language model over ``tokenizer``'s vocabulary, in eval mode."""
+    from helpers.tiny_models import random_aoe_lm
+
+    return random_aoe_lm(tokenizer.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 300-token BPE tokenizer of two repeated sentences."""
+    from helpers.tiny_models import pangram_tokenizer
+
+    return pangram_tokenizer()

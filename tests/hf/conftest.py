@@ -2,7 +2,6 @@ import pytest
 import torch
 
 import aoe.hf  # noqa: F401  (registers "aoe" with the Auto classes)
-from helpers.tiny_models import pangram_tokenizer
 
 torch.set_num_threads(1)
 
@@ -21,7 +20,3 @@ def tiny_aoe_config(**kw):
 def tiny_config():
     return tiny_aoe_config
 
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
-    return pangram_tokenizer()

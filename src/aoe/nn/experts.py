@@ -127,9 +127,6 @@ class _SwiGLUExperts(torch.autograd.Function):
         if ctx.regather:
             x_TD, token_S, *rest = rest
             rows_of = lambda rows: x_TD.index_select(0, token_S[rows])  # noqa: E731
-            if ctx.combined:  # grad_y is [T, D]: each block reads its rows' tokens
-                grad_TD = grad_y_SD.contiguous()
-                grad_y_of = lambda rows: grad_TD.index_select(0, token_S[rows])  # noqa: E731
         else:
             x_SD, *rest = rest
             rows_of = lambda rows: x_SD[rows]  # noqa: E731
@@ -137,9 +134,8 @@ class _SwiGLUExperts(torch.autograd.Function):
         saved_gate_SF = None if ctx.recompute_gate else rest[0]
         need = ctx.needs_input_grad
         grads = _Grads(ctx, need, gate_weight_S, gate_in_SG)
-        if not ctx.combined:
-            grad_y_SD = grad_y_SD.contiguous()
-            grad_y_of = lambda rows: grad_y_SD[rows]  # noqa: E731
+        grad_y = grad_y_SD.contiguous()  # combined: [T, D], each block reads its rows' tokens
+        grad_y_of = (lambda rows: grad_y.index_select(0, token_S[rows])) if ctx.combined else (lambda rows: grad_y[rows])
         for rows, offs in _row_blocks(ctx.x_shape[0], offsets_E, ctx.backward_chunks):
             x = rows_of(rows)
             gate_in = x if ctx.gate_in_is_x else gate_in_SG[rows]
